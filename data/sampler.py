@@ -1,0 +1,190 @@
+"""Which time indices each model replica trains on, epoch by epoch, resumably.
+
+Under Jigsaw parallelism one sample is spread over all ranks of a model replica (the
+domain x tensor group): every one of them must read the same time index at the same step,
+each its own tile and channel slice. Different replicas (the data axis) must see disjoint
+samples. So the sampler is keyed by the *replica* rank, not the global rank: the
+launcher passes the rank of the replica among all replicas and their number.
+
+Each epoch is a permutation of the valid indices drawn from ``(seed, epoch)`` alone, dealt
+round-robin to the replicas. Resumption is exact: the state records how many of the
+epoch's indices all replicas together have consumed; a resumed run continues the same
+permutation from there (with the same or a different number of replicas).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def valid_time_indices(times: np.ndarray, lead_steps: int, start: str | np.datetime64 | None = None,
+                       end: str | np.datetime64 | None = None, step: np.timedelta64 | None = None) -> np.ndarray:
+    """Indices ``t`` whose window ``times[t .. t + lead_steps]`` is gap-free and inside the period.
+
+    ``start``/``end`` bound the period inclusively; a date without a time of day (``"2017-12-31"``)
+    includes that whole day. Both the input time and the last target time must lie inside,
+    so a training period never lends targets from a validation period. ``step`` is the
+    regular time step (default: the smallest difference in ``times``); a window whose span
+    is not ``lead_steps * step`` crosses a gap and is left out.
+    """
+    times = np.asarray(times).astype("datetime64[ns]")
+    if times.ndim != 1:
+        raise ValueError(f"valid_time_indices: times must be 1-D, got shape {times.shape}")
+    if lead_steps < 0:
+        raise ValueError(f"valid_time_indices: lead_steps must be >= 0, got {lead_steps}")
+    n_windows = len(times) - lead_steps
+    if n_windows <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if step is None:
+        step = np.diff(times).min() if len(times) > 1 else np.timedelta64(0, "ns")
+    first, last = times[:n_windows], times[lead_steps:]
+    valid = (last - first) == lead_steps * np.timedelta64(step, "ns")
+    if start is not None:
+        valid &= first >= np.datetime64(start, "ns")
+    if end is not None:
+        valid &= last <= _inclusive_end(end)
+    return np.flatnonzero(valid).astype(np.int64)
+
+
+def _inclusive_end(end: str | np.datetime64) -> np.datetime64:
+    end = np.datetime64(end)
+    if np.datetime_data(end.dtype)[0] in ("Y", "M", "W", "D"):
+        # a calendar date means "through the end of that day (month, year)"
+        unit = np.datetime_data(end.dtype)[0]
+        return (end + np.timedelta64(1, unit)).astype("datetime64[ns]") - np.timedelta64(1, "ns")
+    return end.astype("datetime64[ns]")
+
+
+class ReplicaSampler:
+    """Time indices for one model replica; all ranks of the replica get the same sequence.
+
+    Args:
+        indices: the valid time indices (e.g. from :func:`valid_time_indices`), or an int
+            ``n`` for ``range(n)``.
+        replica_rank: rank of this replica among all replicas (data x sample position of the
+            rank in the mesh), ``0 <= replica_rank < num_replicas``.
+        num_replicas: number of model replicas reading different samples.
+        seed: seed of the epoch permutations; every rank must pass the same one.
+        shuffle: permute each epoch (False: the given order).
+        drop_last: drop the epoch's last ``len % num_replicas`` indices so that every
+            replica gets the same count; False instead repeats indices from the start of
+            the epoch to fill the last round. Either way all replicas run the same
+            number of steps, which collectives across replicas need.
+
+    Typical loop (``set_epoch`` keeps a position loaded from a checkpoint of that epoch)::
+
+        for epoch in range(first_epoch, n_epochs):
+            sampler.set_epoch(epoch)
+            for time_index in sampler:
+                ...
+    """
+
+    def __init__(self, indices: int | Sequence[int] | np.ndarray, *, replica_rank: int, num_replicas: int,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+        self.indices = np.arange(indices, dtype=np.int64) if np.ndim(indices) == 0 \
+            else np.asarray(indices, dtype=np.int64)
+        if self.indices.ndim != 1:
+            raise ValueError(f"ReplicaSampler: indices must be 1-D, got shape {self.indices.shape}")
+        if num_replicas < 1 or not 0 <= replica_rank < num_replicas:
+            raise ValueError(f"ReplicaSampler: need 0 <= replica_rank < num_replicas, got replica_rank="
+                             f"{replica_rank}, num_replicas={num_replicas}")
+        if seed < 0:
+            raise ValueError(f"ReplicaSampler: seed must be >= 0, got {seed}")
+        if drop_last and len(self.indices) < num_replicas:
+            raise ValueError(f"ReplicaSampler: {len(self.indices)} valid time indices for {num_replicas} replicas; "
+                             f"with drop_last=True every replica would get none")
+        self.replica_rank = int(replica_rank)
+        self.num_replicas = int(num_replicas)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self._fingerprint = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
+        self._epoch = 0
+        self._next_start = 0  # consumed count (all replicas) the next pass starts from
+        self._pass_start = 0  # consumed count the current (or next, before it starts) pass started from
+        self._yielded = 0  # indices this replica yielded in the current pass
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; a new epoch starts at its beginning.
+
+        Setting the epoch already set (e.g. the one just loaded from a checkpoint) keeps
+        the position, so a resumed loop can call ``set_epoch`` as usual.
+        """
+        if epoch < 0:
+            raise ValueError(f"ReplicaSampler.set_epoch: epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._epoch = int(epoch)
+            self._next_start = self._pass_start = self._yielded = 0
+
+    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
+        """All valid indices in the order of ``epoch`` (default: the current one), before dealing."""
+        epoch = self._epoch if epoch is None else epoch
+        if not self.shuffle:
+            return self.indices.copy()
+        return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+
+    def __len__(self) -> int:
+        """Indices per replica in a whole epoch."""
+        n, replicas = len(self.indices), self.num_replicas
+        return n // replicas if self.drop_last else -(-n // replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        self._pass_start, self._next_start, self._yielded = self._next_start, 0, 0
+        mine = self._deal(order, self._pass_start)
+        return self._yield(mine)
+
+    def _deal(self, order: np.ndarray, start: int) -> np.ndarray:
+        remaining = order[start:]
+        rounds, extra = divmod(len(remaining), self.num_replicas)
+        if extra and not self.drop_last:
+            rounds += 1
+            # wrap around the epoch's order to fill the last round
+            remaining = np.concatenate([remaining, np.resize(order, self.num_replicas - extra)])
+        return remaining[:rounds * self.num_replicas][self.replica_rank::self.num_replicas]
+
+    def _yield(self, mine: np.ndarray) -> Iterator[int]:
+        for index in mine:
+            self._yielded += 1  # counted before the consumer uses it; see state_dict(consumed=...)
+            yield int(index)
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Position within the epoch, to store in a checkpoint.
+
+        ``consumed``: how many indices of the current pass this replica has finished with;
+        default all it yielded. Pass ``Prefetcher.delivered`` when a prefetcher draws indices
+        ahead of the training loop, else the read-ahead indices would be skipped on resume.
+        """
+        if consumed is None:
+            consumed = self._yielded
+        if not 0 <= consumed <= self._yielded:
+            raise ValueError(f"ReplicaSampler.state_dict: consumed={consumed}, but this pass yielded "
+                             f"{self._yielded} indices")
+        return {"epoch": self._epoch, "consumed": self._pass_start + consumed * self.num_replicas,
+                "seed": self.seed, "shuffle": self.shuffle, "num_indices": len(self.indices),
+                "indices_fingerprint": self._fingerprint, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the next pass yields the rest of that epoch's permutation.
+
+        The number of replicas may differ from the run that saved it: the remaining
+        indices of the permutation are dealt to the new replicas.
+        """
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("num_indices", len(self.indices)),
+                          ("indices_fingerprint", self._fingerprint)):
+            if key not in state:
+                raise KeyError(f"ReplicaSampler.load_state_dict: key {key!r} missing from the state")
+            if state[key] != mine:
+                raise ValueError(f"ReplicaSampler.load_state_dict: state has {key}={state[key]!r}, this sampler "
+                                 f"{mine!r}; resuming would visit a different sequence of time indices")
+        self._epoch = int(state["epoch"])
+        self._next_start = self._pass_start = int(state["consumed"])
+        self._yielded = 0

@@ -1,0 +1,1 @@
+"""Jigsaw domain x tensor parallelism: process mesh, collectives, sharded layers, RNG streams."""

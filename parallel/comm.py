@@ -1,0 +1,108 @@
+"""The autograd-aware collectives the parallel layers are written with.
+
+Each function is the identity on a group of one rank (the serial mesh costs nothing).
+Sizes along the collective dimension may differ between ranks (uneven splits): tensors
+are padded to the largest part for the transfer and trimmed after.
+
+* ``gather_from_group``   forward: all-gather along ``dim``; backward: reduce-scatter (sum) of the gradient.
+* ``reduce_scatter_to_group`` forward: sum over the group, keep this rank's part of ``dim``; backward: all-gather.
+* ``all_reduce_sum``      forward: sum over the group; backward: sum of the gradients over the group.
+
+``traffic`` counts the bytes each rank sends under the ring algorithm (all-gather and
+reduce-scatter send ``(P-1)/P`` of the full tensor, all-reduce twice that), so benchmarks
+can compare measured traffic with the analytic formulas.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+traffic: Counter = Counter()  # collective name -> bytes sent by this rank
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] == rows else F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+
+
+def _all_gather(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
+    width = max(sizes)
+    local = _pad_rows(x.movedim(dim, 0).contiguous(), width)
+    parts = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(parts, local, group=group)
+    traffic["all_gather"] += local.numel() * local.element_size() * (len(sizes) - 1)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
+    width = max(sizes)
+    rows = x.movedim(dim, 0)
+    stacked = torch.cat([_pad_rows(part, width) for part in rows.split(list(sizes))]).contiguous()
+    out = torch.empty((width,) + stacked.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, stacked, group=group)
+    traffic["reduce_scatter"] += out.numel() * out.element_size() * (len(sizes) - 1)
+    return out[: sizes[dist.get_rank(group)]].movedim(0, dim)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x, group=group)
+    size = group_size(group)
+    traffic["all_reduce"] += 2 * x.numel() * x.element_size() * (size - 1) // size
+    return x
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group):
+        ctx.dim, ctx.sizes, ctx.group = dim, sizes, group
+        return _all_gather(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.sizes, ctx.group), None, None, None
+
+
+class _ReduceScatterToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group):
+        ctx.dim, ctx.sizes, ctx.group = dim, sizes, group
+        return _reduce_scatter(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+def gather_from_group(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
+    """All-gather ``x`` along ``dim`` (rank k contributes ``sizes[k]`` entries)."""
+    return x if group_size(group) == 1 else _GatherFromGroup.apply(x, dim % x.dim(), tuple(sizes), group)
+
+
+def reduce_scatter_to_group(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
+    """Sum ``x`` over the group and keep this rank's ``sizes[rank]`` entries of ``dim``."""
+    return x if group_size(group) == 1 else _ReduceScatterToGroup.apply(x, dim % x.dim(), tuple(sizes), group)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``x`` over the group, on every rank."""
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)

@@ -1,0 +1,77 @@
+"""The factory the model builds its layers through: one object per (mesh, token grid).
+
+The model asks for partitions ("the hidden channels", "the tokens") and layers over them;
+which rank holds what follows from the mesh. On the serial mesh every partition has one
+part and every layer is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallel.linear import ChannelLinear, TokenLinear
+from parallel.mesh import MeshError, ProcessMesh
+from parallel.norm import LayerNorm
+from parallel.rng import stream
+from parallel.tiling import DomainTiling, Partition
+
+
+class LayerFactory:
+    def __init__(self, mesh: ProcessMesh | None, token_grid: tuple[int, int], patch: tuple[int, int]):
+        self.mesh = mesh or ProcessMesh.serial()
+        tiles = self.mesh.config.domain
+        try:
+            self.tiling = DomainTiling(*token_grid, *tiles, patch=tuple(patch))
+        except ValueError as error:
+            raise MeshError(f"mesh.domain = {tiles[0]}x{tiles[1]} does not fit the token grid "
+                            f"{token_grid[0]}x{token_grid[1]} (patch {patch[0]}x{patch[1]}): {error}") from None
+
+    @property
+    def tokens(self) -> Partition:
+        return self.tiling.tokens
+
+    def tile_bounds(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """This rank's ``((lat0, lat1), (lon0, lon1))`` in model-grid points."""
+        return self.tiling.tile_bounds(self.mesh.domain_rank)
+
+    def channels(self, n: int) -> Partition:
+        """``n`` channels split over the tensor axis."""
+        return Partition.contiguous(n, self.mesh.config.tensor)
+
+    def token_features(self, n: int) -> Partition:
+        """``n`` hidden token features (token-MLP hidden) split over the domain axis."""
+        return Partition.contiguous(n, self.mesh.config.domain_size)
+
+    def channel_linear(self, inputs: Partition, outputs: Partition, bias: bool = True) -> ChannelLinear:
+        return ChannelLinear(self.mesh, inputs, outputs, bias)
+
+    def token_linear(self, inputs: Partition, outputs: Partition, bias: bool = True) -> TokenLinear:
+        return TokenLinear(self.mesh, inputs, outputs, bias)
+
+    def layer_norm(self, channels: Partition, eps: float = 1e-5) -> LayerNorm:
+        return LayerNorm(self.mesh, channels, eps)
+
+    def dropout(self, p: float, seed: int = 0) -> nn.Module:
+        return ShardDropout(p, self.mesh, seed)
+
+
+class ShardDropout(nn.Module):
+    """Dropout whose masks come from a stream keyed by (seed, sample rank, model rank).
+
+    Shards of one replica draw independent masks (a shared default generator would give
+    every tile the same mask), and reruns draw the same ones.
+    """
+
+    def __init__(self, p: float, mesh: ProcessMesh, seed: int):
+        super().__init__()
+        self.p, self.mesh, self.seed = p, mesh, seed
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.generator is None or self.generator.device != x.device:
+            self.generator = stream(self.seed, "dropout", self.mesh.sample_rank, self.mesh.model_rank, device=x.device)
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)

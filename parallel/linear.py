@@ -1,0 +1,100 @@
+"""The Jigsaw linear layers: channel mixing and token mixing on ``(batch, tokens, channels)``.
+
+A rank ``(i, j)`` (domain i, tensor j) holds the activation block ``X[tokens of tile i,
+channels of slice j]`` and one block of every weight; no rank holds a full weight.
+
+* :class:`ChannelLinear` ``Y = X Wᵀ`` (contraction over channels): all-gather ``X`` over
+  tensor, all-gather this slice's weight rows over domain, local GEMM. Backward: the two
+  gathers become reduce-scatters (activation gradient over tensor, weight gradient over
+  domain, which also sums the contributions of all tiles).
+* :class:`TokenLinear` ``Z = W X`` (contraction over tokens): all-gather this tile's weight
+  columns over tensor, multiply the local tokens (a partial sum over all output tokens),
+  reduce-scatter over domain to the output tiles. No rank ever gathers all tokens.
+
+Weights are stored ``(out, in)`` as in ``torch.nn.Linear``, so the serial model's state dict
+is the full state of every mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.comm import gather_from_group, reduce_scatter_to_group
+from parallel.mesh import ProcessMesh
+from parallel.rng import stream
+from parallel.sharding import ShardSpec, sharded_parameter
+from parallel.tiling import Partition, balanced_bounds, balanced_sizes
+
+
+def split_over(indices: torch.Tensor, parts: int, part: int) -> tuple[torch.Tensor, list[int]]:
+    """Part ``part`` of ``indices`` cut into ``parts`` balanced pieces, and all piece sizes."""
+    start, stop = balanced_bounds(len(indices), parts)[part]
+    return indices[start:stop], balanced_sizes(len(indices), parts)
+
+
+class ShardedModule(nn.Module):
+    """Base for layers whose parameters are sharded: creates and initialises them per shard."""
+
+    def __init__(self, mesh: ProcessMesh):
+        super().__init__()
+        self.mesh = mesh
+
+    def _parameter(self, spec: ShardSpec) -> nn.Parameter:
+        return sharded_parameter(spec, model_parallel=self.mesh.config.model_size > 1)
+
+    @torch.no_grad()
+    def init_uniform(self, seed: int, prefix: str, fan_in: int) -> None:
+        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per shard, as ``nn.Linear`` does, from a keyed stream."""
+        bound = 1 / math.sqrt(fan_in)
+        for name, param in self.named_parameters(recurse=False):
+            generator = stream(seed, "init", f"{prefix}.{name}", self.mesh.model_rank)
+            param.copy_(torch.rand(param.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound)
+
+
+class ChannelLinear(ShardedModule):
+    """Linear map of the last (channel) dimension; input and output channels split over tensor."""
+
+    def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, bias: bool = True):
+        super().__init__(mesh)
+        self.inputs, self.outputs = inputs, outputs
+        rows, self.row_sizes = split_over(outputs.indices[mesh.tensor_rank], mesh.config.domain_size, mesh.domain_rank)
+        shape = (outputs.size, inputs.size)
+        self.weight = self._parameter(ShardSpec(shape, (rows, inputs.gathered_order)))
+        self.bias = self._parameter(ShardSpec((outputs.size,), (rows,))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group)
+        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.domain_group)
+        bias = None if self.bias is None else gather_from_group(self.bias, 0, self.row_sizes, self.mesh.domain_group)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def reset_parameters(self, seed: int, prefix: str) -> None:
+        self.init_uniform(seed, prefix, self.inputs.size)
+
+
+class TokenLinear(ShardedModule):
+    """Linear map of the token dimension (dim 1); input and output tokens split over domain."""
+
+    def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, bias: bool = True):
+        super().__init__(mesh)
+        self.inputs, self.outputs = inputs, outputs
+        rows, self.row_sizes = split_over(outputs.gathered_order, mesh.config.tensor, mesh.tensor_rank)
+        self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (rows, inputs.indices[mesh.domain_rank])))
+        bias_rows, self.bias_sizes = split_over(outputs.indices[mesh.domain_rank], mesh.config.tensor, mesh.tensor_rank)
+        self.bias = self._parameter(ShardSpec((outputs.size,), (bias_rows,))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.tensor_group).to(x.dtype)
+        partial = torch.matmul(weight, x)  # (batch, all output tokens, local channels)
+        y = reduce_scatter_to_group(partial, 1, self.outputs.sizes, self.mesh.domain_group)
+        if self.bias is not None:
+            bias = gather_from_group(self.bias, 0, self.bias_sizes, self.mesh.tensor_group)
+            y = y + bias.to(x.dtype)[:, None]
+        return y
+
+    def reset_parameters(self, seed: int, prefix: str) -> None:
+        self.init_uniform(seed, prefix, self.inputs.size)

@@ -1,0 +1,129 @@
+"""Sharding metadata on parameters, and conversion between full and sharded state.
+
+Every parameter of a model built on a mesh carries ``param.shard``, a :class:`ShardSpec`:
+the global shape and, per dimension, the global indices this rank holds (in local order).
+Checkpoints, gradient-norm flags, the resharding converter and the tests all read this one
+description; no layer keeps its own list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class ShardingError(ValueError):
+    """A state that does not fit the model (names the parameter, shape and expectation)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSpec:
+    global_shape: tuple[int, ...]
+    index: tuple[torch.Tensor, ...]  # per dimension: global indices held locally, in local order
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return tuple(len(i) for i in self.index)
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the full tensor."""
+        out = full
+        for dim, idx in enumerate(self.index):
+            out = out.index_select(dim, idx.to(full.device))
+        return out
+
+    def put(self, full: torch.Tensor, shard: torch.Tensor) -> None:
+        """Write this rank's shard into ``full`` in place."""
+        full[torch.meshgrid(*[i.to(full.device) for i in self.index], indexing="ij")] = shard
+
+    def to_json(self) -> dict:
+        return {"global_shape": list(self.global_shape), "index": [i.tolist() for i in self.index]}
+
+    @classmethod
+    def from_json(cls, item: dict) -> "ShardSpec":
+        return cls(tuple(item["global_shape"]), tuple(torch.tensor(i, dtype=torch.long) for i in item["index"]))
+
+
+def sharded_parameter(spec: ShardSpec, model_parallel: bool, dtype=None, device=None) -> nn.Parameter:
+    """An empty parameter with its sharding metadata and DeepSpeed's model-parallel flag."""
+    param = nn.Parameter(torch.empty(spec.local_shape, dtype=dtype, device=device))
+    param.shard = spec
+    # DeepSpeed counts flagged parameters on every model-parallel rank in the gradient norm;
+    # each element lives on exactly one rank of the model group, so every one is flagged.
+    param.tensor_model_parallel = model_parallel
+    return param
+
+
+def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
+    specs = {}
+    for name, param in model.named_parameters():
+        if not hasattr(param, "shard"):
+            raise ShardingError(f"parameter {name} has no sharding metadata; build every layer through parallel/")
+        specs[name] = param.shard
+    return specs
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Load a mesh-free full state dict into a (possibly sharded) model: each rank takes its shard."""
+    specs = shard_specs(model)
+    missing, unexpected = sorted(set(specs) - set(full_state)), sorted(set(full_state) - set(specs))
+    if missing or unexpected:
+        raise ShardingError(f"state does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}; "
+                            f"was it saved from another model configuration?")
+    params = dict(model.named_parameters())
+    for name, spec in specs.items():
+        full = full_state[name]
+        if tuple(full.shape) != spec.global_shape:
+            raise ShardingError(f"parameter {name}: state has shape {tuple(full.shape)}, the model expects "
+                                f"{spec.global_shape}; was it saved from another model configuration?")
+        params[name].copy_(spec.take(full))
+
+
+@torch.no_grad()
+def gather_full_state(model: nn.Module, group=None, dst: int = 0) -> dict[str, torch.Tensor] | None:
+    """Assemble the full state on rank ``dst`` of the model group (None elsewhere).
+
+    Parameters are sent one at a time, so the peak extra memory is one full parameter on
+    ``dst``: use it for small models and tests; large checkpoints are written per rank with
+    their :class:`ShardSpec` and assembled offline by :func:`assemble_full_state`.
+    """
+    full_state = {}
+    size = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    for name, param in model.named_parameters():
+        spec: ShardSpec = param.shard
+        if size == 1:
+            full_state[name] = _assemble(spec.global_shape, [(spec, param.detach())], param.dtype)
+            continue
+        shards = [None] * size
+        dist.gather_object((spec.to_json(), param.detach().cpu()), shards if rank == dst else None,
+                           dst=dist.get_global_rank(group, dst), group=group)
+        if rank == dst:
+            full_state[name] = _assemble(spec.global_shape, [(ShardSpec.from_json(s), t) for s, t in shards],
+                                         param.dtype)
+    return full_state if rank == dst else None
+
+
+def assemble_full_state(rank_states: list[dict[str, tuple[dict, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Full state from every model rank's ``{name: (ShardSpec json, shard)}``."""
+    names = rank_states[0].keys()
+    return {name: _assemble(tuple(rank_states[0][name][0]["global_shape"]),
+                            [(ShardSpec.from_json(s[name][0]), s[name][1]) for s in rank_states],
+                            rank_states[0][name][1].dtype)
+            for name in names}
+
+
+def _assemble(shape, shards, dtype) -> torch.Tensor:
+    full = torch.empty(shape, dtype=dtype)
+    covered = torch.zeros(shape, dtype=torch.int32)
+    for spec, shard in shards:
+        spec.put(full, shard.cpu().to(dtype))
+        spec.put(covered, torch.ones(spec.local_shape, dtype=torch.int32))
+    if (covered == 0).any():
+        raise ShardingError(f"shards cover {int((covered > 0).sum())} of {covered.numel()} elements of a "
+                            f"parameter of shape {tuple(shape)}; expected every element once")
+    return full

@@ -1,0 +1,79 @@
+"""Prefetcher: same samples in the same order as direct reads; errors and early exits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.prefetch import Prefetcher
+from data.reader import TileReader
+from data.sampler import ReplicaSampler
+from tests.data.store_fixtures import write_store
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory):
+    path = write_store(tmp_path_factory.mktemp("prefetch") / "s.zarr", n_times=8, n_lat=4, n_lon=6, tile_grid=(1, 1))
+    return TileReader(path, lat_range=(0, 4), lon_range=(0, 6))
+
+
+def assert_same_sample(actual, expected):
+    for name in ("inputs", "targets", "static", "forcings"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=0, atol=0)
+    assert actual.time == expected.time and actual.time_index == expected.time_index
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_yields_the_direct_samples_in_order(reader, depth):
+    indices = [5, 0, 3, 3, 1]
+    with Prefetcher(reader, indices, lead_steps=2, depth=depth) as prefetcher:
+        samples = list(prefetcher)
+    assert [s.time_index for s in samples] == indices
+    for sample, index in zip(samples, indices):
+        assert_same_sample(sample, reader.sample(index, lead_steps=2))
+    assert prefetcher.delivered == len(indices)
+
+
+def test_reader_error_reaches_the_consumer_in_place_with_context(reader):
+    prefetcher = Prefetcher(reader, [0, 1, 7, 2], lead_steps=1)
+    assert [next(prefetcher).time_index for _ in range(2)] == [0, 1]
+    with pytest.raises(IndexError, match="needs time indices 7..8") as raised:
+        next(prefetcher)
+    assert any("prefetching time index 7" in note and reader.store in note for note in raised.value.__notes__)
+    assert not prefetcher._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+
+
+def test_error_in_the_index_source_reaches_the_consumer(reader):
+    def indices():
+        yield 0
+        raise RuntimeError("sampler broke")
+
+    with Prefetcher(reader, indices()) as prefetcher:
+        assert next(prefetcher).time_index == 0
+        with pytest.raises(RuntimeError, match="sampler broke") as raised:
+            next(prefetcher)
+    assert "drawing the next time index" in raised.value.__notes__[0]
+
+
+def test_leaving_early_stops_the_thread(reader):
+    with Prefetcher(reader, range(6), depth=1) as prefetcher:
+        first = next(prefetcher)
+    assert first.time_index == 0
+    assert not prefetcher._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+
+
+def test_resume_from_delivered_samples_with_a_sampler(reader):
+    sampler = ReplicaSampler(7, replica_rank=0, num_replicas=1, seed=11)
+    expected = list(ReplicaSampler(7, replica_rank=0, num_replicas=1, seed=11))
+    with Prefetcher(reader, sampler, depth=3) as prefetcher:
+        head = [next(prefetcher).time_index for _ in range(2)]
+        state = sampler.state_dict(consumed=prefetcher.delivered)
+    resumed = ReplicaSampler(7, replica_rank=0, num_replicas=1, seed=11)
+    resumed.load_state_dict(state)
+    with Prefetcher(reader, resumed) as prefetcher:
+        tail = [sample.time_index for sample in prefetcher]
+    assert head + tail == expected

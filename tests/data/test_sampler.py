@@ -1,0 +1,138 @@
+"""ReplicaSampler and valid_time_indices: replicas, determinism, exact resumption, gaps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.sampler import ReplicaSampler, valid_time_indices
+
+
+def epoch_of(n_replicas: int, epoch: int = 0, indices=23, **kwargs) -> list[list[int]]:
+    """The index sequence of every replica for one epoch."""
+    sequences = []
+    for rank in range(n_replicas):
+        sampler = ReplicaSampler(indices, replica_rank=rank, num_replicas=n_replicas, seed=7, **kwargs)
+        sampler.set_epoch(epoch)
+        sequences.append(list(sampler))
+    return sequences
+
+
+def test_ranks_of_one_replica_agree_and_replicas_are_disjoint():
+    first, second = epoch_of(4), epoch_of(4)
+    assert first == second  # every rank holding replica r (any domain/tensor position) draws the same
+    assert all(len(sequence) == 23 // 4 for sequence in first)
+    together = [i for sequence in first for i in sequence]
+    assert len(set(together)) == len(together) == 20
+    assert set(together) <= set(range(23))
+
+
+def test_epochs_are_deterministic_per_seed_and_differ_between_epochs():
+    valid = np.arange(100, 160, 3)
+    sampler = ReplicaSampler(valid, replica_rank=0, num_replicas=1, seed=3)
+    orders = {}
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.setdefault(epoch, []).append(list(sampler))
+    assert orders[0][0] == orders[0][1]
+    assert orders[0][0] != orders[1][0]
+    assert sorted(orders[1][0]) == list(valid)
+    other_seed = ReplicaSampler(valid, replica_rank=0, num_replicas=1, seed=4)
+    assert list(other_seed) != orders[0][0]
+    in_order = ReplicaSampler(valid, replica_rank=0, num_replicas=1, shuffle=False)
+    assert list(in_order) == list(valid)
+
+
+def test_without_drop_last_every_index_is_visited_and_replicas_stay_in_step():
+    sequences = epoch_of(4, drop_last=False)
+    assert all(len(sequence) == 6 for sequence in sequences)
+    assert set(i for sequence in sequences for i in sequence) == set(range(23))
+    assert len(ReplicaSampler(23, replica_rank=0, num_replicas=4, drop_last=False)) == 6
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resume_mid_epoch_continues_the_same_sequence(drop_last):
+    full = epoch_of(3, epoch=2, drop_last=drop_last)
+    for rank in range(3):
+        sampler = ReplicaSampler(23, replica_rank=rank, num_replicas=3, seed=7, drop_last=drop_last)
+        sampler.set_epoch(2)
+        iterator = iter(sampler)
+        head = [next(iterator) for _ in range(4)]
+        state = sampler.state_dict()
+        assert state["epoch"] == 2 and state["consumed"] == 12
+
+        resumed = ReplicaSampler(23, replica_rank=rank, num_replicas=3, seed=7, drop_last=drop_last)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(2)  # the usual loop calls this; it must keep the loaded position
+        assert head + list(resumed) == full[rank]
+        resumed.set_epoch(3)
+        assert list(resumed) == epoch_of(3, epoch=3, drop_last=drop_last)[rank]
+
+
+def test_consumed_accounts_for_indices_drawn_ahead():
+    sampler = ReplicaSampler(20, replica_rank=1, num_replicas=2, seed=1)
+    iterator = iter(sampler)
+    drawn = [next(iterator) for _ in range(5)]  # a prefetcher drew 5, the loop finished 3
+    state = sampler.state_dict(consumed=3)
+    resumed = ReplicaSampler(20, replica_rank=1, num_replicas=2, seed=1)
+    resumed.load_state_dict(state)
+    assert list(resumed)[:2] == drawn[3:]
+    with pytest.raises(ValueError, match="consumed=6, but this pass yielded 5"):
+        sampler.state_dict(consumed=6)
+
+
+def test_resume_with_a_different_number_of_replicas_visits_each_index_once():
+    order = ReplicaSampler(24, replica_rank=0, num_replicas=1, seed=5).epoch_order()
+    before = []
+    for rank in range(2):
+        sampler = ReplicaSampler(24, replica_rank=rank, num_replicas=2, seed=5)
+        iterator = iter(sampler)
+        before += [next(iterator) for _ in range(3)]
+    state = sampler.state_dict()
+    after = []
+    for rank in range(3):
+        resumed = ReplicaSampler(24, replica_rank=rank, num_replicas=3, seed=5)
+        resumed.load_state_dict(state)
+        after += list(resumed)
+    assert sorted(before + after) == list(range(24))
+    assert set(before) == set(order[:6])
+
+
+def test_state_saved_at_the_end_of_an_epoch_resumes_into_the_next():
+    sampler = ReplicaSampler(10, replica_rank=0, num_replicas=2, seed=2)
+    list(sampler)
+    resumed = ReplicaSampler(10, replica_rank=0, num_replicas=2, seed=2)
+    resumed.load_state_dict(sampler.state_dict())
+    assert list(resumed) == []
+    resumed.set_epoch(1)
+    assert len(list(resumed)) == 5
+
+
+def test_state_from_another_index_set_or_seed_is_refused():
+    state = ReplicaSampler(10, replica_rank=0, num_replicas=2, seed=2).state_dict()
+    with pytest.raises(ValueError, match="seed=2.*different sequence"):
+        ReplicaSampler(10, replica_rank=0, num_replicas=2, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="indices_fingerprint"):
+        ReplicaSampler(np.arange(1, 11), replica_rank=0, num_replicas=2, seed=2).load_state_dict(state)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="replica_rank=2, num_replicas=2"):
+        ReplicaSampler(10, replica_rank=2, num_replicas=2)
+    with pytest.raises(ValueError, match="3 valid time indices for 4 replicas"):
+        ReplicaSampler(3, replica_rank=0, num_replicas=4)
+
+
+def test_valid_time_indices_respect_lead_period_and_gaps():
+    times = np.array(["2017-12-31T00", "2017-12-31T06", "2017-12-31T12", "2017-12-31T18", "2018-01-01T00",
+                      "2018-01-01T12", "2018-01-01T18", "2018-01-02T00"], dtype="datetime64[ns]")
+    # index 4 -> 5 is a 12 h gap
+    np.testing.assert_array_equal(valid_time_indices(times, 1), [0, 1, 2, 3, 5, 6])
+    np.testing.assert_array_equal(valid_time_indices(times, 2), [0, 1, 2, 5])
+    np.testing.assert_array_equal(valid_time_indices(times, 0), np.arange(8))
+    # a date as end includes its whole day: targets up to 2017-12-31T18
+    np.testing.assert_array_equal(valid_time_indices(times, 1, end="2017-12-31"), [0, 1, 2])
+    np.testing.assert_array_equal(valid_time_indices(times, 1, start="2017-12-31T06", end="2018-01-01T00"), [1, 2, 3])
+    np.testing.assert_array_equal(valid_time_indices(times, 1, start="2018-01-01"), [5, 6])
+    np.testing.assert_array_equal(valid_time_indices(times, 2, step=np.timedelta64(12, "h")), [])
+    assert valid_time_indices(times, 8).size == 0

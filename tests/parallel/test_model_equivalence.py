@@ -1,0 +1,69 @@
+"""The whole WeatherMixer on a mesh equals the serial model: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import spawn
+from tests.parallel.equivalence import build_mesh, compare_gradients, copy_into, relative_error
+from weathermixer.config import ModelConfig
+from weathermixer.model import WeatherMixer
+
+CONFIG = ModelConfig(lat=9, lon=16, in_channels=5, out_channels=5, static_channels=2, forcing_channels=2,
+                     patch=(1, 4), hidden=8, depth=2, token_fraction=0.5)
+VARIANTS = {
+    "linear-residual": dict(mode="autoregressive"),
+    "add-residual-latent": dict(config=dict(residual="add", decoder_skip=False, latent_steps=2), mode="latent"),
+    "checkpointed-2d-patch": dict(config=dict(patch=(2, 2), activation_checkpointing=True, lat=10),
+                                  mode="autoregressive"),
+}
+
+
+def run_model(rank, world_size, meshes, dtype, variants):
+    torch.manual_seed(0)
+    errors = []
+    for variant in variants:
+        spec = VARIANTS[variant]
+        config = CONFIG.replace(**spec.get("config", {}))
+        serial = WeatherMixer(config, seed=1).to(dtype)
+        lat, lon = config.model_lat, config.model_lon
+        generator = torch.Generator().manual_seed(7)
+        state = torch.randn(2, lat, lon, config.in_channels, generator=generator, dtype=dtype)
+        static = torch.randn(lat, lon, config.static_channels, generator=generator, dtype=dtype)
+        forcings = torch.randn(2, 2, lat, lon, config.forcing_channels, generator=generator, dtype=dtype)
+        weights = torch.randn(2, 2, lat, lon, config.out_channels, generator=generator, dtype=dtype)
+        serial.zero_grad()
+        expected = serial.rollout(state, static, forcings, 2, spec["mode"])
+        (expected * weights).sum().backward()
+        for domain, tensor in meshes:
+            model = WeatherMixer(config, build_mesh(domain, tensor), seed=3).to(dtype)
+            copy_into(model, serial)
+            (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
+            t = model.mesh.tensor_rank
+            pick = lambda x, part: x[..., lat0:lat1, lon0:lon1, :][..., part.indices[t]]  # noqa: E731
+            static_part = model.layers.channels(config.static_channels)
+            forcing_part = model.layers.channels(config.forcing_channels)
+            out = model.rollout(pick(state, model.state_channels), pick(static, static_part),
+                                pick(forcings, forcing_part), 2, spec["mode"])
+            (out * pick(weights, model.out_channels)).sum().backward()
+            output_error = relative_error(out, pick(expected, model.out_channels).detach())
+            gradient_errors = compare_gradients(model, serial)
+            worst = max(gradient_errors, key=gradient_errors.get)
+            errors.append((variant, domain, tensor, output_error, worst, gradient_errors[worst]))
+    return errors
+
+
+MESHES_2 = [((1, 1), 2), ((2, 1), 1), ((1, 2), 1)]
+MESHES_4 = [((2, 1), 2), ((1, 2), 2), ((2, 2), 1), ((4, 1), 1), ((1, 1), 4)]
+
+
+@pytest.mark.parametrize("world_size,meshes", [(2, MESHES_2), (4, MESHES_4)], ids=["2-ranks", "4-ranks"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_model_matches_serial(world_size, meshes, dtype, tolerance):
+    variants = list(VARIANTS) if dtype == torch.float64 else ["linear-residual"]
+    for rank_errors in spawn(run_model, world_size, meshes, dtype, variants):
+        for variant, domain, tensor, output_error, worst, gradient_error in rank_errors:
+            where = f"{variant}, domain {domain[0]}x{domain[1]}, tensor {tensor}"
+            assert output_error <= tolerance, f"{where}: output relative error {output_error:.2e}"
+            assert gradient_error <= tolerance, f"{where}: gradient of {worst} relative error {gradient_error:.2e}"

@@ -1,0 +1,1 @@
+"""WeatherMixer: the MLP-Mixer weather model, parallel-agnostic (layers come from parallel/)."""

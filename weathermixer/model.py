@@ -1,0 +1,176 @@
+"""WeatherMixer: an MLP-Mixer that maps the atmospheric state at t to the state at t + 6 h.
+
+Data flow (the Jigsaw paper's model):
+
+    state ⊕ static ⊕ forcings --patchify--> tokens --embed--> x0
+    x = x0; repeat: x += TokenMLP(LN(x)ᵀ)ᵀ; x += ChannelMLP(LN(x))
+    out = recover(LN(x) ⊕ x0)  --unpatchify--> grid
+    linear residual: next = Linear(LN(LN(out) ⊕ state))     (or plain: next = state + out)
+
+Every layer comes from ``parallel.LayerFactory``: on the serial mesh the model is plain
+PyTorch; on a mesh, each rank holds its domain tile of the tokens and its tensor slice of
+the channels, and computes exactly what the serial model computes for them. Inputs and
+outputs are the rank's tile: ``(batch, tile_lat, tile_lon, channels of its slice)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from parallel.layers import LayerFactory
+from parallel.mesh import ProcessMesh
+from parallel.tiling import Partition
+from weathermixer.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module, dropout: nn.Module):
+        super().__init__()
+        self.fc1, self.fc2, self.dropout = fc1, fc2, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class MixerBlock(nn.Module):
+    """Pre-norm mixer block: token mixing across patches, then channel mixing across features."""
+
+    def __init__(self, config: ModelConfig, layers: LayerFactory, hidden: Partition, seed: int):
+        super().__init__()
+        token_hidden = layers.token_features(config.token_hidden)
+        channel_hidden = layers.channels(config.channel_hidden)
+        self.token_norm = layers.layer_norm(hidden)
+        self.token_mlp = MLP(layers.token_linear(layers.tokens, token_hidden),
+                             layers.token_linear(token_hidden, layers.tokens), layers.dropout(config.dropout, seed))
+        self.channel_norm = layers.layer_norm(hidden)
+        self.channel_mlp = MLP(layers.channel_linear(hidden, channel_hidden),
+                               layers.channel_linear(channel_hidden, hidden), layers.dropout(config.dropout, seed + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.token_mlp(self.token_norm(x))  # TokenLinear mixes dim 1 (tokens)
+        return x + self.channel_mlp(self.channel_norm(x))
+
+
+class WeatherMixer(nn.Module):
+    def __init__(self, config: ModelConfig, mesh: ProcessMesh | None = None, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.layers = layers = LayerFactory(mesh, config.token_grid, config.patch)
+        self.mesh = layers.mesh
+        (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
+        self.tile_shape = (lat1 - lat0, lon1 - lon0)
+
+        self.state_channels = layers.channels(config.in_channels)
+        self.out_channels = layers.channels(config.out_channels)
+        inputs = Partition.concat(Partition.concat(self.state_channels, layers.channels(config.static_channels)),
+                                  layers.channels(config.forcing_channels))
+        hidden = layers.channels(config.hidden)
+        self.local_input_channels = inputs.sizes[self.mesh.tensor_rank]
+
+        self.embed = layers.channel_linear(Partition.patch_features(inputs, config.patch_size), hidden)
+        self.blocks = nn.ModuleList(MixerBlock(config, layers, hidden, seed + 2 * k) for k in range(config.depth))
+        self.final_norm = layers.layer_norm(hidden)
+        decoder_inputs = Partition.concat(hidden, hidden) if config.decoder_skip else hidden
+        self.recover = layers.channel_linear(decoder_inputs,
+                                             Partition.patch_features(self.out_channels, config.patch_size))
+        if config.residual == "linear":
+            skip = Partition.concat(self.out_channels, self.state_channels)
+            self.out_norm = layers.layer_norm(self.out_channels)
+            self.residual_norm = layers.layer_norm(skip)
+            self.residual_linear = layers.channel_linear(skip, self.out_channels)
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        for name, module in self.named_modules():
+            if hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters(seed, name)
+
+    # patches ---------------------------------------------------------------------------
+    def patchify(self, grid: torch.Tensor) -> torch.Tensor:
+        """``(B, lat, lon, C)`` -> ``(B, tokens, rows * cols * C)``, tokens row-major in the tile."""
+        b, lat, lon, c = grid.shape
+        rows, cols = self.config.patch
+        x = grid.reshape(b, lat // rows, rows, lon // cols, cols, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (lat // rows) * (lon // cols), rows * cols * c)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        rows, cols = self.config.patch
+        lat, lon = self.tile_shape
+        x = tokens.reshape(b, lat // rows, lon // cols, rows, cols, -1).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, lat, lon, -1)
+
+    # the three stages ------------------------------------------------------------------
+    def encode(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+        self._check_input(state, static, forcings)
+        static = static.expand(state.shape[0], *static.shape[-3:]).to(state.dtype)
+        grid = torch.cat([state, static, forcings.to(state.dtype)], dim=-1)
+        return self.embed(self.patchify(grid))
+
+    def process(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.config.latent_steps):
+            for block in self.blocks:
+                if self.config.activation_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+        return x
+
+    def decode(self, x: torch.Tensor, embedded: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        x = self.final_norm(x)
+        if self.config.decoder_skip:
+            x = torch.cat([x, embedded], dim=-1)
+        out = self.unpatchify(self.recover(x))
+        if self.config.residual == "add":
+            return state + out
+        return self.residual_linear(self.residual_norm(torch.cat([self.out_norm(out), state], dim=-1)))
+
+    # forecasting -----------------------------------------------------------------------
+    def forward(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+        """One forecast step: the state at t + 6 h from the state at t."""
+        embedded = self.encode(state, static, forcings)
+        return self.decode(self.process(embedded), embedded, state)
+
+    def rollout(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor, steps: int,
+                mode: str = "autoregressive") -> torch.Tensor:
+        """States at t + 1..steps steps, ``(B, steps, lat, lon, C)``.
+
+        ``forcings``: ``(B, steps, lat, lon, F)``, the forcings at each step's input time.
+        ``autoregressive``: decode every step and feed the prediction back in.
+        ``latent``: encode once, repeat the block stack in latent space and decode each
+        step's latent (the paper's multi-step training); only the first forcings are used.
+        """
+        if mode not in ("autoregressive", "latent"):
+            raise ValueError(f"rollout mode {mode!r}: expected 'autoregressive' or 'latent'")
+        if forcings.dim() != 5 or forcings.shape[1] < steps:
+            raise ValueError(f"forcings shape {tuple(forcings.shape)}: expected (batch, >= {steps} steps, lat, lon, "
+                             f"forcing channels)")
+        outputs = []
+        if mode == "autoregressive":
+            for k in range(steps):
+                state = self(state, static, forcings[:, k])
+                outputs.append(state)
+        else:
+            embedded = x = self.encode(state, static, forcings[:, 0])
+            for _ in range(steps):
+                x = self.process(x)
+                outputs.append(self.decode(x, embedded, state))
+        return torch.stack(outputs, dim=1)
+
+    def _check_input(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor) -> None:
+        rank = self.mesh.tensor_rank
+        expected = {
+            "state": (state, self.state_channels.sizes[rank]),
+            "static": (static, Partition.contiguous(self.config.static_channels, self.mesh.config.tensor).sizes[rank]),
+            "forcings": (forcings, Partition.contiguous(self.config.forcing_channels,
+                                                        self.mesh.config.tensor).sizes[rank]),
+        }
+        for name, (tensor, channels) in expected.items():
+            if tuple(tensor.shape[-3:]) != (*self.tile_shape, channels):
+                raise ValueError(f"WeatherMixer input {name} has shape {tuple(tensor.shape)}; expected (..., "
+                                 f"{self.tile_shape[0]}, {self.tile_shape[1]}, {channels}) = this rank's tile "
+                                 f"(lat, lon) and its slice of the {name} channels")
