@@ -1,0 +1,83 @@
+"""Wiring between a data store and a model on a mesh: which tile and channels a rank reads.
+
+The model decides the decomposition (its domain tile in model-grid points and its tensor
+slice of every channel group); the store provides the channels. These helpers keep the
+two in step for training, forecasting and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zarr
+
+from data.reader import Sample, TileReader
+from data.schema import StoreAttrs, StoreError
+from data.time_features import N_TIME_FEATURES, time_features
+from weathermixer.config import ModelConfig
+from weathermixer.model import WeatherMixer
+
+
+def store_attrs(store: str) -> tuple[StoreAttrs, int, int]:
+    """The store's attributes and its grid size ``(n_lat, n_lon)``."""
+    try:
+        group = zarr.open_group(str(store), mode="r")
+    except Exception as error:
+        raise StoreError(f"{store}: cannot be opened as a zarr store ({type(error).__name__}: {error})") from None
+    attrs = StoreAttrs.from_json(dict(group.attrs), store=str(store))
+    return attrs, group["latitude"].shape[0], group["longitude"].shape[0]
+
+
+def config_for_store(config: ModelConfig, store: str) -> ModelConfig:
+    """``config`` with grid and channel counts taken from the store (time features as forcings)."""
+    attrs, n_lat, n_lon = store_attrs(store)
+    return config.replace(lat=n_lat, lon=n_lon, in_channels=len(attrs.channels), out_channels=len(attrs.channels),
+                          static_channels=len(attrs.static_channels), forcing_channels=N_TIME_FEATURES)
+
+
+def check_store_matches(metadata: dict, store: str) -> StoreAttrs:
+    """Refuse a store whose channels differ from the ones a checkpoint was trained on."""
+    attrs, _, _ = store_attrs(store)
+    trained = [(c["variable"], c["level"]) for c in metadata["channels"]]
+    found = [(c.variable, c.level) for c in attrs.channels]
+    if trained != found:
+        raise StoreError(f"{store}: channels {[c.name for c in attrs.channels]} differ from the checkpoint's "
+                         f"{[v if lev is None else f'{v}{lev}' for v, lev in trained]}; expected the same "
+                         f"channels in the same order")
+    if list(metadata["static_channels"]) != list(attrs.static_channels):
+        raise StoreError(f"{store}: static fields {attrs.static_channels} differ from the checkpoint's "
+                         f"{metadata['static_channels']}")
+    return attrs
+
+
+class RankInputs:
+    """Reads this rank's tile and channel slices from a store and shapes them for the model."""
+
+    def __init__(self, store: str, model: WeatherMixer):
+        self.model = model
+        layers, rank = model.layers, model.mesh.tensor_rank
+        (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
+        config = model.config
+        self.forcing_index = layers.channels(config.forcing_channels).indices[rank]
+        self.reader = TileReader(store, lat_range=(lat0, lat1), lon_range=(lon0, lon1),
+                                 channels=model.state_channels.indices[rank].tolist(),
+                                 static_channels=layers.channels(config.static_channels).indices[rank].tolist(),
+                                 model_lat=config.model_lat)
+
+    def batch(self, samples: list[Sample], device: torch.device | str, dtype: torch.dtype = torch.float32):
+        """``(state, static, forcings, targets)`` for the model from a list of samples."""
+        state = torch.stack([s.inputs for s in samples]).to(device, dtype, non_blocking=True)
+        targets = torch.stack([s.targets for s in samples]).to(device, dtype, non_blocking=True)
+        forcings = torch.stack([s.forcings[..., self.forcing_index] for s in samples]).to(device, dtype,
+                                                                                        non_blocking=True)
+        static = samples[0].static.to(device, dtype, non_blocking=True)
+        return state, static, forcings, targets
+
+    def forcings(self, times: np.ndarray) -> torch.Tensor:
+        """Time features of this tile at ``times``: ``(len(times), tile_lat, tile_lon, local forcings)``."""
+        rows = self.reader.tile_shape[0]
+        stored = len(self.reader.latitudes)
+        out = np.zeros((len(times), rows, len(self.reader.longitudes), N_TIME_FEATURES), dtype=np.float32)
+        for k, time in enumerate(times):
+            out[k, :stored] = time_features(time, self.reader.longitudes, stored)
+        return torch.from_numpy(out)[..., self.forcing_index]
