@@ -51,6 +51,7 @@ VARIABLE_ALIASES = {
     "v10": "v10", "10v": "v10", "10m_v_component_of_wind": "v10",
     "t2m": "t2m", "2t": "t2m", "2m_temperature": "t2m",
     "lsm": "lsm", "land_sea_mask": "lsm",
+    "slt": "slt", "soil_type": "slt",
     "orography": "orography", "geopotential_at_surface": "orography", "surface_geopotential": "orography",
 }
 CF_VARIABLE_ATTRIBUTES = ("standard_name", "units", "cell_methods", "comment")
@@ -107,7 +108,9 @@ def _find_coordinate(dataset: xr.Dataset, kind: str) -> str | None:
                 return name
     for name, variable in dataset.coords.items():
         units = str(variable.attrs.get("units", "")).lower()
-        if units in COORDINATE_UNITS.get(kind, ()) or variable.attrs.get("standard_name") == COORDINATE_STANDARD_NAMES.get(kind):
+        standard_name = COORDINATE_STANDARD_NAMES.get(kind)  # None for kinds without one (member)
+        if units in COORDINATE_UNITS.get(kind, ()) or (
+                standard_name is not None and variable.attrs.get("standard_name") == standard_name):
             return str(name)
     return None
 

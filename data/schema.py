@@ -43,6 +43,7 @@ SURFACE: dict[str, tuple[str, str]] = {
 STATIC: dict[str, tuple[str, str]] = {
     "lsm": ("Land-sea mask", "(0 - 1)"),
     "orography": ("Surface geopotential", "m**2 s**-2"),
+    "slt": ("Soil type", "~"),  # ERA5 category code 0..7, kept as a number like the paper's input
 }
 
 # headline channels for validation and evaluation tables

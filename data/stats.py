@@ -13,6 +13,11 @@ does not depend on how time is split into batches. Statistics are unweighted (ev
 point counts once) and population statistics (ddof=0), as in ``numpy.std``. The tendency
 of a channel is ``x(t + step) - x(t)`` for consecutive store times, counted when both
 times lie in the statistics period.
+
+Missing values (NaN, which is what netCDF fill values decode to) are left out, as in
+``numpy.nanmean``/``numpy.nanstd``: each field carries its count of valid points and the
+pooling weights fields by it. The fields that had missing values are reported, so the
+caller can refuse or fill them.
 """
 
 from __future__ import annotations
@@ -31,24 +36,44 @@ SPATIAL = ("latitude", "longitude")
 
 
 @dataclass(frozen=True)
+class MissingField:
+    """A 2-D field with missing values: channel name (``t850``), valid time and number of points."""
+
+    channel: str
+    time: np.datetime64
+    count: int
+
+
+@dataclass(frozen=True)
 class ChannelStatistics:
     mean: list[float]
     std: list[float]
     tendency_std: list[float]
+    missing: list[MissingField]  # fields of the period with missing values, in time then channel order
 
 
-def field_moments(field: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
-    """Lazy float64 mean and sum of squared deviations of every 2-D field (over latitude, longitude)."""
+def field_moments(field: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Lazy valid-point count, float64 mean and sum of squared deviations of every 2-D field.
+
+    Missing values are skipped; a field without valid points has count 0, mean 0 and M2 0.
+    """
     values = field.astype(np.float64)
-    mean = values.mean(SPATIAL)
-    return mean, ((values - mean) ** 2).sum(SPATIAL)
+    count = values.notnull().sum(SPATIAL)
+    mean = values.mean(SPATIAL, skipna=True).fillna(0.0)
+    return count, mean, ((values - mean) ** 2).sum(SPATIAL, skipna=True)
 
 
-def pool_moments(means: np.ndarray, m2: np.ndarray, field_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance over all fields along axis 0 from per-field means and M2 (equal-size fields)."""
-    mean = means.mean(axis=0)
-    total_m2 = m2.sum(axis=0) + field_size * ((means - mean) ** 2).sum(axis=0)
-    return mean, total_m2 / (field_size * means.shape[0])
+def pool_moments(counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance over all fields along axis 0 from per-field counts, means and M2.
+
+    A channel without any valid point gets NaN mean and variance.
+    """
+    counts = counts.astype(np.float64)
+    total = counts.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (counts * means).sum(axis=0) / total
+        total_m2 = m2.sum(axis=0) + (counts * (means - mean) ** 2).sum(axis=0)
+        return mean, total_m2 / total
 
 
 def channel_statistics(dataset: xr.Dataset, channels: Sequence[Channel], *, batch_size: int,
@@ -63,7 +88,7 @@ def channel_statistics(dataset: xr.Dataset, channels: Sequence[Channel], *, batc
         raise ValueError(f"the statistics period holds {n_times} time step(s); tendency statistics need at least 2")
     variables = list(dict.fromkeys(channel.variable for channel in channels))
     field_size = dataset.sizes["latitude"] * dataset.sizes["longitude"]
-    parts: dict[str, list[list[np.ndarray]]] = {name: [[], [], [], []] for name in variables}
+    parts: dict[str, list[list[np.ndarray]]] = {name: [[], [], [], [], [], []] for name in variables}
     with tqdm(total=n_times, unit="step", desc="statistics", disable=not progress) as bar:
         for start in range(0, n_times, batch_size):
             stop = min(start + batch_size, n_times)
@@ -79,27 +104,32 @@ def channel_statistics(dataset: xr.Dataset, channels: Sequence[Channel], *, batc
                     part.append(values.values)
             bar.update(stop - start)
 
-    mean, std, tendency_std = [], [], []
+    times = dataset["time"].values
+    mean, std, tendency_std, missing = [], [], [], []
     for channel in channels:
-        field_mean, field_m2, tendency_mean, tendency_m2 = (np.concatenate(p) for p in parts[channel.variable])
+        moments = [np.concatenate(p) for p in parts[channel.variable]]
         if channel.level is not None:
             level = list(dataset["level"].values).index(channel.level)
-            field_mean, field_m2, tendency_mean, tendency_m2 = (
-                a[:, level] for a in (field_mean, field_m2, tendency_mean, tendency_m2))
-        channel_mean, variance = pool_moments(field_mean, field_m2, field_size)
-        _, tendency_variance = pool_moments(tendency_mean, tendency_m2, field_size)
+            moments = [a[:, level] for a in moments]
+        count, field_mean, field_m2, tendency_count, tendency_mean, tendency_m2 = moments
+        channel_mean, variance = pool_moments(count, field_mean, field_m2)
+        _, tendency_variance = pool_moments(tendency_count, tendency_mean, tendency_m2)
         mean.append(float(channel_mean))
         std.append(float(np.sqrt(variance)))
         tendency_std.append(float(np.sqrt(tendency_variance)))
-    return ChannelStatistics(mean, std, tendency_std)
+        missing += [MissingField(channel.name, times[i], int(field_size - count[i]))
+                    for i in np.flatnonzero(count < field_size)]
+    missing.sort(key=lambda field: field.time)  # stable: channel order within a time
+    return ChannelStatistics(mean, std, tendency_std, missing)
 
 
-def static_statistics(dataset: xr.Dataset, names: Sequence[str]) -> tuple[list[float], list[float]]:
-    """Mean and std (float64, ddof=0) of each static field."""
-    means, stds = [], []
+def static_statistics(dataset: xr.Dataset, names: Sequence[str]) -> tuple[list[float], list[float], list[int]]:
+    """Mean, std (float64, ddof=0) and number of missing points of each static field."""
+    means, stds, missing = [], [], []
     for name in names:
-        mean, m2 = (np.asarray(a) for a in dask.compute(*field_moments(dataset[name])))
-        _, variance = pool_moments(mean[None], m2[None], dataset[name].size)
-        means.append(float(mean))
+        count, mean, m2 = (np.asarray(a) for a in dask.compute(*field_moments(dataset[name])))
+        _, variance = pool_moments(count[None], mean[None], m2[None])
+        means.append(float(mean) if count else float("nan"))
         stds.append(float(np.sqrt(variance)))
-    return means, stds
+        missing.append(int(dataset[name].size - count))
+    return means, stds, missing
