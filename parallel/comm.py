@@ -7,6 +7,12 @@ are padded to the largest part for the transfer and trimmed after.
 * ``gather_from_group``   forward: all-gather along ``dim``; backward: reduce-scatter (sum) of the gradient.
 * ``reduce_scatter_to_group`` forward: sum over the group, keep this rank's part of ``dim``; backward: all-gather.
 * ``all_reduce_sum``      forward: sum over the group; backward: sum of the gradients over the group.
+* ``reduce_from_group``   forward: sum over the group; backward: identity (each rank backpropagates its own copy).
+
+``all_reduce_sum`` is for a sum every rank then uses differently (LayerNorm statistics of
+its own channels): the gradient of a rank's input collects every rank's use. ``reduce_from_group``
+is for a value every rank uses identically (the loss of the whole replica): each rank runs
+the same backward from it, so the gradient of its own part is just the incoming one.
 
 ``traffic`` counts the bytes each rank sends under the ring algorithm (all-gather and
 reduce-scatter send ``(P-1)/P`` of the full tensor, all-reduce twice that), so benchmarks
@@ -93,6 +99,16 @@ class _AllReduceSum(torch.autograd.Function):
         return _all_reduce(grad, ctx.group), None
 
 
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def gather_from_group(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
     """All-gather ``x`` along ``dim`` (rank k contributes ``sizes[k]`` entries)."""
     return x if group_size(group) == 1 else _GatherFromGroup.apply(x, dim % x.dim(), tuple(sizes), group)
@@ -106,3 +122,8 @@ def reduce_scatter_to_group(x: torch.Tensor, dim: int, sizes: Sequence[int], gro
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Sum ``x`` over the group, on every rank."""
     return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
+def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``x`` over the group into a value every rank treats as the same replicated result."""
+    return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)

@@ -3,10 +3,11 @@
 A rank ``(i, j)`` (domain i, tensor j) holds the activation block ``X[tokens of tile i,
 channels of slice j]`` and one block of every weight; no rank holds a full weight.
 
-* :class:`ChannelLinear` ``Y = X Wᵀ`` (contraction over channels): all-gather ``X`` over
-  tensor, all-gather this slice's weight rows over domain, local GEMM. Backward: the two
-  gathers become reduce-scatters (activation gradient over tensor, weight gradient over
-  domain, which also sums the contributions of all tiles).
+* :class:`ChannelLinear` ``Y = X Wᵀ`` (contraction over channels): all-gather this slice's
+  weight block over domain, and either all-gather ``X`` over tensor before the local GEMM
+  or reduce-scatter its partial output over tensor after it (whichever activation is
+  narrower). Backward: each gather becomes a reduce-scatter and vice versa (the weight
+  gradient's reduce-scatter over domain also sums the contributions of all tiles).
 * :class:`TokenLinear` ``Z = W X`` (contraction over tokens): all-gather this tile's weight
   columns over tensor, multiply the local tokens (a partial sum over all output tokens),
   reduce-scatter over domain to the output tiles. No rank ever gathers all tokens.
@@ -56,21 +57,40 @@ class ShardedModule(nn.Module):
 
 
 class ChannelLinear(ShardedModule):
-    """Linear map of the last (channel) dimension; input and output channels split over tensor."""
+    """Linear map of the last (channel) dimension; input and output channels split over tensor.
+
+    The activation moves over tensor either as the input (all-gather, then this slice's
+    outputs) or as the output (partial sums over this slice's inputs, then reduce-scatter):
+    both send ``(Pt-1)/Pt`` of one activation, so the layer moves the narrower of the two
+    (the decoder's recovery maps 2 x hidden features to fewer patch features). The weight
+    block moves over domain either way: it is smaller than the activations it would
+    otherwise replace (all tokens).
+    """
 
     def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, bias: bool = True):
         super().__init__(mesh)
         self.inputs, self.outputs = inputs, outputs
-        rows, self.row_sizes = split_over(outputs.indices[mesh.tensor_rank], mesh.config.domain_size, mesh.domain_rank)
-        shape = (outputs.size, inputs.size)
-        self.weight = self._parameter(ShardSpec(shape, (rows, inputs.gathered_order)))
-        self.bias = self._parameter(ShardSpec((outputs.size,), (rows,))) if bias else None
+        self.reduce_outputs = outputs.size < inputs.size
+        t, d, domains = mesh.tensor_rank, mesh.domain_rank, mesh.config.domain_size
+        if self.reduce_outputs:  # weight rows: every output; columns: this slice's inputs
+            rows, self.row_sizes = split_over(outputs.gathered_order, domains, d)
+            columns = inputs.indices[t]
+        else:  # weight rows: this slice's outputs; columns: every input
+            rows, self.row_sizes = split_over(outputs.indices[t], domains, d)
+            columns = inputs.gathered_order
+        self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (rows, columns)))
+        bias_rows, self.bias_sizes = split_over(outputs.indices[t], domains, d)
+        self.bias = self._parameter(ShardSpec((outputs.size,), (bias_rows,))) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group)
-        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.domain_group)
-        bias = None if self.bias is None else gather_from_group(self.bias, 0, self.row_sizes, self.mesh.domain_group)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.domain_group).to(x.dtype)
+        if self.reduce_outputs:
+            y = reduce_scatter_to_group(F.linear(x, weight), -1, self.outputs.sizes, self.mesh.tensor_group)
+        else:
+            y = F.linear(gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group), weight)
+        if self.bias is None:
+            return y
+        return y + gather_from_group(self.bias, 0, self.bias_sizes, self.mesh.domain_group).to(x.dtype)
 
     def reset_parameters(self, seed: int, prefix: str) -> None:
         self.init_uniform(seed, prefix, self.inputs.size)

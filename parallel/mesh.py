@@ -27,6 +27,10 @@ class MeshError(ValueError):
     """A mesh that cannot be built; the message names the axis and sizes."""
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     data: int | None = None  # None: whatever the world size leaves after the other axes
@@ -36,12 +40,13 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         for name in ("sample", "tensor"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _positive_int(getattr(self, name)):
                 raise MeshError(f"mesh.{name} = {getattr(self, name)!r}: expected a positive integer")
-        if len(self.domain) != 2 or any(not isinstance(d, int) or d < 1 for d in self.domain):
+        grid = self.domain if isinstance(self.domain, (tuple, list)) else ()
+        if len(grid) != 2 or not all(_positive_int(d) for d in grid):
             raise MeshError(f"mesh.domain = {self.domain!r}: expected a tile grid of two positive integers "
                             f"(latitude tiles, longitude tiles)")
-        if self.data is not None and (not isinstance(self.data, int) or self.data < 1):
+        if self.data is not None and not _positive_int(self.data):
             raise MeshError(f"mesh.data = {self.data!r}: expected a positive integer or null (inferred)")
 
     @property
@@ -55,15 +60,16 @@ class MeshConfig:
     def resolve(self, world_size: int) -> "MeshConfig":
         """This mesh with ``data`` filled in, checked against ``world_size``."""
         per_data = self.sample * self.model_size
+        domain = f"{self.domain_size} (tile grid {self.domain[0]}x{self.domain[1]})"
         if self.data is None:
             if world_size % per_data:
                 raise MeshError(f"world size {world_size} is not divisible by sample x domain x tensor = "
-                                f"{self.sample} x {self.domain_size} x {self.tensor} = {per_data}; expected a "
+                                f"{self.sample} x {domain} x {self.tensor} = {per_data}; expected a "
                                 f"multiple of {per_data} processes")
             return MeshConfig(world_size // per_data, self.sample, tuple(self.domain), self.tensor)
         if self.data * per_data != world_size:
             raise MeshError(f"mesh data x sample x domain x tensor = {self.data} x {self.sample} x "
-                            f"{self.domain_size} x {self.tensor} = {self.data * per_data} processes, but the "
+                            f"{domain} x {self.tensor} = {self.data * per_data} processes, but the "
                             f"world size is {world_size}; expected the product to equal the world size")
         return self
 
@@ -86,9 +92,11 @@ class ProcessMesh:
     def build(cls, config: MeshConfig, device_type: str = "cpu") -> "ProcessMesh":
         """Build the mesh over the initialised default process group (all ranks call this)."""
         if not dist.is_initialized():
-            if config.resolve(1).data == 1:
+            processes = (config.data or 1) * config.sample * config.model_size
+            if processes == 1:
                 return cls.serial()
-            raise MeshError("torch.distributed is not initialised; start with the deepspeed launcher or torchrun")
+            raise MeshError(f"mesh data x sample x domain x tensor needs {processes} processes but "
+                            f"torch.distributed is not initialised; start with the deepspeed launcher or torchrun")
         config = config.resolve(dist.get_world_size())
         shape = (config.data, config.sample, config.domain_size, config.tensor)
         names = ("data", "sample", "domain", "tensor")
@@ -157,9 +165,14 @@ class DeepSpeedMPU:
     DeepSpeed all-reduces gradient norms over the model-parallel group and counts a
     parameter on every model-parallel rank when ``param.tensor_model_parallel`` is set; our
     parameters are all sharded over the whole model group, so every one carries the flag.
+    DeepSpeed's "tensor" model parallelism is therefore our whole model group, and there is
+    no pipeline axis.
     """
 
     def __init__(self, mesh: ProcessMesh):
+        if "model" not in mesh.groups:
+            raise MeshError("DeepSpeedMPU needs a mesh built over torch.distributed (ProcessMesh.build); "
+                            "the serial mesh has no process groups: pass mpu=None to deepspeed.initialize")
         self.mesh = mesh
 
     def get_model_parallel_group(self):
@@ -171,6 +184,10 @@ class DeepSpeedMPU:
     def get_model_parallel_world_size(self) -> int:
         return self.mesh.config.model_size
 
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of model rank 0 in this rank's model group."""
+        return dist.get_global_rank(self.mesh.groups["model"], 0)
+
     def get_data_parallel_group(self):
         return self.mesh.groups["replica"]
 
@@ -179,6 +196,15 @@ class DeepSpeedMPU:
 
     def get_data_parallel_world_size(self) -> int:
         return self.mesh.replicas
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.mesh.groups["replica"])
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
 
     # DeepSpeed also asks for these names in some code paths
     get_tensor_model_parallel_group = get_model_parallel_group

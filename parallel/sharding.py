@@ -127,3 +127,22 @@ def _assemble(shape, shards, dtype) -> torch.Tensor:
         raise ShardingError(f"shards cover {int((covered > 0).sum())} of {covered.numel()} elements of a "
                             f"parameter of shape {tuple(shape)}; expected every element once")
     return full
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, mesh, norm_type: float = 2.0) -> torch.Tensor:
+    """The Euclidean (p-) norm of the whole model's gradient, the same on every rank.
+
+    Every parameter element lives on exactly one rank of the model group (see
+    :class:`ShardSpec`), so the local sums of ``|g|^p`` add up over that group with no double
+    counting. Gradients are assumed averaged over the replica group already.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for grad in grads:
+        total += grad.detach().double().abs().pow(norm_type).sum()
+    group = None if mesh is None else mesh.model_group
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return total.pow(1.0 / norm_type)
