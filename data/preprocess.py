@@ -91,7 +91,7 @@ class Summary:
             f"store      {self.store}",
             f"channels   {len(self.channels)}: {' '.join(self.channels)}",
             f"static     {' '.join(self.static) or 'none'}",
-            f"levels     {self.levels or 'none'} hPa",
+            f"levels     {' '.join(map(str, self.levels)) + ' hPa' if self.levels else 'none'}",
             f"time       {_iso(self.first_time)} .. {_iso(self.last_time)}, {self.n_times} steps of "
             f"{self.time_step_hours} h",
             f"grid       {self.grid[0]} x {self.grid[1]} (latitude x longitude), tile grid "
@@ -243,6 +243,7 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     }
     if existing is not None:
         _check_append(existing, dataset, channels, selection, combined.time_step_hours, tile_grid, output)
+        _check_append_statistics(existing, statistics_period, recompute_statistics)
         run["base_times"] = existing["n_times"]
     else:
         finished = _check_create(output, record, run)
@@ -264,8 +265,8 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         written, written_steps, skipped, missing = _write_batches(output, combined, channels, statistics, on_nan, batch_size,
                                                    offset, record, progress, after_batch)
         if append and recompute_statistics:
-            statistics = _statistics_from_store(output, channels, statistics["statistics_period"], statistics_batch,
-                                                progress)
+            statistics = _statistics_from_store(output, channels, list(selection.static),
+                                                statistics["statistics_period"], statistics_batch, progress)
         _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
 
     return _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
@@ -294,12 +295,8 @@ def _check_create(output: Path, record: ProgressRecord, run: dict[str, Any]) -> 
 
 def _resume(record: ProgressRecord, run: dict[str, Any], output: Path) -> dict[str, Any]:
     """The records of a killed run with the same identity, or fresh records for this run."""
-    if not record.exists():
-        if run["kind"] == "create" and output.exists():
-            raise PreprocessError(f"{output} exists; pass --overwrite to replace it")
-        fresh = {"run": run}
-        record.write(fresh)
-        return fresh
+    if not record.exists():  # recorded once the statistics are known, so a refused run leaves nothing behind
+        return {"run": run}
     resumed = record.read()
     if resumed.get("run") != run:
         previous = resumed.get("run", {})
@@ -366,6 +363,13 @@ def _check_append(existing, dataset: xr.Dataset, channels: list[Channel], select
                               f"time axis must continue regularly at {expected_first}")
 
 
+def _check_append_statistics(existing, period, recompute: bool) -> None:
+    stored = list(existing["attrs"].statistics_period)
+    if period is not None and list(period) != stored and not recompute:
+        raise PreprocessError(f"--append: statistics period {list(period)} differs from the store's {stored}; "
+                              f"pass --recompute-statistics to recompute them over the new period")
+
+
 # ------------------------------------------------------------------------------- statistics
 def _statistics(combined: Combined, channels: list[Channel], selection: Selection, period, existing, on_nan: str,
                 batch_size: int, progress: bool, recompute: bool) -> dict[str, Any]:
@@ -376,10 +380,6 @@ def _statistics(combined: Combined, channels: list[Channel], selection: Selectio
         kept = {"mean": attrs.mean, "std": attrs.std, "tendency_std": attrs.tendency_std,
                 "static_mean": attrs.static_mean, "static_std": attrs.static_std,
                 "statistics_period": list(attrs.statistics_period)}
-        if period is not None and list(period) != kept["statistics_period"] and not recompute:
-            raise PreprocessError(f"--append: statistics period {list(period)} differs from the store's "
-                                  f"{kept['statistics_period']}; pass --recompute-statistics to recompute them "
-                                  f"over the new period")
         if recompute:
             kept["statistics_period"] = list(period or kept["statistics_period"])
         return kept
@@ -407,14 +407,13 @@ def _statistics(combined: Combined, channels: list[Channel], selection: Selectio
             "statistics_period": [_iso(window["time"].values[0]), _iso(window["time"].values[-1])]}
 
 
-def _statistics_from_store(output: Path, channels: list[Channel], period, batch_size: int,
+def _statistics_from_store(output: Path, channels: list[Channel], static: list[str], period, batch_size: int,
                            progress: bool) -> dict[str, Any]:
     stored = xr.open_zarr(output, consolidated=False)
     window = stored.sel(time=slice(_day_start(period[0]), _day_end(period[1])))
     if window.sizes["time"] < 2:
         raise PreprocessError(f"statistics period {period} holds {window.sizes['time']} times of {output}")
     result = channel_statistics(window, channels, batch_size=batch_size, progress=progress)
-    static = list(StoreAttrs.from_json(dict(zarr.open_group(output, mode="r").attrs)).static_channels)
     static_mean, static_std, _ = static_statistics(stored, static)
     return {"mean": result.mean, "std": result.std, "tendency_std": result.tendency_std,
             "static_mean": static_mean, "static_std": static_std,
@@ -491,10 +490,12 @@ def _write_skeleton(output: Path, dataset: xr.Dataset, channels, selection: Sele
         skeleton.to_zarr(output, mode="w", compute=False, encoding=_encoding(skeleton, chunks), zarr_format=3,
                          consolidated=False)
         return
-    group = zarr.open_group(output, mode="r+")
-    group.attrs.put({**existing["raw_attrs"], "complete": False})  # readers refuse the store while it grows
+    growing = {**existing["raw_attrs"], "complete": False}  # readers refuse the store while it grows
+    zarr.open_group(output, mode="r+").attrs.put(growing)
     if xr.open_zarr(output, consolidated=False).sizes["time"] == existing["n_times"]:
-        dataset[dynamic].to_zarr(output, append_dim="time", compute=False, consolidated=False, zarr_format=3)
+        extension = dataset[dynamic]
+        extension.attrs = growing  # appending rewrites the root attributes with these
+        extension.to_zarr(output, append_dim="time", compute=False, consolidated=False, zarr_format=3)
 
 
 def _write_batches(output: Path, combined: Combined, channels, statistics, on_nan: str, batch_size: int,
@@ -519,7 +520,7 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
             batch = dataset[names].isel(time=slice(start, stop))
             missing_counts = {name: batch[name].isnull().sum(("latitude", "longitude")) for name in names}
             if on_nan == "fill":
-                batch = batch.fillna(fill)
+                batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names})
             batch = batch.drop_vars([c for c in ("level", "latitude", "longitude") if c in batch.coords])
             write = batch.to_zarr(output, region={"time": slice(offset + start, offset + stop)}, compute=False,
                                   consolidated=False, zarr_format=3)

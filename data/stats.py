@@ -97,7 +97,7 @@ def channel_statistics(dataset: xr.Dataset, channels: Sequence[Channel], *, batc
             for name in variables:
                 field = window[name]
                 lazy[name] = (*field_moments(field.isel(time=slice(0, stop - start))),
-                              *field_moments(field.diff("time")))
+                              *field_moments(field.astype(np.float64).diff("time")))  # exact differences
             (computed,) = dask.compute(lazy)
             for name, moments in computed.items():
                 for part, values in zip(parts[name], moments):
