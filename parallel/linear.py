@@ -26,7 +26,7 @@ from torch import nn
 
 from parallel.comm import gather_from_group, reduce_scatter_to_group
 from parallel.mesh import ProcessMesh
-from parallel.rng import stream
+from parallel.rng import uniform_at
 from parallel.sharding import ShardSpec, sharded_parameter
 from parallel.tiling import Partition, balanced_bounds, balanced_sizes
 
@@ -49,11 +49,14 @@ class ShardedModule(nn.Module):
 
     @torch.no_grad()
     def init_uniform(self, seed: int, prefix: str, fan_in: int) -> None:
-        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` per shard, as ``nn.Linear`` does, from a keyed stream."""
+        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as ``nn.Linear`` does; every element's value
+        depends on its global position only, so all meshes start from the serial model."""
         bound = 1 / math.sqrt(fan_in)
         for name, param in self.named_parameters(recurse=False):
-            generator = stream(seed, "init", f"{prefix}.{name}", self.mesh.model_rank)
-            param.copy_(torch.rand(param.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound)
+            spec = param.shard
+            values = uniform_at(seed, "init", f"{prefix}.{name}", index=spec.index, global_shape=spec.global_shape,
+                                device=param.device)
+            param.copy_(values * 2 * bound - bound)
 
 
 class ChannelLinear(ShardedModule):

@@ -23,3 +23,39 @@ def stream(seed: int, *keys, device: str | torch.device = "cpu") -> torch.Genera
     generator = torch.Generator(device=device)
     generator.manual_seed(stream_seed(seed, *keys))
     return generator
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of int64 tensors holding 32-bit values (good avalanche, cheap, on any device)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32  # products wrap in two's complement; the low 32 bits are exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """``U[0, 1)`` float64 values of the elements ``index`` (per-dimension global indices) of a
+    tensor of ``global_shape``, each a function of ``(seed, keys, global position)`` alone.
+
+    Why: a parameter shard initialised from a stream keyed by its rank would differ from the
+    serial model's values; with counter-based values every element gets the same number on
+    every mesh, so training from scratch on any layout starts from the same model, and no
+    rank ever draws (or holds) more than its own shard.
+    """
+    key = stream_seed(seed, *keys)
+    flat = torch.zeros((), dtype=torch.int64, device=device)
+    stride = 1
+    for dim in reversed(range(len(global_shape))):
+        shape = [1] * len(global_shape)
+        shape[dim] = -1
+        flat = flat + index[dim].to(device=device, dtype=torch.int64).reshape(shape) * stride
+        stride *= global_shape[dim]
+    high = _hash32(_hash32(flat >> 32) ^ (key >> 32))
+    bits = _hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high)
+    return (bits.to(torch.float64) + 0.5) / 2**32
