@@ -1,0 +1,656 @@
+"""The real WeatherMixer training step on one device: DeepSpeed engine, WeightedMSE, bf16.
+
+Times ``forward -> WeightedMSE -> engine.backward -> engine.step`` of a preset (default
+``jigsaw-1b`` at 720 x 1440) on the serial mesh, for each combination of micro-batch size,
+``torch.compile`` on/off and input path (random batches resident in device memory, or the
+zarr tile reader with ``data.prefetch.Prefetcher``), and prints one table row per
+combination: ms/step (median over the timed steps, CUDA events), TFLOP/s from the model's
+forward FLOPs (a training step = 3 x forward), MFU against an 8192^3 bf16 matmul timed in
+the same process, and peak device memory.
+
+    python benchmarks/train_step.py --batch 1 4 --compile off on --data memory
+    python benchmarks/train_step.py --make-store /tmp/era5.zarr --store-times 16   # synthetic 0.25 deg store
+    python benchmarks/train_step.py --batch 1 4 --compile on --data zarr --store /tmp/era5.zarr
+    python benchmarks/train_step.py --device cpu --preset tiny --batch 1 2 --compile off on --data memory zarr
+
+Single process: RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK default to a world of
+one when unset, so plain ``python`` works (the ``deepspeed`` launcher sets them itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import itertools
+import json
+import math
+import os
+import queue
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from weathermixer.config import PRESETS, preset  # noqa: E402
+from weathermixer.loss import WeightedMSE, channel_weights, latitude_weights  # noqa: E402
+from weathermixer.model import WeatherMixer  # noqa: E402
+
+ERA5_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+
+
+# ------------------------------------------------------------------------------ setup
+def init_distributed(device: str) -> None:
+    """A world of one unless a launcher set the rendezvous variables."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Per-step durations in ms: CUDA events on the GPU, the host clock after a sync elsewhere."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        if self.device == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def ms(self) -> float:
+        if self.device == "cuda":
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end)
+        return (self.t1 - self.t0) * 1e3
+
+
+def matmul_ceiling(device: str, n: int, repeats: int = 30) -> float:
+    """TFLOP/s of an ``n^3`` bf16 matmul on random operands (median of ``repeats``)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=generator)
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        torch.matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            torch.matmul(a, b, out=out)
+        times.append(timer.ms())
+    del a, b, out
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def copy_ceiling(device: str, n_bytes: int, repeats: int = 20) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus written."""
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            dst.copy_(src)
+        times.append(timer.ms())
+    del src, dst
+    return 2 * n_bytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------ model, loss, engine
+def era5_channel_names() -> tuple[list[str], list[str], list[int | None]]:
+    from data.schema import SURFACE, UPPER_AIR
+
+    variables = list(SURFACE) + [v for v in UPPER_AIR for _ in ERA5_LEVELS]
+    levels = [None] * len(SURFACE) + [lev for _ in UPPER_AIR for lev in ERA5_LEVELS]
+    names = [v if lev is None else f"{v}{lev}" for v, lev in zip(variables, levels)]
+    return names, variables, levels
+
+
+def build_loss(config, device: str) -> WeightedMSE:
+    """Latitude weights of the model grid (store latitudes ascending, cropped rows dropped) and
+    ERA5 channel weights when the channel count is ERA5's, else uniform ones."""
+    latitudes = np.linspace(-90.0, 90.0, config.lat)[: config.model_lat]
+    names, variables, levels = era5_channel_names()
+    if config.out_channels == len(names):
+        weights = channel_weights(names, variables, levels)
+    else:
+        weights = torch.ones(config.out_channels, dtype=torch.float64)
+    return WeightedMSE(latitude_weights(latitudes), weights, config.model_lat * config.model_lon,
+                       float(weights.sum())).to(device)
+
+
+def forward_flops(model: WeatherMixer, batch: int, device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """Forward FLOPs of one sample: ``weathermixer.counts`` if present, else the matmul count of
+    ``torch.utils.flop_counter`` over one forward at ``batch`` samples."""
+    try:
+        from weathermixer import counts  # noqa: F401
+
+        for name in ("forward_flops", "flops_per_sample", "forward_flops_per_sample"):
+            if hasattr(counts, name):
+                return float(getattr(counts, name)(model.config)), f"weathermixer.counts.{name}"
+    except ImportError:
+        pass
+    from torch.utils.flop_counter import FlopCounterMode
+
+    state, static, forcings, _ = random_batch(model.config, batch, device, dtype, seed=99)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(state, static, forcings)
+    return counter.get_total_flops() / batch, "torch.utils.flop_counter (one forward)"
+
+
+def analytic_forward_flops(config) -> float:
+    """Matmul FLOPs of one forward sample, written out (a cross-check of the counter)."""
+    tokens, hidden = config.n_tokens, config.hidden
+    patch_in = config.patch_size * config.input_channels
+    patch_out = config.patch_size * config.out_channels
+    block = 2 * 2 * tokens * config.token_hidden * hidden + 2 * 2 * tokens * hidden * config.channel_hidden
+    decoder_in = 2 * hidden if config.decoder_skip else hidden
+    flops = 2 * tokens * patch_in * hidden + config.depth * config.latent_steps * block
+    flops += 2 * tokens * decoder_in * patch_out
+    if config.residual == "linear":
+        points = config.model_lat * config.model_lon
+        flops += 2 * points * (config.out_channels + config.in_channels) * config.out_channels
+    return float(flops)
+
+
+def build_model(config, device: str) -> WeatherMixer:
+    """The model on the host, its weights drawn on ``device`` from the same law as
+    ``reset_parameters`` (U(+-1/sqrt(fan_in)), LayerNorm 1 and 0): the keyed host streams
+    that make initialisation mesh-independent take ~40 s for 1B parameters and change
+    nothing in the step being timed."""
+    from parallel.linear import ShardedModule
+
+    def init_uniform(module, seed, prefix, fan_in):
+        bound = 1 / math.sqrt(fan_in)
+        for param in module.parameters(recurse=False):
+            param.uniform_(-bound, bound)
+
+    original = ShardedModule.init_uniform
+    ShardedModule.init_uniform = init_uniform
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = WeatherMixer(config)
+    finally:
+        ShardedModule.init_uniform = original
+    return model.cpu()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and LayerNorm affines undecayed."""
+    decay, plain = [], []
+    for param in model.parameters():
+        (decay if param.dim() >= 2 else plain).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def deepspeed_config(zero: int, precision: str, batch: int) -> dict:
+    config = json.loads((REPO_ROOT / "configs" / "deepspeed" / f"zero{zero}.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = batch
+    if precision == "autocast":  # fp32 parameters, bf16 matmuls under torch.autocast
+        config.pop("bf16", None)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
+
+
+def build_engine(base: WeatherMixer, args, batch: int, compiled: bool):
+    import deepspeed
+
+    model = copy.deepcopy(base)
+    if args.checkpointing:
+        model.config = model.config.replace(activation_checkpointing=True)
+    fused = args.device == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
+                                  fused=fused or None)
+    if compiled and model.config.activation_checkpointing:
+        # torch.compile does not trace checkpoint's context_fn (the dropout replay): compile
+        # each block inside the checkpoint instead of the whole model
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    elif compiled:
+        model.compile(dynamic=False)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(args.zero, args.precision, batch))
+    return engine
+
+
+def input_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+
+# ------------------------------------------------------------------------------ inputs
+def random_batch(config, batch: int, device: str, dtype: torch.dtype, seed: int):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    lat, lon = config.model_lat, config.model_lon
+
+    def draw(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float32, generator=generator).to(dtype)
+
+    return (draw(batch, lat, lon, config.in_channels), draw(lat, lon, config.static_channels),
+            draw(batch, lat, lon, config.forcing_channels), draw(batch, lat, lon, config.out_channels))
+
+
+class MemoryBatches:
+    """A few distinct random batches resident on the device, handed out in turn."""
+
+    def __init__(self, config, batch: int, device: str, dtype: torch.dtype, count: int = 3):
+        self.batches = [random_batch(config, batch, device, dtype, seed=k) for k in range(count)]
+        self.step = 0
+
+    def next(self):
+        self.step += 1
+        return self.batches[self.step % len(self.batches)]
+
+    def close(self) -> None:
+        self.batches.clear()
+
+
+class ZarrBatches:
+    """Batches through ``TileReader`` + ``Prefetcher``: ``readers`` prefetch threads read
+    interleaved time indices; a batching thread stacks samples into pinned buffers and
+    copies them to the device on its own stream, so reading, stacking and the host-to-device
+    copy all overlap the training step."""
+
+    def __init__(self, store: str, model: WeatherMixer, batch: int, device: str, dtype: torch.dtype,
+                 readers: int, depth: int = 2):
+        from data.prefetch import Prefetcher
+        from data.sampler import valid_time_indices
+        from launch.tiles import RankInputs
+
+        self.device, self.dtype, self.batch = device, dtype, batch
+        inputs = [RankInputs(store, model) for _ in range(readers)]
+        self.static = inputs[0].reader.static().to(device, dtype)
+        for rank_inputs in inputs:  # normalised samples arrive in the model's input dtype: half the bytes in bf16
+            rank_inputs.reader.dtype = dtype
+        indices = valid_time_indices(inputs[0].reader.times, 1)
+        rng = np.random.default_rng(0)
+        order = [int(i) for i in itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))]
+        self.prefetchers = [Prefetcher(rank_inputs.reader, order[k::readers], lead_steps=1, depth=depth)
+                            for k, rank_inputs in enumerate(inputs)]
+        self.forcing_index = inputs[0].forcing_index
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.stop = threading.Event()
+        self.wait_ms: list[float] = []
+        self.thread = threading.Thread(target=self._fill, daemon=True, name="batcher")
+        self.thread.start()
+
+    def _fill(self) -> None:
+        samples = itertools.cycle(self.prefetchers)
+        pinned_pool: list[tuple] = []
+        k = 0
+        while not self.stop.is_set():
+            group = [next(next(samples)) for _ in range(self.batch)]
+            state = torch.stack([s.inputs for s in group])
+            target = torch.stack([s.targets[0] for s in group])
+            forcings = torch.stack([s.forcings[0][..., self.forcing_index] for s in group])
+            if self.device == "cuda":
+                if len(pinned_pool) < 3:
+                    pinned_pool.append(tuple(torch.empty_like(t, pin_memory=True) for t in (state, forcings, target)))
+                host = pinned_pool[k % len(pinned_pool)]
+                if len(host) == 4:  # wait until this buffer's previous copy has finished
+                    host[3].synchronize()
+                    host = host[:3]
+                for buffer, value in zip(host, (state, forcings, target)):
+                    buffer.copy_(value)
+                with torch.cuda.stream(self.stream):
+                    on_device = tuple(t.to(self.device, self.dtype, non_blocking=True) for t in host)
+                    done = torch.cuda.Event()
+                    done.record(self.stream)
+                pinned_pool[k % len(pinned_pool)] = (*host, done)
+                item = (on_device, done)
+            else:
+                item = (tuple(t.to(self.dtype) for t in (state, forcings, target)), None)
+            k += 1
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self):
+        t0 = time.perf_counter()
+        (state, forcings, target), done = self.queue.get()
+        self.wait_ms.append((time.perf_counter() - t0) * 1e3)
+        if done is not None:
+            current = torch.cuda.current_stream()
+            current.wait_event(done)
+            for tensor in (state, forcings, target):
+                tensor.record_stream(current)
+        return state, self.static, forcings, target
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join(timeout=30)
+        for prefetcher in self.prefetchers:
+            prefetcher.close()
+
+
+def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: int, dtype: torch.dtype) -> float:
+    """Samples/s that ``readers`` prefetch threads deliver (reading only, no batching or copy)."""
+    from data.prefetch import Prefetcher
+    from data.sampler import valid_time_indices
+    from launch.tiles import RankInputs
+
+    inputs = [RankInputs(store, model) for _ in range(readers)]
+    for rank_inputs in inputs:
+        rank_inputs.reader.dtype = dtype
+    indices = list(valid_time_indices(inputs[0].reader.times, 1)) * (samples // 2 + 2)
+    prefetchers = [Prefetcher(r.reader, indices[k::readers], lead_steps=1, depth=2) for k, r in enumerate(inputs)]
+    cycle = itertools.cycle(prefetchers)
+    next(next(cycle))
+    t0 = time.perf_counter()
+    for _ in range(samples):
+        next(next(cycle))
+    rate = samples / (time.perf_counter() - t0)
+    for prefetcher in prefetchers:
+        prefetcher.close()
+    return rate
+
+
+# ------------------------------------------------------------------------------ the benchmark
+def train_step(engine, loss_fn, state, static, forcings, target) -> torch.Tensor:
+    prediction = engine(state, static, forcings)
+    loss = loss_fn(prediction, target)
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, flops_per_sample: float) -> dict:
+    device = args.device
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before_engine = torch.cuda.memory_allocated() if device == "cuda" else 0
+    t_build = time.perf_counter()
+    engine = build_engine(base, args, batch, compiled)
+    loss_fn = build_loss(base.config, device)
+    dtype = input_dtype(args)
+    if data == "memory":
+        source = MemoryBatches(base.config, batch, device, dtype)
+    else:
+        source = ZarrBatches(args.store, base, batch, device, dtype, args.readers)
+    t_warm = time.perf_counter()
+    losses = []
+    for _ in range(args.warmup):
+        losses.append(train_step(engine, loss_fn, *source.next()))
+    synchronize(device)
+    warm_s = time.perf_counter() - t_warm
+    static_memory = torch.cuda.memory_allocated() if device == "cuda" else 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if hasattr(source, "wait_ms"):
+        source.wait_ms.clear()
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        with Timer(device) as timer:
+            losses.append(train_step(engine, loss_fn, *source.next()))
+        times.append(timer)
+    synchronize(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    step_ms = [timer.ms() for timer in times]
+    loss_values = [float(loss.detach()) for loss in losses]
+    if not all(math.isfinite(v) for v in loss_values):
+        raise RuntimeError(f"non-finite loss in {data} batch={batch} compiled={compiled}: {loss_values}")
+    median = statistics.median(step_ms)
+    # data-parallel replicas would multiply this; on one device samples/s = batch / step
+    tflops = 3 * flops_per_sample * batch / (median * 1e-3) / 1e12
+    row = dict(batch=batch, compiled=compiled, data=data, zero=args.zero, precision=args.precision,
+               checkpointing=args.checkpointing, ms=median, ms_p10=float(np.percentile(step_ms, 10)),
+               ms_p90=float(np.percentile(step_ms, 90)), wall_ms=wall_ms, tflops=tflops,
+               mfu=tflops / ceiling if ceiling else float("nan"), warmup_s=warm_s,
+               build_s=t_warm - t_build, loss_first=loss_values[0], loss_last=loss_values[-1])
+    if device == "cuda":
+        row.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                   static_gib=(static_memory - before_engine) / 2**30)
+    if hasattr(source, "wait_ms"):
+        row["data_wait_ms"] = statistics.median(source.wait_ms)
+    if args.profile and device == "cuda":
+        row["profile"] = profile_steps(engine, loss_fn, source, args.profile_rows)
+    source.close()
+    del engine, source, loss_fn
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def profile_steps(engine, loss_fn, source, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            train_step(engine, loss_fn, *source.next())
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def print_table(rows: list[dict], ceiling: float, config_name: str) -> None:
+    print(f"\n{config_name}: TFLOP/s = 3 x forward FLOPs x batch / step; MFU against the {ceiling:.0f} TFLOP/s "
+          f"bf16 matmul ceiling measured in this process")
+    head = (f"{'batch':>5} {'compile':>7} {'data':>6} {'ZeRO':>4} {'precision':>9} {'ckpt':>4} {'ms/step':>8} "
+            f"{'p10-p90':>13} {'TFLOP/s':>7} {'MFU':>6} {'peak GiB':>8} {'states GiB':>10} {'wait ms':>7}")
+    print(head)
+    for r in rows:
+        print(f"{r['batch']:>5} {('on' if r['compiled'] else 'off'):>7} {r['data']:>6} {r['zero']:>4} "
+              f"{r['precision']:>9} {('on' if r['checkpointing'] else 'off'):>4} {r['ms']:>8.1f} "
+              f"{r['ms_p10']:>6.1f}-{r['ms_p90']:<6.1f} {r['tflops']:>7.1f} {r['mfu']:>6.1%} "
+              f"{r.get('peak_gib', float('nan')):>8.1f} {r.get('static_gib', float('nan')):>10.1f} "
+              f"{r.get('data_wait_ms', float('nan')):>7.2f}")
+
+
+# ------------------------------------------------------------------------------ synthetic store
+def make_store(path: Path, grid: tuple[int, int], levels, n_times: int, tile_grid=(1, 1)) -> Path:
+    """A store that follows ``data/schema.py`` filled with ``data.synthetic.SyntheticEarth`` fields.
+
+    Uses ``launch/preprocess.py`` on synthetic netCDF files when that module exists;
+    otherwise writes the contract store directly (xarray, zarr v3, chunks time=1, level=1,
+    one spatial chunk per tile), as ``tests/data/store_fixtures.py`` does.
+    """
+    import pandas as pd
+    import xarray as xr
+
+    from data.schema import STATIC, SURFACE, UPPER_AIR, StoreAttrs, model_channel_order
+    from data.synthetic import STATIC_FILE_VARIABLES, SyntheticEarth
+
+    n_lat, n_lon = grid
+    levels = sorted(levels)
+    times = pd.date_range("2020-01-01", periods=n_times, freq="6h")
+    earth = SyntheticEarth(n_lat, n_lon, seed=0)
+    noise = {(name, level): earth.noise_coefficients(name, level, n_times, 6)
+             for name in (*UPPER_AIR, *SURFACE) for level in (levels if name in UPPER_AIR else [0])}
+    upper = {name: np.empty((n_times, len(levels), n_lat, n_lon), np.float32) for name in UPPER_AIR}
+    surface = {name: np.empty((n_times, n_lat, n_lon), np.float32) for name in SURFACE}
+    for i, t in enumerate(times):
+        for j, level in enumerate(levels):
+            for name, values in earth.upper_air(t, level, {n: noise[n, level][i] for n in UPPER_AIR}).items():
+                upper[name][i, j] = values
+        for name, values in earth.surface(t, {n: noise[n, 0][i] for n in SURFACE}).items():
+            surface[name][i] = values
+    flip = slice(None, None, -1)  # synthetic latitudes run 90 -> -90; the store ascends
+    data_vars = {name: (("time", "level", "latitude", "longitude"), values[:, :, flip],
+                        {"long_name": UPPER_AIR[name][0], "units": UPPER_AIR[name][1]})
+                 for name, values in upper.items()}
+    data_vars.update({name: (("time", "latitude", "longitude"), values[:, flip],
+                             {"long_name": SURFACE[name][0], "units": SURFACE[name][1]})
+                      for name, values in surface.items()})
+    static_fields = {"lsm": earth.lsm, "orography": earth.orography}
+    assert set(static_fields) == set(STATIC_FILE_VARIABLES.values())
+    data_vars.update({name: (("latitude", "longitude"), values[flip],
+                             {"long_name": STATIC[name][0], "units": STATIC[name][1]})
+                      for name, values in static_fields.items()})
+    dataset = xr.Dataset(data_vars, coords={
+        "time": times.values, "level": np.asarray(levels, dtype=np.int64),
+        "latitude": ("latitude", earth.latitude[flip].copy(), {"units": "degrees_north"}),
+        "longitude": ("longitude", earth.longitude, {"units": "degrees_east"})})
+    channels = model_channel_order(list(SURFACE), list(UPPER_AIR), levels)
+    mean, std = [], []
+    for channel in channels:
+        values = dataset[channel.variable]
+        if channel.level is not None:
+            values = values.sel(level=channel.level)
+        mean.append(float(values.mean()))
+        std.append(float(values.std()))
+    dataset.attrs = StoreAttrs(
+        channels=channels, static_channels=list(static_fields), time_step_hours=6, tile_grid=tuple(tile_grid),
+        mean=mean, std=std, tendency_std=[1.0] * len(channels),
+        static_mean=[float(v.mean()) for v in static_fields.values()],
+        static_std=[float(v.std()) for v in static_fields.values()],
+        statistics_period=(str(times[0])[:10], str(times[-1])[:10]), complete=True).to_json()
+    chunk_rows, chunk_cols = math.ceil(n_lat / tile_grid[0]), math.ceil(n_lon / tile_grid[1])
+    encoding = {}
+    for name, variable in dataset.data_vars.items():
+        chunks = {"time": 1, "level": 1, "latitude": chunk_rows, "longitude": chunk_cols}
+        encoding[name] = {"chunks": tuple(chunks[d] for d in variable.dims)}
+    dataset.to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding, mode="w")
+    return path
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="jigsaw-1b", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="micro-batch sizes")
+    parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=("off", "on"))
+    parser.add_argument("--data", nargs="+", default=["memory"], choices=("memory", "zarr"))
+    parser.add_argument("--zero", type=int, default=1, choices=(0, 1, 2), help="configs/deepspeed/zero<N>.json")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast"),
+                        help="bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer); "
+                             "autocast: fp32 weights under torch.autocast(bf16)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
+    parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")
+    parser.add_argument("--store", default=None, help="zarr store for --data zarr")
+    parser.add_argument("--readers", type=int, default=4, help="prefetch threads (TileReader + Prefetcher each)")
+    parser.add_argument("--make-store", type=Path, default=None, help="write a synthetic store here and exit")
+    parser.add_argument("--store-times", type=int, default=16)
+    parser.add_argument("--store-grid", default=None, help="NLATxNLON (default: the preset's grid)")
+    parser.add_argument("--reader-test", type=int, nargs="*", default=None,
+                        help="measure reader samples/s with these thread counts before training")
+    parser.add_argument("--reader-only", action="store_true", help="with --reader-test: measure the reader and stop")
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
+    parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument("--json", type=Path, default=None, help="append result rows here (JSON lines)")
+    parser.add_argument("--skip-ceiling", action="store_true")
+    args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.warmup = args.warmup if args.warmup is not None else (2 if cpu else 8)
+    args.steps = args.steps if args.steps is not None else (3 if cpu else 30)
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    config = preset(args.preset)
+    if args.make_store is not None:
+        grid = tuple(int(v) for v in args.store_grid.lower().split("x")) if args.store_grid else (config.lat,
+                                                                                                 config.lon)
+        levels = ERA5_LEVELS if config.in_channels == 69 else (500, 850)
+        t0 = time.perf_counter()
+        make_store(args.make_store, grid, levels, args.store_times)
+        size = sum(f.stat().st_size for f in args.make_store.rglob("*") if f.is_file())
+        print(f"wrote {args.make_store}: grid {grid[0]}x{grid[1]}, {len(levels)} levels, {args.store_times} times, "
+              f"{size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+        return []
+    if "zarr" in args.data and not args.store:
+        raise SystemExit("--data zarr needs --store PATH (make one with --make-store PATH)")
+    init_distributed(args.device)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    ceiling = float("nan") if args.skip_ceiling else matmul_ceiling(args.device, 8192 if args.device == "cuda"
+                                                                    else 512)
+    bandwidth = copy_ceiling(args.device, 2**31 if args.device == "cuda" else 2**24)
+    print(f"ceilings: bf16 matmul {ceiling:.0f} TFLOP/s (8192^3 on cuda), device copy {bandwidth:.0f} GB/s "
+          f"(read + write)", flush=True)
+
+    rows = []
+    for data in args.data:
+        if data == "zarr":
+            from launch.tiles import config_for_store
+
+            model_config = config_for_store(config, args.store)
+        else:
+            model_config = config
+        t0 = time.perf_counter()
+        base = build_model(model_config, args.device)
+        print(f"{args.preset} ({data} inputs): {sum(p.numel() for p in base.parameters()) / 1e9:.3f}B parameters, "
+              f"grid {model_config.model_lat}x{model_config.model_lon}, {model_config.n_tokens} tokens, "
+              f"{model_config.input_channels} input channels; built in {time.perf_counter() - t0:.0f} s", flush=True)
+        if data == "zarr" and args.reader_test:
+            for threads in args.reader_test:
+                rate = reader_throughput(args.store, base, threads, samples=max(8, 4 * threads),
+                                         dtype=input_dtype(args))
+                print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target)", flush=True)
+            if args.reader_only:
+                continue
+        probe = copy.deepcopy(base).to(args.device, input_dtype(args))
+        flops, source = forward_flops(probe, 1, args.device, input_dtype(args))
+        del probe
+        analytic = analytic_forward_flops(model_config)
+        print(f"forward FLOPs/sample {flops / 1e12:.3f} T ({source}); written-out formula {analytic / 1e12:.3f} T",
+              flush=True)
+        for compiled, batch in itertools.product([c == "on" for c in args.compile], args.batch):
+            try:
+                row = run_case(base, args, batch, compiled, data, ceiling, flops)
+            except torch.OutOfMemoryError as error:
+                print(f"batch={batch} compile={compiled} data={data}: out of memory ({str(error).splitlines()[0]})",
+                      flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            row.update(preset=args.preset, flops_per_sample=flops, ceiling_tflops=ceiling, copy_gbs=bandwidth,
+                       parameters=sum(p.numel() for p in base.parameters()))
+            profile = row.pop("profile", None)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if profile:
+                print(profile, flush=True)
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print_table(rows, ceiling, f"{args.preset} on {args.device}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
