@@ -1,0 +1,92 @@
+"""Forecast from a checkpoint into a WeatherBench2-layout zarr store, on one process or a mesh.
+
+    python launch/forecast.py --checkpoint CKPT --store STORE.zarr --output FORECAST.zarr \\
+        --init 2020-01-01T00:2020-01-31T12:12 --steps 40
+    torchrun --nproc_per_node 4 launch/forecast.py ... --domain 2x1 --tensor 2
+    deepspeed --num_gpus 8 launch/forecast.py ... --device cuda --domain 2x2 --tensor 2 --dtype bfloat16
+
+Under a launcher (RANK / WORLD_SIZE / MASTER_ADDR set) torch.distributed starts from the
+environment: gloo on CPU, nccl on GPU. Processes beyond one model replica (domain x
+tensor) form more replicas that share the init times out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from data.schema import StoreError  # noqa: E402
+from launch.checkpoint import CheckpointError  # noqa: E402
+from launch.forecasting import ForecastError, run_forecast  # noqa: E402
+from parallel.mesh import MeshError  # noqa: E402
+from parallel.sharding import ShardingError  # noqa: E402
+from weathermixer.config import ConfigError  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def tile_grid(text: str) -> tuple[int, int]:
+    try:
+        lat, lon = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--domain {text!r}: expected LATxLON tiles, e.g. 2x1") from None
+    return lat, lon
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="consolidated .pt file or checkpoint folder step_<N>")
+    parser.add_argument("--store", required=True, help="zarr store with the initial states (same channels)")
+    parser.add_argument("--output", required=True, help="forecast zarr store to write")
+    parser.add_argument("--init", required=True, help="init times START[:END[:EVERY_HOURS]], ISO, END inclusive")
+    parser.add_argument("--steps", type=int, default=40, help="forecast steps of the model's time step")
+    parser.add_argument("--domain", type=tile_grid, default=(1, 1), help="domain tile grid LATxLON")
+    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batch-size", type=int, default=1, help="init times rolled out together")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def init_distributed(device: str, local_rank: int | None) -> torch.device:
+    """Start torch.distributed from the launcher's environment; the device of this process."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ForecastError("--device cuda: no CUDA device is available; use --device cpu")
+        torch.cuda.set_device(local_rank)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = init_distributed(args.device, args.local_rank)
+        output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, domain=args.domain,
+                              tensor=args.tensor, device=device, dtype=DTYPES[args.dtype],
+                              batch_size=args.batch_size, overwrite=args.overwrite)
+    except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError) as error:
+        print(f"forecast: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not dist.is_initialized() and int(os.environ.get("RANK", 0)) == 0:
+        print(f"forecast written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

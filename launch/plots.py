@@ -1,0 +1,67 @@
+"""Evaluation figures: RMSE against lead time, and a truth / forecast / error map panel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; evaluation runs on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+STYLES = {"model": dict(color="C0", marker="o"), "persistence": dict(color="C1", linestyle="--"),
+          "climatology": dict(color="C2", linestyle=":")}
+
+
+def plot_rmse(result: dict[str, Any], channels: list[str], path: Path) -> Path:
+    """One panel per channel: RMSE of the model and both baselines against lead time."""
+    columns = min(2, len(channels))
+    rows = -(-len(channels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False)
+    leads = np.asarray(result["lead_hours"])
+    for axis, name in zip(axes.flat, channels):
+        scores = result["scores"][name]
+        for method, style in STYLES.items():
+            values = np.asarray([np.nan if v is None else v for v in scores[method]["rmse"]], dtype=float)
+            axis.plot(leads, values, label=method, **style)
+        units = result["channels"][name]["units"]
+        axis.set_title(f"{name} RMSE")
+        axis.set_xlabel("lead time (h)")
+        axis.set_ylabel(f"RMSE ({units})" if units else "RMSE")
+        axis.set_xlim(leads.min(), leads.max() if len(leads) > 1 else leads.min() + 1)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    for axis in list(axes.flat)[len(channels):]:
+        axis.set_visible(False)
+    figure.suptitle(f"Latitude-weighted RMSE, {len(result['init_times'])} init times")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_map(truth: np.ndarray, forecast: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray,
+             title: str, units: str, path: Path) -> Path:
+    """Truth, forecast (one colour scale) and forecast - truth (symmetric scale) side by side."""
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
+    low, high = np.nanmin([truth.min(), forecast.min()]), np.nanmax([truth.max(), forecast.max()])
+    error = forecast - truth
+    limit = float(np.nanmax(np.abs(error))) or 1.0
+    panels = [("truth", truth, dict(cmap="viridis", vmin=low, vmax=high)),
+              ("forecast", forecast, dict(cmap="viridis", vmin=low, vmax=high)),
+              ("forecast - truth", error, dict(cmap="RdBu_r", vmin=-limit, vmax=limit))]
+    for axis, (label, values, style) in zip(axes, panels):
+        mesh = axis.pcolormesh(longitudes, latitudes, values, shading="nearest", **style)
+        axis.set_title(label)
+        bottom, top = axis.get_ylim()  # cells of the pole rows reach past the poles
+        axis.set_ylim(max(bottom, -90), min(top, 90))
+        axis.set_xlabel("longitude (°E)")
+        axis.set_ylabel("latitude (°N)")
+        figure.colorbar(mesh, ax=axis, label=units, shrink=0.9)
+    figure.suptitle(title)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

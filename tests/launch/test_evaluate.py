@@ -1,0 +1,136 @@
+"""Evaluation: scores equal a direct numpy computation; baselines; the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from launch.evaluate import main as evaluate_main
+from launch.forecasting import run_forecast
+from launch.scoring import ScoringError, parse_period, score_forecast
+from tests.data.store_fixtures import write_store
+from tests.launch.test_forecast import make_checkpoint
+
+# three inits 12 h apart, leads 0..18 h; the store ends at 2020-01-03T06, so the last init
+# has truth at leads 0 and 6 h only
+INIT = "2020-01-02T00:2020-01-03T00:12"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    store = write_store(root / "store.zarr", n_times=10, n_lat=8, n_lon=16, tile_grid=(2, 2), seed=3)
+    checkpoint = make_checkpoint(store, root / "model.pt", seed=1)
+    forecast = run_forecast(checkpoint, store, root / "forecast.zarr", INIT, STEPS, progress=False)
+    return {"root": root, "store": store, "forecast": forecast}
+
+
+def _weighted_mean(x: np.ndarray, latitudes: np.ndarray) -> np.ndarray:
+    spacing = np.abs(np.diff(latitudes)).min()
+    w = np.maximum(np.cos(np.deg2rad(latitudes)), np.sin(np.deg2rad(spacing / 4)))
+    return (x * w[:, None]).sum(axis=(-2, -1)) / (w.sum() * x.shape[-1])
+
+
+def _expected(case, variable, level, lead_index, period=None):
+    """RMSE, bias and ACC of model, persistence and climatology, straight from the arrays."""
+    forecast = xr.open_zarr(case["forecast"], consolidated=False)
+    truth = xr.open_zarr(case["store"], consolidated=False)
+    short = {"geopotential": "z", "2m_temperature": "t2m"}[variable]
+    f_all = forecast[variable] if level is None else forecast[variable].sel(level=level)
+    o_all = truth[short] if level is None else truth[short].sel(level=level)
+    latitudes = forecast["latitude"].values
+    times = o_all["time"].values
+    clim_source = o_all if period is None else o_all.sel(time=slice(*period))
+    hours = clim_source["time"].values.astype("datetime64[h]").astype(int) % 24
+    clim_by_hour = {h: clim_source.values[hours == h].mean(axis=0) for h in np.unique(hours)}
+
+    init = forecast["time"].values
+    valid = init + forecast["prediction_timedelta"].values[lead_index]
+    have = np.isin(valid, times)
+    o = o_all.sel(time=valid[have]).values.astype(np.float64)
+    c = np.stack([clim_by_hour[int(h)] for h in valid[have].astype("datetime64[h]").astype(int) % 24])
+    predictions = {"model": f_all.isel(prediction_timedelta=lead_index).values[have].astype(np.float64),
+                   "persistence": o_all.sel(time=init[have]).values.astype(np.float64), "climatology": c}
+    out = {}
+    for method, p in predictions.items():
+        a, b = p - c, o - c
+        out[method] = {"rmse": np.sqrt(_weighted_mean((p - o) ** 2, latitudes).mean()),
+                       "bias": _weighted_mean(p - o, latitudes).mean(),
+                       "acc": (_weighted_mean(a * b, latitudes)
+                               / np.sqrt(_weighted_mean(a * a, latitudes) * _weighted_mean(b * b, latitudes))).mean()}
+    return out, int(have.sum())
+
+
+@pytest.mark.parametrize("name, variable, level", [("z500", "geopotential", 500), ("t2m", "2m_temperature", None)])
+def test_scores_equal_a_direct_numpy_computation(case, name, variable, level):
+    result = score_forecast(case["forecast"], case["store"])
+    scores = result["scores"][name]
+    assert result["lead_hours"] == [0, 6, 12, 18]
+    assert scores["count"] == [3, 3, 2, 2]
+    for lead_index in range(4):
+        expected, count = _expected(case, variable, level, lead_index)
+        assert scores["count"][lead_index] == count
+        for method in ("model", "persistence", "climatology"):
+            for score in ("rmse", "bias"):
+                assert scores[method][score][lead_index] == pytest.approx(expected[method][score], rel=1e-6,
+                                                                          abs=1e-6), (method, score, lead_index)
+        for method in ("model", "persistence"):
+            assert scores[method]["acc"][lead_index] == pytest.approx(expected[method]["acc"], rel=1e-6, abs=1e-9)
+        assert scores["climatology"]["acc"][lead_index] is None  # no anomaly, no correlation
+
+
+def test_persistence_and_the_model_score_zero_at_lead_zero(case):
+    scores = score_forecast(case["forecast"], case["store"])["scores"]
+    for name, channel in scores.items():
+        assert channel["persistence"]["rmse"][0] == 0.0, name
+        assert channel["persistence"]["acc"][0] == pytest.approx(1.0), name
+        # the model's lead 0 is its initial state, normalised and back: float32 rounding only
+        assert channel["model"]["rmse"][0] < 1e-4 * channel["climatology"]["rmse"][0], name
+        assert channel["model"]["rmse"][1] > 0.01 * channel["climatology"]["rmse"][1], name
+
+
+def test_climatology_period_selects_the_climatology(case):
+    period = parse_period("2020-01-01:2020-01-01T18")
+    result = score_forecast(case["forecast"], case["store"], period)
+    expected, _ = _expected(case, "geopotential", 500, 2, period)
+    assert result["climatology_period"] == ["2020-01-01", "2020-01-01T18"]
+    assert result["scores"]["z500"]["climatology"]["rmse"][2] == pytest.approx(expected["climatology"]["rmse"],
+                                                                               rel=1e-6)
+    assert result["scores"]["z500"]["model"]["acc"][2] == pytest.approx(expected["model"]["acc"], rel=1e-6)
+    with pytest.raises(ScoringError, match="holds no time"):
+        score_forecast(case["forecast"], case["store"], ("2019-01-01", "2019-12-31"))
+    with pytest.raises(ScoringError, match="no times at hours"):
+        score_forecast(case["forecast"], case["store"], ("2020-01-01T00", "2020-01-01T00"))
+
+
+def test_cli_writes_scores_and_plots(case, tmp_path, capsys):
+    output = tmp_path / "evaluation"
+    assert evaluate_main(["--forecast", str(case["forecast"]), "--store", str(case["store"]), "--output",
+                          str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "z500" in printed and "t850" in printed and f"evaluation written to {output / 'scores.json'}" in printed
+    scores = json.loads((output / "scores.json").read_text())
+    assert set(scores["scores"]) == {"msl", "t2m", "z500", "z850", "z1000", "t500", "t850", "t1000"}
+    assert scores["channels"]["t850"] == {"variable": "temperature", "level": 850, "units": "K"}
+    for figure in ("rmse.png", "map_z500.png"):
+        assert (output / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (output / figure).stat().st_size > 20_000
+
+
+def test_cli_refuses_an_incomplete_forecast(case, tmp_path, capsys):
+    import shutil
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(case["forecast"], partial)
+    zarr.open_group(str(partial), mode="r+").attrs["complete"] = False
+    assert evaluate_main(["--forecast", str(partial), "--store", str(case["store"]), "--output",
+                          str(tmp_path / "out")]) == 1
+    assert "is incomplete" in capsys.readouterr().err
+    assert evaluate_main(["--forecast", str(case["forecast"]), "--store", str(case["store"]), "--output",
+                          str(tmp_path / "out"), "--climatology-period", "2020"]) == 1
+    assert "expected START:END" in capsys.readouterr().err
