@@ -1,11 +1,16 @@
 """WeatherMixer: an MLP-Mixer that maps the atmospheric state at t to the state at t + 6 h.
 
-Data flow (the Jigsaw paper's model):
+Data flow (the Jigsaw paper's model, checked against its public code):
 
     state ⊕ static ⊕ forcings --patchify--> tokens --embed--> x0
-    x = x0; repeat: x += TokenMLP(LN(x)ᵀ)ᵀ; x += ChannelMLP(LN(x))
-    out = recover(LN(x) ⊕ x0)  --unpatchify--> grid
+    x = x0; repeat: x += TokenMLP(LN(x)ᵀ)ᵀ; x += ChannelMLP(LN(x))     (MLP: Linear, GELU, Linear)
+    out = recover(LN(x) ⊕ x0)  --unpatchify--> grid       (or recover(LN(x + x0)): decoder_merge="add")
     linear residual: next = Linear(LN(LN(out) ⊕ state))     (or plain: next = state + out)
+
+The paper's patch embedding and recovery are a strided Conv1d / ConvTranspose1d over the
+flattened grid; with kernel = stride = patch they are these linear maps of whole patches.
+The one difference: our recovery bias is per (position in patch, channel), the paper's
+per channel ((patch - 1) x out_channels more parameters: 4,071 of 1.06 B).
 
 Every layer comes from ``parallel.LayerFactory``: on the serial mesh the model is plain
 PyTorch; on a mesh, each rank holds its domain tile of the tokens and its tensor slice of
@@ -15,12 +20,14 @@ outputs are the rank's tile: ``(batch, tile_lat, tile_lon, channels of its slice
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parallel.layers import LayerFactory
+from parallel.layers import LayerFactory, ShardDropout
 from parallel.mesh import ProcessMesh
 from parallel.tiling import Partition
 from weathermixer.config import ModelConfig
@@ -54,6 +61,41 @@ class MixerBlock(nn.Module):
         return x + self.channel_mlp(self.channel_norm(x))
 
 
+class ReplayDropout:
+    """Checkpoint contexts that make a recomputed block draw the dropout masks of its forward.
+
+    ``torch.utils.checkpoint`` restores only the global RNG; our dropout draws from its own
+    keyed generators, so a plain recomputation would draw fresh masks and the gradients
+    would belong to another network. The forward snapshots the generators; the
+    recomputation replays from the snapshot and then puts back whatever state they had
+    reached, so the stream of masks is the same with and without checkpointing.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.dropouts = [m for m in block.modules() if isinstance(m, ShardDropout) and m.p > 0]
+
+    def _states(self) -> list:
+        return [(m.generator, None if m.generator is None else m.generator.get_state()) for m in self.dropouts]
+
+    def _restore(self, states: list) -> None:
+        for module, (generator, state) in zip(self.dropouts, states):
+            module.generator = generator
+            if generator is not None:
+                generator.set_state(state)
+
+    @contextlib.contextmanager
+    def _replay(self, snapshot: list):
+        reached = self._states()
+        self._restore(snapshot)
+        try:
+            yield
+        finally:
+            self._restore(reached)
+
+    def __call__(self):  # checkpoint's context_fn: (forward context, recomputation context)
+        return contextlib.nullcontext(), self._replay(self._states())
+
+
 class WeatherMixer(nn.Module):
     def __init__(self, config: ModelConfig, mesh: ProcessMesh | None = None, seed: int = 0):
         super().__init__()
@@ -72,8 +114,10 @@ class WeatherMixer(nn.Module):
 
         self.embed = layers.channel_linear(Partition.patch_features(inputs, config.patch_size), hidden)
         self.blocks = nn.ModuleList(MixerBlock(config, layers, hidden, seed + 2 * k) for k in range(config.depth))
+        self.replay_dropout = [ReplayDropout(block) for block in self.blocks]
         self.final_norm = layers.layer_norm(hidden)
-        decoder_inputs = Partition.concat(hidden, hidden) if config.decoder_skip else hidden
+        concat = config.decoder_skip and config.decoder_merge == "concat"
+        decoder_inputs = Partition.concat(hidden, hidden) if concat else hidden
         self.recover = layers.channel_linear(decoder_inputs,
                                              Partition.patch_features(self.out_channels, config.patch_size))
         if config.residual == "linear":
@@ -113,17 +157,21 @@ class WeatherMixer(nn.Module):
 
     def process(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.config.latent_steps):
-            for block in self.blocks:
+            for block, replay_dropout in zip(self.blocks, self.replay_dropout):
                 if self.config.activation_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(block, x, use_reentrant=False)
+                    # keep only each block's input; recompute its activations in backward
+                    x = checkpoint(block, x, use_reentrant=False, context_fn=replay_dropout)
                 else:
                     x = block(x)
         return x
 
     def decode(self, x: torch.Tensor, embedded: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        x = self.final_norm(x)
-        if self.config.decoder_skip:
-            x = torch.cat([x, embedded], dim=-1)
+        if not self.config.decoder_skip:
+            x = self.final_norm(x)
+        elif self.config.decoder_merge == "add":
+            x = self.final_norm(x + embedded)
+        else:
+            x = torch.cat([self.final_norm(x), embedded], dim=-1)
         out = self.unpatchify(self.recover(x))
         if self.config.residual == "add":
             return state + out
