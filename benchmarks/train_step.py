@@ -157,9 +157,11 @@ def forward_flops(model: WeatherMixer, batch: int, device: str, dtype: torch.dty
         pass
     from torch.utils.flop_counter import FlopCounterMode
 
+    model = copy.deepcopy(model).to(device, dtype)
     state, static, forcings, _ = random_batch(model.config, batch, device, dtype, seed=99)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(state, static, forcings)
+    del model
     return counter.get_total_flops() / batch, "torch.utils.flop_counter (one forward)"
 
 
@@ -178,7 +180,7 @@ def analytic_forward_flops(config) -> float:
     return float(flops)
 
 
-def build_model(config, device: str) -> WeatherMixer:
+def build_model(config, device: str, keep_on_device: bool = False) -> WeatherMixer:
     """The model on the host, its weights drawn on ``device`` from the same law as
     ``reset_parameters`` (U(+-1/sqrt(fan_in)), LayerNorm 1 and 0): the keyed host streams
     that make initialisation mesh-independent take ~40 s for 1B parameters and change
@@ -198,7 +200,7 @@ def build_model(config, device: str) -> WeatherMixer:
             model = WeatherMixer(config)
     finally:
         ShardedModule.init_uniform = original
-    return model.cpu()
+    return model if keep_on_device else model.cpu()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -218,12 +220,10 @@ def deepspeed_config(zero: int, precision: str, batch: int) -> dict:
     return config
 
 
-def build_engine(base: WeatherMixer, args, batch: int, compiled: bool):
+def build_engine(config, args, batch: int, compiled: bool):
     import deepspeed
 
-    model = copy.deepcopy(base)
-    if args.checkpointing:
-        model.config = model.config.replace(activation_checkpointing=True)
+    model = build_model(config.replace(activation_checkpointing=args.checkpointing), args.device, keep_on_device=True)
     fused = args.device == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
                                   fused=fused or None)
@@ -394,7 +394,7 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
         torch.cuda.reset_peak_memory_stats()
     before_engine = torch.cuda.memory_allocated() if device == "cuda" else 0
     t_build = time.perf_counter()
-    engine = build_engine(base, args, batch, compiled)
+    engine = build_engine(base.config, args, batch, compiled)
     loss_fn = build_loss(base.config, device)
     dtype = input_dtype(args)
     if data == "memory":
@@ -539,6 +539,51 @@ def make_store(path: Path, grid: tuple[int, int], levels, n_times: int, tile_gri
     return path
 
 
+def run_isolated(args, argv, cases) -> list[dict]:
+    """Each case in a child process of this script; rows collected from their JSON output."""
+    import subprocess
+    import tempfile
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], 0
+    for item in argv:  # drop the case lists; each child gets one value of each
+        if skip and not item.startswith("--"):
+            continue
+        skip = item in ("--batch", "--compile", "--data")
+        if not skip:
+            kept.append(item)
+    rows = []
+    for data, compiled, batch in cases:
+        with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
+            command = [sys.executable, __file__, *kept, "--batch", str(batch), "--compile", compiled, "--data", data,
+                       "--json", out.name, "--in-process"]
+            result = subprocess.run(_strip_json(command, out.name))
+            lines = Path(out.name).read_text().splitlines()
+        if result.returncode or not lines:
+            print(f"case data={data} compile={compiled} batch={batch}: child exited with {result.returncode}",
+                  flush=True)
+            continue
+        row = json.loads(lines[-1])
+        rows.append(row)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print_table(rows, rows[0]["ceiling_tflops"] if rows else float("nan"), f"{args.preset} on {args.device}")
+    return rows
+
+
+def _strip_json(command: list[str], keep: str) -> list[str]:
+    """Drop every ``--json PATH`` except ``--json keep``."""
+    out, i = [], 0
+    while i < len(command):
+        if command[i] == "--json" and i + 1 < len(command) and command[i + 1] != keep:
+            i += 2
+            continue
+        out.append(command[i])
+        i += 1
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -564,6 +609,9 @@ def parse_args(argv=None):
     parser.add_argument("--reader-only", action="store_true", help="with --reader-test: measure the reader and stop")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
     parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run all cases in this process (default on cuda: one child process per case, "
+                             "because a DeepSpeed engine does not give all its device memory back)")
     parser.add_argument("--json", type=Path, default=None, help="append result rows here (JSON lines)")
     parser.add_argument("--skip-ceiling", action="store_true")
     args = parser.parse_args(argv)
@@ -589,6 +637,10 @@ def main(argv=None) -> list[dict]:
     if "zarr" in args.data and not args.store:
         raise SystemExit("--data zarr needs --store PATH (make one with --make-store PATH)")
     init_distributed(args.device)
+    # every ShardDropout instance (12 in jigsaw-1b) breaks the graph and is its own frame;
+    # the default limit of 8 would leave the rest uncompiled
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -598,6 +650,9 @@ def main(argv=None) -> list[dict]:
     print(f"ceilings: bf16 matmul {ceiling:.0f} TFLOP/s (8192^3 on cuda), device copy {bandwidth:.0f} GB/s "
           f"(read + write)", flush=True)
 
+    cases = list(itertools.product(args.data, args.compile, args.batch))
+    if args.device == "cuda" and len(cases) > 1 and not args.in_process:
+        return run_isolated(args, argv, cases)
     rows = []
     for data in args.data:
         if data == "zarr":
@@ -618,9 +673,7 @@ def main(argv=None) -> list[dict]:
                 print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target)", flush=True)
             if args.reader_only:
                 continue
-        probe = copy.deepcopy(base).to(args.device, input_dtype(args))
-        flops, source = forward_flops(probe, 1, args.device, input_dtype(args))
-        del probe
+        flops, source = forward_flops(base, 1, args.device, input_dtype(args))
         analytic = analytic_forward_flops(model_config)
         print(f"forward FLOPs/sample {flops / 1e12:.3f} T ({source}); written-out formula {analytic / 1e12:.3f} T",
               flush=True)
