@@ -49,7 +49,7 @@ def map_figure(result: dict, forecast_path: str, store: str, name: str, output: 
     info = result["channels"][name]
     channel = ScoredChannel(info["variable"], info["level"])
     forecast = open_forecast(forecast_path)
-    truth = xr.open_zarr(store, consolidated=False)
+    truth = xr.open_zarr(store, consolidated=False, chunks=None)
     lead = forecast["prediction_timedelta"].values[k]
     valid = forecast["time"].values + lead
     i = int(np.flatnonzero(np.isin(valid, truth["time"].values))[0])

@@ -193,7 +193,7 @@ def open_forecast(path: str | Path) -> xr.Dataset:
     if not path.exists():
         raise ForecastError(f"forecast {path} does not exist")
     try:
-        dataset = xr.open_zarr(path, consolidated=False, decode_timedelta=True)
+        dataset = xr.open_zarr(path, consolidated=False, decode_timedelta=True, chunks=None)
     except Exception as error:
         raise ForecastError(f"forecast {path} cannot be opened as a zarr store ({type(error).__name__}: "
                             f"{error})") from None

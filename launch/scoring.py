@@ -63,7 +63,7 @@ def forecast_channels(forecast: xr.Dataset) -> list[ScoredChannel]:
 
 def open_truth(store: str | Path) -> tuple[xr.Dataset, StoreAttrs]:
     try:
-        dataset = xr.open_zarr(store, consolidated=False)
+        dataset = xr.open_zarr(store, consolidated=False, chunks=None)
     except Exception as error:
         raise StoreError(f"{store}: cannot be opened as a zarr store ({type(error).__name__}: {error})") from None
     attrs = StoreAttrs.from_json(dict(dataset.attrs), store=str(store))
@@ -72,13 +72,26 @@ def open_truth(store: str | Path) -> tuple[xr.Dataset, StoreAttrs]:
     return dataset, attrs
 
 
-def climatology(truth: xr.DataArray, period: tuple[str, str], store: str) -> xr.DataArray:
-    """Mean ``(hour, latitude, longitude)`` over ``period`` (inclusive; a date means its whole day)."""
+def climatology(truth: xr.DataArray, period: tuple[str, str], store: str, block: int = 32) -> xr.DataArray:
+    """Mean ``(hour, latitude, longitude)`` over ``period`` (inclusive; a date means its whole day).
+
+    Read ``block`` times at a time and summed in float64, so a period of decades needs the
+    memory of a few fields, not of the period.
+    """
     selected = truth.sel(time=slice(*period))
     if selected.sizes["time"] == 0:
         raise ScoringError(f"--climatology-period {period[0]}:{period[1]} holds no time of {store}; expected a "
                            f"period inside {str(truth.time.values[0])[:16]} .. {str(truth.time.values[-1])[:16]}")
-    return selected.groupby("time.hour").mean("time").compute()
+    hours = selected["time"].values.astype("datetime64[h]").astype(np.int64) % 24
+    sums = {int(hour): np.zeros(selected.shape[1:], dtype=np.float64) for hour in np.unique(hours)}
+    for start in range(0, len(hours), block):
+        values = selected.isel(time=slice(start, start + block)).values
+        for hour in np.unique(hours[start:start + block]):
+            sums[int(hour)] += values[hours[start:start + block] == hour].sum(axis=0, dtype=np.float64)
+    ordered = sorted(sums)
+    means = np.stack([sums[hour] / np.count_nonzero(hours == hour) for hour in ordered])
+    return xr.DataArray(means, dims=("hour", *selected.dims[1:]),
+                        coords={"hour": ordered, **{d: selected[d] for d in selected.dims[1:]}})
 
 
 class ScoringError(ValueError):
