@@ -33,14 +33,21 @@ INIT = "2020-01-01T06:2020-01-01T18"  # three init times, 6-hourly
 STEPS = 3
 
 
-def make_checkpoint(store: Path, path: Path, seed: int = 0, **overrides) -> Path:
-    """A consolidated checkpoint of a freshly initialised tiny model for ``store``."""
+def make_checkpoint(store: Path, path: Path, seed: int = 0, shift_statistics: bool = False, **overrides) -> Path:
+    """A consolidated checkpoint of a freshly initialised tiny model for ``store``.
+
+    ``shift_statistics``: record normalisation statistics other than the store's, as for a
+    model trained on another period.
+    """
     attrs = StoreAttrs.from_json(dict(zarr.open_group(str(store), mode="r").attrs))
     config = config_for_store(preset("tiny", **overrides), str(store))
     model = WeatherMixer(config, seed=seed)
+    mean, std = np.asarray(attrs.mean), np.asarray(attrs.std)
+    if shift_statistics:
+        mean, std = mean + 0.5 * std, 1.5 * std
     metadata = {"channels": [c.to_json() for c in attrs.channels], "static_channels": list(attrs.static_channels),
                 "time_step_hours": attrs.time_step_hours,
-                "normalization": {"mean": list(attrs.mean), "std": list(attrs.std)}, "store": str(store), "step": 7}
+                "normalization": {"mean": mean.tolist(), "std": std.tolist()}, "store": str(store), "step": 7}
     return save_consolidated(path, config, {k: v.detach() for k, v in model.named_parameters()}, metadata)
 
 
@@ -84,13 +91,20 @@ def test_store_has_the_weatherbench2_layout(case):
     assert not any(p.name.endswith(".partial") for p in case["root"].iterdir())
 
 
-def test_values_are_the_denormalised_model_states(case):
+@pytest.mark.parametrize("shift_statistics", [False, True])
+def test_values_are_the_denormalised_model_states(case, tmp_path, shift_statistics):
     """Lead 0 is the store's state; lead 1 is one step of the serial model on the full grid,
-    computed here without the tile reader."""
+    computed here without the tile reader, in the checkpoint's normalisation (which need not
+    be the store's)."""
+    checkpoint, path = case["checkpoint"], case["serial"]
+    if shift_statistics:
+        checkpoint = make_checkpoint(case["store"], tmp_path / "shifted.pt", shift_statistics=True)
+        path = run_forecast(checkpoint, case["store"], tmp_path / "shifted.zarr", INIT, STEPS, dtype=torch.float64,
+                            progress=False)
     truth = xr.open_zarr(case["store"], consolidated=False)
-    forecast = xr.open_zarr(case["serial"], consolidated=False).isel(time=1)
+    forecast = xr.open_zarr(path, consolidated=False).isel(time=1)
     init = forecast["time"].values
-    consolidated = load_consolidated(case["checkpoint"])
+    consolidated = load_consolidated(checkpoint)
     metadata = consolidated.metadata
     mean, std = (np.asarray(metadata["normalization"][k]) for k in ("mean", "std"))
     channels = [(c["variable"], c["level"]) for c in metadata["channels"]]
