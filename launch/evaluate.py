@@ -53,7 +53,10 @@ def map_figure(result: dict, forecast_path: str, store: str, name: str, output: 
     lead = forecast["prediction_timedelta"].values[k]
     valid = forecast["time"].values + lead
     i = int(np.flatnonzero(np.isin(valid, truth["time"].values))[0])
-    predicted = channel.select(forecast[channel.variable]).isel(time=i, prediction_timedelta=k).values
+    predicted = channel.select(forecast[channel.variable]).isel(time=i, prediction_timedelta=k)
+    if "realization" in predicted.dims:  # an ensemble: show its mean
+        predicted = predicted.mean("realization")
+    predicted = predicted.values
     observed = channel.select(truth[channel.store_variable]).sel(
         time=valid[i], latitude=forecast["latitude"].values, longitude=forecast["longitude"].values).values
     title = (f"{name}: init {str(forecast['time'].values[i])[:16]}, lead {result['lead_hours'][k]} h "

@@ -10,7 +10,9 @@ For every channel (variable and level) and lead time, over the init times whose 
 
 Scores are latitude-weighted RMSE, bias and ACC (anomalies against the same climatology)
 from :mod:`weathermixer.metrics`; the climatology baseline has no ACC (its anomaly is
-zero). Fields are read one lead at a time, so memory stays at a few fields per channel.
+zero). An ensemble forecast (a ``realization`` dim) also gets the fair CRPS and the
+spread/skill ratio. Fields are read one lead at a time, so memory stays at a few fields
+per channel.
 """
 
 from __future__ import annotations
@@ -105,20 +107,28 @@ def _number(value: torch.Tensor | float) -> float | None:
 
 def score_channel(forecast: xr.DataArray, truth: xr.DataArray, clim: xr.DataArray, latitudes: np.ndarray,
                   period: tuple[str, str]) -> dict[str, Any]:
-    """Scores per lead of one channel: ``{method: {score: [per lead]}, "count": [...]}``."""
+    """Scores per lead of one channel: ``{method: {score: [per lead]}, "count": [...]}``.
+
+    An ensemble forecast (a ``realization`` dim) is scored by its ensemble mean for RMSE,
+    bias and ACC, and adds the model's ``crps`` (fair) and ``spread`` / ``spread_skill``.
+    """
     init = forecast["time"].values
     store_times = truth["time"].values
+    ensemble = "realization" in forecast.dims
+    order = ("time", "realization", "latitude", "longitude") if ensemble else ("time", "latitude", "longitude")
     persistence = truth.sel(time=init).values.astype(np.float64)
     out: dict[str, Any] = {method: {score: [] for score in SCORES} for method in METHODS}
+    if ensemble:
+        out["model"].update(crps=[], spread=[], spread_skill=[])
     out["count"] = []
     for k, lead in enumerate(forecast["prediction_timedelta"].values):
         valid = init + lead
         have = np.isin(valid, store_times)
         out["count"].append(int(have.sum()))
         if not have.any():  # the store ends before this lead: nothing to score against
-            for method in METHODS:
-                for score in SCORES:
-                    out[method][score].append(None)
+            for scores in (out[method] for method in METHODS):
+                for values in scores.values():
+                    values.append(None)
             continue
         hours = valid[have].astype("datetime64[h]").astype(np.int64) % 24
         missing_hours = sorted(set(hours.tolist()) - set(clim["hour"].values.tolist()))
@@ -128,10 +138,17 @@ def score_channel(forecast: xr.DataArray, truth: xr.DataArray, clim: xr.DataArra
                                f"of day of the store")
         observed = torch.from_numpy(truth.sel(time=valid[have]).values.astype(np.float64))
         normal = torch.from_numpy(clim.sel(hour=hours).values.astype(np.float64))
-        predictions = {"model": forecast.isel(prediction_timedelta=k).values[have],
-                       "persistence": persistence[have], "climatology": normal.numpy()}
+        model = torch.from_numpy(forecast.isel(prediction_timedelta=k).transpose(*order).values[have]
+                                 .astype(np.float64))
+        if ensemble:
+            weights = dict(latitudes=True, member_dim=1, time_dim=0)
+            out["model"]["crps"].append(_number(metrics.crps_fair(model, observed, latitudes, **weights)))
+            spread_skill = metrics.spread_skill(model, observed, latitudes, **weights)
+            out["model"]["spread"].append(_number(spread_skill["spread"]))
+            out["model"]["spread_skill"].append(_number(spread_skill["ratio"]))
+            model = model.mean(dim=1)
+        predictions = {"model": model, "persistence": torch.from_numpy(persistence[have]), "climatology": normal}
         for method, predicted in predictions.items():
-            predicted = torch.from_numpy(np.asarray(predicted, dtype=np.float64))
             out[method]["rmse"].append(_number(metrics.rmse(predicted, observed, latitudes, latitudes=True,
                                                             time_dim=0)))
             out[method]["bias"].append(_number(metrics.bias(predicted, observed, latitudes, latitudes=True,

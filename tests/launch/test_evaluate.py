@@ -138,3 +138,36 @@ def test_cli_refuses_an_incomplete_forecast(case, tmp_path, capsys):
     assert evaluate_main(["--forecast", str(case["forecast"]), "--store", str(case["store"]), "--output",
                           str(tmp_path / "out"), "--climatology-period", "2020"]) == 1
     assert "expected START:END" in capsys.readouterr().err
+
+
+def test_ensemble_forecast_gets_crps_and_spread_skill(case, tmp_path):
+    """Three members around the forecast: RMSE/bias of the ensemble mean, fair CRPS of the members."""
+    deterministic = xr.open_zarr(case["forecast"], consolidated=False).load()
+    rng = np.random.default_rng(7)
+    members = [deterministic + 0.0]
+    for _ in range(2):
+        member = deterministic.copy(deep=True)
+        for name in member.data_vars:
+            member[name] = member[name] + 20 * rng.standard_normal(member[name].shape).astype(np.float32)
+        members.append(member)
+    ensemble = xr.concat(members, dim="realization").transpose("realization", ...)
+    ensemble.attrs = dict(deterministic.attrs)
+    ensemble.to_zarr(tmp_path / "ensemble.zarr", zarr_format=3, consolidated=False)
+
+    scores = score_forecast(tmp_path / "ensemble.zarr", case["store"])["scores"]["z500"]["model"]
+    truth = xr.open_zarr(case["store"], consolidated=False)["z"].sel(level=500)
+    forecast = ensemble["geopotential"].sel(level=500).isel(prediction_timedelta=1).transpose("time", "realization", ...)
+    valid = ensemble["time"].values + ensemble["prediction_timedelta"].values[1]
+    o = truth.sel(time=valid).values.astype(np.float64)
+    x = forecast.values.astype(np.float64)  # (time, member, lat, lon)
+    latitudes = ensemble["latitude"].values
+    pairs = np.abs(x[:, :, None] - x[:, None, :]).sum(axis=(1, 2))
+    crps = np.abs(x - o[:, None]).mean(axis=1) - pairs / (2 * 3 * 2)
+    assert scores["crps"][1] == pytest.approx(_weighted_mean(crps, latitudes).mean(), rel=1e-6)
+    mean_rmse = np.sqrt(_weighted_mean((x.mean(axis=1) - o) ** 2, latitudes).mean())
+    assert scores["rmse"][1] == pytest.approx(mean_rmse, rel=1e-6)
+    spread = np.sqrt(_weighted_mean(x.var(axis=1, ddof=1), latitudes).mean())
+    assert scores["spread"][1] == pytest.approx(spread, rel=1e-6)
+    assert scores["spread_skill"][1] == pytest.approx(np.sqrt(4 / 3) * spread / mean_rmse, rel=1e-6)
+    assert evaluate_main(["--forecast", str(tmp_path / "ensemble.zarr"), "--store", str(case["store"]),
+                          "--output", str(tmp_path / "evaluation")]) == 0
