@@ -28,7 +28,7 @@ import torch
 import xarray as xr
 
 from data.schema import StoreAttrs, StoreError
-from launch.forecasting import DATETIME_PATTERN, SHORT_NAMES, open_forecast
+from launch.forecasting import DATETIME_PATTERN, SHORT_NAMES, open_forecast, wb2_name
 from weathermixer import metrics
 
 METHODS = ("model", "persistence", "climatology")
@@ -54,6 +54,10 @@ class ScoredChannel:
 
 
 def forecast_channels(forecast: xr.Dataset) -> list[ScoredChannel]:
+    """The channels a forecast holds: its ``channels`` attribute (our forecasts, where an
+    upper-air variable may lack some levels), else every variable at every level."""
+    if "channels" in forecast.attrs:
+        return [ScoredChannel(wb2_name(c["variable"]), c["level"]) for c in forecast.attrs["channels"]]
     channels = []
     for name, array in forecast.data_vars.items():
         if "level" in array.dims:
