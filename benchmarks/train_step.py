@@ -636,6 +636,9 @@ def main(argv=None) -> list[dict]:
         return []
     if "zarr" in args.data and not args.store:
         raise SystemExit("--data zarr needs --store PATH (make one with --make-store PATH)")
+    cases = list(itertools.product(args.data, args.compile, args.batch))
+    if args.device == "cuda" and len(cases) > 1 and not args.in_process:
+        return run_isolated(args, argv, cases)  # before any process group: the children need the port
     init_distributed(args.device)
     # every ShardDropout instance (12 in jigsaw-1b) breaks the graph and is its own frame;
     # the default limit of 8 would leave the rest uncompiled
@@ -650,9 +653,6 @@ def main(argv=None) -> list[dict]:
     print(f"ceilings: bf16 matmul {ceiling:.0f} TFLOP/s (8192^3 on cuda), device copy {bandwidth:.0f} GB/s "
           f"(read + write)", flush=True)
 
-    cases = list(itertools.product(args.data, args.compile, args.batch))
-    if args.device == "cuda" and len(cases) > 1 and not args.in_process:
-        return run_isolated(args, argv, cases)
     rows = []
     for data in args.data:
         if data == "zarr":
@@ -668,7 +668,7 @@ def main(argv=None) -> list[dict]:
               f"{model_config.input_channels} input channels; built in {time.perf_counter() - t0:.0f} s", flush=True)
         if data == "zarr" and args.reader_test:
             for threads in args.reader_test:
-                rate = reader_throughput(args.store, base, threads, samples=max(8, 4 * threads),
+                rate = reader_throughput(args.store, base, threads, samples=2 * threads + 2,
                                          dtype=input_dtype(args))
                 print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target)", flush=True)
             if args.reader_only:
