@@ -9,6 +9,7 @@ gradient of its own block (not ``model_size`` times it).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from parallel.comm import all_reduce_sum, reduce_from_group
 from parallel.mesh import ProcessMesh
@@ -29,3 +30,20 @@ def global_count(x: torch.Tensor, mesh: ProcessMesh | None) -> int:
 def global_mean(x: torch.Tensor, mesh: ProcessMesh | None) -> torch.Tensor:
     """Mean over the global tensor, the same scalar on every rank of the model group."""
     return global_sum(x, mesh) / global_count(x, mesh)
+
+
+@torch.no_grad()
+def average_gradients(model: torch.nn.Module, mesh: ProcessMesh | None) -> None:
+    """Average every gradient over the replica group (data x sample), in place.
+
+    The ranks of a replica group hold the same parameter shard and saw different samples;
+    their mean gradient is the serial gradient of the mean loss over all their samples.
+    (DeepSpeed does this itself, with ZeRO; this is for plain training loops and tests.)
+    """
+    group = None if mesh is None else mesh.replica_group
+    if group is None:
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=group)
+            param.grad /= mesh.replicas

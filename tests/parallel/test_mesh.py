@@ -83,7 +83,7 @@ def test_tiles_align_to_patches_and_cover_the_grid_once(rows, cols, tiles):
 
 # --- groups on 4 ranks --------------------------------------------------------------------------
 MESHES = [MeshConfig(data=2, tensor=2), MeshConfig(data=2, domain=(1, 2)), MeshConfig(sample=2, domain=(2, 1)),
-          MeshConfig(domain=(2, 1), tensor=2), MeshConfig(domain=(1, 2), tensor=2), MeshConfig()]
+          MeshConfig(domain=(2, 1), tensor=2), MeshConfig()]
 
 
 def describe_meshes(rank, world_size):

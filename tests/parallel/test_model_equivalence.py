@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -54,15 +56,27 @@ def run_model(rank, world_size, meshes, dtype, variants):
     return errors
 
 
-MESHES_2 = [((1, 1), 2), ((2, 1), 1), ((1, 2), 1)]
-MESHES_4 = [((2, 1), 2), ((1, 2), 2), ((2, 2), 1), ((4, 1), 1), ((1, 1), 4)]
+MESHES = {2: [((1, 1), 2), ((2, 1), 1), ((1, 2), 1)],
+          4: [((2, 1), 2), ((1, 2), 2), ((2, 2), 1), ((4, 1), 1), ((1, 1), 4)]}
+DTYPES = {torch.float64: list(VARIANTS), torch.float32: ["linear-residual"]}
 
 
-@pytest.mark.parametrize("world_size,meshes", [(2, MESHES_2), (4, MESHES_4)], ids=["2-ranks", "4-ranks"])
+def run_all(rank, world_size, meshes):
+    return {dtype: run_model(rank, world_size, meshes, dtype, variants) for dtype, variants in DTYPES.items()}
+
+
+@functools.cache
+def run(world_size: int):
+    """One spawn per world size serves both dtypes (starting processes is the cost)."""
+    return spawn(run_all, world_size, MESHES[world_size])
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
-def test_model_matches_serial(world_size, meshes, dtype, tolerance):
-    variants = list(VARIANTS) if dtype == torch.float64 else ["linear-residual"]
-    for rank_errors in spawn(run_model, world_size, meshes, dtype, variants):
+def test_model_matches_serial(world_size, dtype, tolerance):
+    for rank_results in run(world_size):
+        rank_errors = rank_results[dtype]
+        assert len(rank_errors) == len(DTYPES[dtype]) * len(MESHES[world_size])
         for variant, domain, tensor, output_error, worst, gradient_error in rank_errors:
             where = f"{variant}, domain {domain[0]}x{domain[1]}, tensor {tensor}"
             assert output_error <= tolerance, f"{where}: output relative error {output_error:.2e}"
