@@ -53,7 +53,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> t
     rows = x.movedim(dim, 0)
     stacked = torch.cat([_pad_rows(part, width) for part in rows.split(list(sizes))]).contiguous()
     out = torch.empty((width,) + stacked.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, stacked, group=group)
+    dist.reduce_scatter_single(out, stacked, group=group)
     traffic["reduce_scatter"] += out.numel() * out.element_size() * (len(sizes) - 1)
     return out[: sizes[dist.get_rank(group)]].movedim(0, dim)
 
