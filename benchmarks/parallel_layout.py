@@ -243,9 +243,8 @@ def run_measurements(config: ModelConfig, batch: int):
         for index, (domain, tensor) in enumerate(meshes):
             ranks = [r[index] for r in per_rank]
             plans = [Plan(config, domain, tensor, m["domain_rank"], m["tensor_rank"], batch, 4) for m in ranks]
-            mismatches = [(m["forward"], p.total("forward"), m["step"], p.total("forward") + p.total("backward"))
-                          for m, p in zip(ranks, plans)
-                          if (m["forward"], m["step"]) != (p.total("forward"), p.total("forward") + p.total("backward"))]
+            formulas = [(p.total("forward"), p.total("forward") + p.total("backward")) for p in plans]
+            mismatches = [(m["forward"], m["step"], f) for m, f in zip(ranks, formulas) if (m["forward"], m["step"]) != f]
             rows.append(dict(
                 mesh=f"{domain[0]}x{domain[1]} x {tensor}", ranks=world_size,
                 params=max(m["params"] for m in ranks), params_formula=max(p.total("params") for p in plans),

@@ -110,20 +110,20 @@ class _ReduceFromGroup(torch.autograd.Function):
 
 
 def gather_from_group(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
-    """All-gather ``x`` along ``dim`` (rank k contributes ``sizes[k]`` entries)."""
+    """Forward: all-gather ``x`` along ``dim`` (rank k gives ``sizes[k]`` entries); backward: reduce-scatter (sum)."""
     return x if group_size(group) == 1 else _GatherFromGroup.apply(x, dim % x.dim(), tuple(sizes), group)
 
 
 def reduce_scatter_to_group(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
-    """Sum ``x`` over the group and keep this rank's ``sizes[rank]`` entries of ``dim``."""
+    """Forward: sum over the group, keep this rank's ``sizes[rank]`` entries of ``dim``; backward: all-gather."""
     return x if group_size(group) == 1 else _ReduceScatterToGroup.apply(x, dim % x.dim(), tuple(sizes), group)
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``x`` over the group, on every rank."""
+    """Forward: sum over the group on every rank; backward: sum of every rank's gradient (all-reduce)."""
     return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
 def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``x`` over the group into a value every rank treats as the same replicated result."""
+    """Forward: sum over the group, one replicated value; backward: identity (each rank's own copy)."""
     return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)

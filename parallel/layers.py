@@ -57,10 +57,11 @@ class LayerFactory:
 
 
 class ShardDropout(nn.Module):
-    """Dropout whose masks come from a stream keyed by (seed, sample rank, model rank).
+    """Dropout whose masks come from a stream keyed by (seed, data rank, sample rank, model rank).
 
     Shards of one replica draw independent masks (a shared default generator would give
-    every tile the same mask), and reruns draw the same ones.
+    every tile the same mask), so do replicas (data and sample ranks: different samples
+    should not share a mask pattern), and reruns draw the same ones.
     """
 
     def __init__(self, p: float, mesh: ProcessMesh, seed: int):
@@ -72,6 +73,8 @@ class ShardDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         if self.generator is None or self.generator.device != x.device:
-            self.generator = stream(self.seed, "dropout", self.mesh.sample_rank, self.mesh.model_rank, device=x.device)
+            mesh = self.mesh
+            self.generator = stream(self.seed, "dropout", mesh.data_rank, mesh.sample_rank, mesh.model_rank,
+                                    device=x.device)
         keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
         return x * keep.to(x.dtype) / (1 - self.p)

@@ -144,7 +144,8 @@ def check_layers(rank, world_size, meshes, dtypes):
 def check_dropout(rank, world_size):
     """Masks differ between the shards of a replica and between sample ranks, repeat on rebuild,
     keep ``1 - p`` of the entries scaled by ``1 / (1 - p)``, and vanish in eval mode."""
-    mesh = ProcessMesh.build(MeshConfig(sample=2, tensor=world_size // 2))
+    # 2 ranks: two sample ranks; 4 ranks: two data replicas of two tensor shards
+    mesh = ProcessMesh.build(MeshConfig(sample=2) if world_size == 2 else MeshConfig(data=2, tensor=2))
     layers = LayerFactory(mesh, TOKEN_GRID, PATCH)
     x = torch.ones(4, 64, 32, dtype=torch.float64)
     dropout = layers.dropout(0.25, seed=5)
@@ -153,7 +154,8 @@ def check_dropout(rank, world_size):
     other_seed = layers.dropout(0.25, seed=6)(x)
     dropout.eval()
     return dict(mask=first, rebuilt=rebuilt, second=second, other_seed=other_seed,
-                eval_identity=bool(torch.equal(dropout(x), x)), sample=mesh.sample_rank, model=mesh.model_rank)
+                eval_identity=bool(torch.equal(dropout(x), x)),
+                key=(mesh.data_rank, mesh.sample_rank, mesh.model_rank))
 
 
 def check_all(rank, world_size, meshes, dtypes):
@@ -199,12 +201,12 @@ def test_dropout_streams(world_size):
         assert set(mask.unique().tolist()) <= {0.0, 1 / 0.75}
         assert abs(float((mask > 0).double().mean()) - 0.75) < 0.02
         assert result["eval_identity"]
-    keys = [(r["sample"], r["model"]) for r in results]
+    keys = [r["key"] for r in results]
     assert len(set(keys)) == len(results)
     for a in range(len(results)):
         for b in range(a):
             assert not torch.equal(results[a]["mask"], results[b]["mask"]), \
-                f"ranks {keys[a]} and {keys[b]} (sample, model rank) drew the same dropout mask"
+                f"ranks {keys[a]} and {keys[b]} (data, sample, model rank) drew the same dropout mask"
 
 
 def test_serial_layers_are_plain_pytorch():

@@ -125,7 +125,8 @@ def test_groups_on_four_ranks():
             assert got["coords"] == coords, f"{config}: rank {rank}"
             d, s, i, j = coords
             expected = {"data": grid[:, s, i, j], "sample": grid[d, :, i, j], "domain": grid[d, s, :, j],
-                        "tensor": grid[d, s, i, :], "model": grid[d, s].flatten(), "replica": grid[:, :, i, j].flatten()}
+                        "tensor": grid[d, s, i, :], "model": grid[d, s].flatten(),
+                        "replica": grid[:, :, i, j].flatten()}
             for name, ranks in expected.items():
                 assert got["groups"][name] == ranks.tolist(), f"{config}: {name} group of rank {rank}"
             model_rank, replica_rank = i * config.tensor + j, d * config.sample + s
