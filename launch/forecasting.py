@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,9 +241,32 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+WORLD = "world"
+
+
+@contextmanager
+def _on_every_rank(what: str, group=WORLD):
+    """Run the block, then raise on every rank of ``group`` if it failed on any of them.
+
+    A rank that failed alone would otherwise leave the others waiting for it in the next
+    collective. ``group``: :data:`WORLD`, a process group, or None (this rank alone).
+    """
+    error = None
+    try:
+        yield
+    except Exception as failure:
+        error = failure
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    messages = [message]
+    if dist.is_initialized() and group is not None:
+        group = None if group == WORLD else group
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, message, group=group)
+    if error is not None:
+        raise error
+    failed = [text for text in messages if text]
+    if failed:
+        raise ForecastError(f"{what} failed on another rank: {failed[0]}")
 
 
 def _check_checkpoint(metadata: dict, checkpoint: str) -> None:
@@ -317,38 +341,43 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
         attributes=variable_attributes(store, attrs.channels))
 
     partial = partial_path(output)
-    if _rank() == 0:
-        create_skeleton(partial, layout, times, leads, {
-            "title": "WeatherMixer forecast", "checkpoint": checkpoint, "checkpoint_step": metadata.get("step"),
-            "store": store, "init": init, "steps": steps, "time_step_hours": step_hours,
-            "channels": [c.to_json() for c in attrs.channels], "mesh": mesh.describe(), "dtype": str(dtype),
-            "model_config": config.to_dict()})
-    _barrier()
+    with _on_every_rank(f"creating the forecast store {partial}"):
+        if _rank() == 0:
+            create_skeleton(partial, layout, times, leads, {
+                "title": "WeatherMixer forecast", "checkpoint": checkpoint, "checkpoint_step": metadata.get("step"),
+                "store": store, "init": init, "steps": steps, "time_step_hours": step_hours,
+                "channels": [c.to_json() for c in attrs.channels], "mesh": mesh.describe(), "dtype": str(dtype),
+                "model_config": config.to_dict()})
 
     (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
     rows = slice(min(lat0, n_rows), min(lat1, n_rows))
     mine = np.array_split(np.arange(len(times)), mesh.replicas)[mesh.replica_rank]
     time_index = {t: i for i, t in enumerate(inputs.reader.times)}
-    with tqdm(total=len(times), desc="forecast", unit="init", disable=not (progress and _rank() == 0)) as bar:
+    bar = tqdm(total=len(times), desc="forecast", unit="init", disable=not (progress and _rank() == 0))
+    # failures are agreed on within the model group around its collectives (the rollout), and
+    # over all ranks at the end (replicas may have different numbers of batches)
+    model_group = mesh.model_group
+    with _on_every_rank(f"writing the forecast into {partial}"), bar:
         for first in range(0, len(mine), batch_size):
             batch = mine[first:first + batch_size]
-            samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
-            state, static, _, _ = inputs.batch(samples, device, dtype)
-            if renormalise:
-                scale = torch.as_tensor(store_std / std, device=device, dtype=torch.float64)
-                shift = torch.as_tensor((store_mean - mean) / std, device=device, dtype=torch.float64)
-                state = (state.double() * scale + shift).to(dtype)
-            forcings = torch.stack([inputs.forcings(times[i] + np.arange(steps) * step) for i in batch])
+            with _on_every_rank("reading the initial states", model_group):
+                samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
+                state, static, _, _ = inputs.batch(samples, device, dtype)
+                if renormalise:
+                    scale = torch.as_tensor(store_std / std, device=device, dtype=torch.float64)
+                    shift = torch.as_tensor((store_mean - mean) / std, device=device, dtype=torch.float64)
+                    state = (state.double() * scale + shift).to(dtype)
+                forcings = torch.stack([inputs.forcings(times[i] + np.arange(steps) * step) for i in batch])
             with torch.no_grad():
                 forecast = model.rollout(state, static, forcings.to(device, dtype), steps)
-            if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
-                states = torch.cat([state[:, None], forecast], dim=1)[:, :, :rows.stop - lat0]
-                values = (states.double().cpu().numpy() * std + mean).astype(np.float32)
-                write_region(partial, layout, values, slice(int(batch[0]), int(batch[-1]) + 1), rows,
-                             slice(lon0, lon1), channels)
+            with _on_every_rank(f"writing the forecast into {partial}", model_group):
+                if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
+                    states = torch.cat([state[:, None], forecast], dim=1)[:, :, :rows.stop - lat0]
+                    values = (states.double().cpu().numpy() * std + mean).astype(np.float32)
+                    write_region(partial, layout, values, slice(int(batch[0]), int(batch[-1]) + 1), rows,
+                                 slice(lon0, lon1), channels)
             bar.update(len(batch) * mesh.replicas)
-    _barrier()
-    if _rank() == 0:
-        mark_complete(partial, output, overwrite)
-    _barrier()
+    with _on_every_rank(f"completing the forecast store {output}"):
+        if _rank() == 0:
+            mark_complete(partial, output, overwrite)
     return output

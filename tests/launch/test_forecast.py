@@ -250,3 +250,25 @@ def test_cli_reports_errors_without_a_traceback(case, tmp_path, capsys):
                           str(tmp_path / "out.zarr"), "--init", "2030-01-01T00", "--steps", "2"])
     assert code == 1
     assert "forecast: error: --init '2030-01-01T00'" in capsys.readouterr().err
+
+
+def _fail_on_rank_one(rank, world_size, checkpoint, store, output):
+    import launch.forecasting
+
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+        launch.forecasting.write_region = broken
+    try:
+        run_forecast(checkpoint, store, output, INIT, STEPS, domain=(2, 1), progress=False)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_a_write_failing_on_one_rank_fails_every_rank(case, tmp_path):
+    output = tmp_path / "failed.zarr"
+    errors = spawn(_fail_on_rank_one, 2, str(case["checkpoint"]), str(case["store"]), str(output), timeout=120)
+    assert errors[1] == "OSError: disk full"
+    assert errors[0].startswith("ForecastError: writing the forecast into") and "disk full" in errors[0]
+    assert not output.exists()  # never marked complete
