@@ -156,7 +156,8 @@ def test_ensemble_forecast_gets_crps_and_spread_skill(case, tmp_path):
 
     scores = score_forecast(tmp_path / "ensemble.zarr", case["store"])["scores"]["z500"]["model"]
     truth = xr.open_zarr(case["store"], consolidated=False)["z"].sel(level=500)
-    forecast = ensemble["geopotential"].sel(level=500).isel(prediction_timedelta=1).transpose("time", "realization", ...)
+    forecast = ensemble["geopotential"].sel(level=500).isel(prediction_timedelta=1)
+    forecast = forecast.transpose("time", "realization", ...)
     valid = ensemble["time"].values + ensemble["prediction_timedelta"].values[1]
     o = truth.sel(time=valid).values.astype(np.float64)
     x = forecast.values.astype(np.float64)  # (time, member, lat, lon)
