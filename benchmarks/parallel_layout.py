@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from parallel.linear import token_mixing_moves_weight  # noqa: E402
 from parallel.tiling import DomainTiling, Partition, balanced_sizes  # noqa: E402
 from weathermixer.config import PRESETS, ModelConfig, preset  # noqa: E402
 
@@ -101,25 +102,30 @@ class Plan:
         cost.saved += rows * (inputs.sizes[j] if reduce_outputs else inputs.size)
         return self._add(cost)
 
-    def token_linear(self, name: str, inputs: Partition, outputs: Partition, channels: int) -> Cost:
+    def token_linear(self, name: str, inputs: Partition, outputs: Partition, channels: Partition) -> Cost:
         pd, pt, d, j, e, b = self.pd, self.pt, self.d, self.j, self.e, self.b
-        weight_rows, columns = balanced_sizes(outputs.size, pt), inputs.sizes[d]
-        bias_rows = balanced_sizes(outputs.sizes[d], pt)
-        cost = Cost(name, "weight block over tensor; output (partial sums of all tokens) over domain",
-                    params=weight_rows[j] * columns + bias_rows[j])
+        pieces = [balanced_sizes(size, pt)[j] for size in outputs.sizes]  # piece j of every output tile
+        tile_pieces = balanced_sizes(outputs.sizes[d], pt)
+        row_sizes = [sum(balanced_sizes(size, pt)[k] for size in outputs.sizes) for k in range(pt)]
+        columns, width = inputs.sizes[d], max(channels.sizes)
+        moving_activations, moving_weight = Counter(), Counter()
         if pt > 1:
-            cost.weight_bytes = gather(max(weight_rows) * columns * e, pt) + gather(max(bias_rows) * e, pt)
-            cost.forward["all_gather"] += cost.weight_bytes
-            cost.saved_weights = outputs.size * columns
-            # weight-stationary alternative: gather this tile's input over tensor, reduce-scatter the
-            # partial sums of this rank's output rows (all channels) over domain, all-to-all over tensor
-            total_channels = channels * pt  # upper bound: the widest slice on every rank
-            cost.alternative = (gather(b * columns * channels * e, pt)
-                                + gather(b * -(-outputs.size // (pt * pd)) * total_channels * e, pd)
-                                + b * -(-max(outputs.sizes) // pt) * channels * e * (pt - 1))
+            moving_activations["all_gather"] += gather(b * columns * width * e, pt)
+            moving_activations["all_to_all"] += gather(b * max(tile_pieces) * width * e, pt)
+            moving_weight["all_gather"] += gather(max(row_sizes) * columns * e, pt) + gather(max(tile_pieces) * e, pt)
         if pd > 1:
-            cost.forward["reduce_scatter"] += gather(b * max(outputs.sizes) * channels * e, pd)
-        cost.saved += b * columns * channels
+            moving_activations["reduce_scatter"] += gather(b * max(pieces) * channels.size * e, pd)
+            moving_weight["reduce_scatter"] += gather(b * max(outputs.sizes) * channels.sizes[j] * e, pd)
+        if token_mixing_moves_weight(b, inputs, outputs, channels.sizes, pd, pt):
+            cost = Cost(name, "weight block over tensor; partial sums over domain", forward=moving_weight,
+                        weight_bytes=sum(moving_weight.values()) - moving_weight["reduce_scatter"],
+                        saved=b * columns * channels.sizes[j], saved_weights=outputs.size * columns,
+                        alternative=sum(moving_activations.values()))
+        else:
+            cost = Cost(name, "input over tensor; partial sums over domain; output pieces over tensor "
+                              "(all-to-all); weight stays", forward=moving_activations,
+                        saved=b * columns * channels.size, alternative=sum(moving_weight.values()) if pt > 1 else 0)
+        cost.params = sum(pieces) * columns + pieces[d]
         return self._add(cost)
 
     def layer_norm(self, name: str, channels: Partition, rows: int) -> Cost:
@@ -156,9 +162,9 @@ class Plan:
         for k in range(c.depth):
             block = []
             block.append(self.layer_norm(f"blocks.{k}.token_norm", hidden, b * t))
-            block.append(self.token_linear(f"blocks.{k}.token_mlp.fc1", self.tokens, features, hidden.sizes[j]))
+            block.append(self.token_linear(f"blocks.{k}.token_mlp.fc1", self.tokens, features, hidden))
             block[-1].saved += b * features.sizes[d] * hidden.sizes[j]  # GELU input
-            block.append(self.token_linear(f"blocks.{k}.token_mlp.fc2", features, self.tokens, hidden.sizes[j]))
+            block.append(self.token_linear(f"blocks.{k}.token_mlp.fc2", features, self.tokens, hidden))
             block.append(self.layer_norm(f"blocks.{k}.channel_norm", hidden, b * t))
             block.append(self.channel_linear(f"blocks.{k}.channel_mlp.fc1", hidden, channel_hidden, b * t))
             block[-1].saved += b * t * channel_hidden.sizes[j]  # GELU input

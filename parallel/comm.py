@@ -8,6 +8,7 @@ are padded to the largest part for the transfer and trimmed after.
 * ``reduce_scatter_to_group`` forward: sum over the group, keep this rank's part of ``dim``; backward: all-gather.
 * ``all_reduce_sum``      forward: sum over the group; backward: sum of the gradients over the group.
 * ``reduce_from_group``   forward: sum over the group; backward: identity (each rank backpropagates its own copy).
+* ``all_to_all``          forward: scatter parts of one dim, gather along another; backward: the reverse all-to-all.
 
 ``all_reduce_sum`` is for a sum every rank then uses differently (LayerNorm statistics of
 its own channels): the gradient of a rank's input collects every rank's use. ``reduce_from_group``
@@ -56,6 +57,23 @@ def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> t
     dist.reduce_scatter_single(out, stacked, group=group)
     traffic["reduce_scatter"] += out.numel() * out.element_size() * (len(sizes) - 1)
     return out[: sizes[dist.get_rank(group)]].movedim(0, dim)
+
+
+def _pad_dim(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    return x if x.shape[dim] == size else F.pad(x, (0, 0) * (x.dim() - dim - 1) + (0, size - x.shape[dim]))
+
+
+def _all_to_all(x: torch.Tensor, split_dim: int, split_sizes: Sequence[int], cat_dim: int,
+                cat_sizes: Sequence[int], group) -> torch.Tensor:
+    rank = dist.get_rank(group)
+    parts = [_pad_dim(_pad_dim(part, split_dim, max(split_sizes)), cat_dim, max(cat_sizes))
+             for part in x.split(list(split_sizes), dim=split_dim)]
+    send = torch.stack(parts).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    traffic["all_to_all"] += send[0].numel() * send.element_size() * (len(parts) - 1)
+    return torch.cat([received[k].narrow(split_dim, 0, split_sizes[rank]).narrow(cat_dim, 0, cat_sizes[k])
+                      for k in range(len(parts))], dim=cat_dim)
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -109,6 +127,17 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, split_dim, split_sizes, cat_dim, cat_sizes, group):
+        ctx.args = (cat_dim, cat_sizes, split_dim, split_sizes, group)
+        return _all_to_all(x, split_dim, split_sizes, cat_dim, cat_sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), *ctx.args), None, None, None, None, None
+
+
 def gather_from_group(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch.Tensor:
     """Forward: all-gather ``x`` along ``dim`` (rank k gives ``sizes[k]`` entries); backward: reduce-scatter (sum)."""
     return x if group_size(group) == 1 else _GatherFromGroup.apply(x, dim % x.dim(), tuple(sizes), group)
@@ -127,3 +156,21 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     """Forward: sum over the group, one replicated value; backward: identity (each rank's own copy)."""
     return x if group_size(group) == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def all_to_all(x: torch.Tensor, split_dim: int, split_sizes: Sequence[int], cat_dim: int, cat_sizes: Sequence[int],
+               group) -> torch.Tensor:
+    """Forward: send part k of ``split_dim`` to rank k, concatenate what rank k sent along ``cat_dim`` (it has
+    ``cat_sizes[k]`` entries); backward: the same all-to-all with the two dims' roles swapped."""
+    if group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, split_dim % x.dim(), tuple(split_sizes), cat_dim % x.dim(), tuple(cat_sizes), group)
+
+
+def gather_sizes(size: int, group) -> list[int]:
+    """Every rank's ``size`` (an int), in rank order; no gradient."""
+    if group_size(group) == 1:
+        return [size]
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(group_size(group))]
+    dist.all_gather(sizes, torch.tensor([size], dtype=torch.int64), group=group)
+    return [int(s) for s in sizes]

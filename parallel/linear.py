@@ -8,9 +8,10 @@ channels of slice j]`` and one block of every weight; no rank holds a full weigh
   or reduce-scatter its partial output over tensor after it (whichever activation is
   narrower). Backward: each gather becomes a reduce-scatter and vice versa (the weight
   gradient's reduce-scatter over domain also sums the contributions of all tiles).
-* :class:`TokenLinear` ``Z = W X`` (contraction over tokens): all-gather this tile's weight
-  columns over tensor, multiply the local tokens (a partial sum over all output tokens),
-  reduce-scatter over domain to the output tiles. No rank ever gathers all tokens.
+* :class:`TokenLinear` ``Z = W X`` (contraction over tokens): partial sums over the tile's
+  input tokens, reduce-scattered over domain to the output tiles; over tensor either the
+  activations move (gather the input, all-to-all the output: weight-stationary) or the
+  weight block does, whichever is smaller for the batch. No rank ever gathers all tokens.
 
 Weights are stored ``(out, in)`` as in ``torch.nn.Linear``, so the serial model's state dict
 is the full state of every mesh.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.comm import gather_from_group, reduce_scatter_to_group
+from parallel.comm import all_to_all, gather_from_group, gather_sizes, reduce_scatter_to_group
 from parallel.mesh import ProcessMesh
 from parallel.rng import uniform_at
 from parallel.sharding import ShardSpec, sharded_parameter
@@ -99,24 +100,82 @@ class ChannelLinear(ShardedModule):
         self.init_uniform(seed, prefix, self.inputs.size)
 
 
+def token_mixing_moves_weight(batch: int, inputs: Partition, outputs: Partition, channels: list[int],
+                              domains: int, tensor: int) -> bool:
+    """Whether a token linear sends fewer bytes moving its weight than moving activations.
+
+    Elements one rank sends per forward, from sizes every rank of the model group knows (so
+    all of them choose alike): the weight block of a tile against the tile's input and
+    output with every channel. A token weight is wider than one sample's activations
+    (``jigsaw-1b``: 8640 x 17280 against 17280 tokens x 4320 channels), narrower than many.
+    """
+    width, tile, piece = max(channels), max(inputs.sizes), -(-max(outputs.sizes) // tensor)
+    activations = batch * ((tile + piece) * width * (tensor - 1) + piece * sum(channels) * (domains - 1))
+    weight = -(-outputs.size // tensor) * tile * (tensor - 1) + batch * max(outputs.sizes) * width * (domains - 1)
+    return weight < activations
+
+
 class TokenLinear(ShardedModule):
-    """Linear map of the token dimension (dim 1); input and output tokens split over domain."""
+    """Linear map of the token dimension (dim 1); input and output tokens split over domain.
+
+    Rank (i, j) holds the weight columns of tile i's input tokens and, of every output tile,
+    the j-th piece of its tokens (no rank holds another's block). Per call, the cheaper of two
+    schedules runs (:func:`token_mixing_moves_weight`; the batch decides):
+
+    * activations move (weight-stationary): gather the tile's input over tensor (every
+      channel), multiply, reduce-scatter the partial sums over domain (each tile gets piece j
+      of its outputs), all-to-all over tensor to swap pieces for channel slices;
+    * the weight moves: gather tile i's weight columns over tensor, multiply the local
+      channels, reduce-scatter the partial sums over domain to the output tiles.
+    """
 
     def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, bias: bool = True):
         super().__init__(mesh)
         self.inputs, self.outputs = inputs, outputs
-        rows, self.row_sizes = split_over(outputs.gathered_order, mesh.config.tensor, mesh.tensor_rank)
-        self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (rows, inputs.indices[mesh.domain_rank])))
-        bias_rows, self.bias_sizes = split_over(outputs.indices[mesh.domain_rank], mesh.config.tensor, mesh.tensor_rank)
-        self.bias = self._parameter(ShardSpec((outputs.size,), (bias_rows,))) if bias else None
+        tensor, t, d = mesh.config.tensor, mesh.tensor_rank, mesh.domain_rank
+        rows_of = [[split_over(tile, tensor, k)[0] for tile in outputs.indices] for k in range(tensor)]
+        pieces = rows_of[t]  # piece t of every output tile
+        self.piece_sizes = [len(piece) for piece in pieces]
+        self.tile_piece_sizes = balanced_sizes(len(outputs.indices[d]), tensor)
+        self.row_sizes = [sum(len(piece) for piece in rows) for rows in rows_of]
+        # gathered weight rows (tensor rank, tile, piece) -> output tiles in order (tile, piece)
+        gathered = torch.cat([torch.cat(rows) for rows in rows_of])
+        position = torch.empty(outputs.size, dtype=torch.long)
+        position[gathered] = torch.arange(outputs.size)
+        self.tile_order = position[outputs.gathered_order]
+        self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (torch.cat(pieces), inputs.indices[d])))
+        self.bias = self._parameter(ShardSpec((outputs.size,), (pieces[d],))) if bias else None
+        self.schedule: str | None = None  # None: the cheaper; "weight" or "activations" to force one (tests)
+        self._channel_sizes: dict[int, list[int]] = {}
+
+    def channel_sizes(self, width: int) -> list[int]:
+        """Every tensor rank's channel count (asked once per width: the layer does not know the partition)."""
+        if width not in self._channel_sizes:
+            self._channel_sizes[width] = gather_sizes(width, self.mesh.tensor_group)
+        return self._channel_sizes[width]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.tensor_group).to(x.dtype)
-        partial = torch.matmul(weight, x)  # (batch, all output tokens, local channels)
-        y = reduce_scatter_to_group(partial, 1, self.outputs.sizes, self.mesh.domain_group)
+        channels = self.channel_sizes(x.shape[-1])
+        config = self.mesh.config
+        moves_weight = self.schedule == "weight" or (self.schedule is None and token_mixing_moves_weight(
+            x.shape[0], self.inputs, self.outputs, channels, config.domain_size, config.tensor))
+        return self._move_weight(x) if moves_weight else self._move_activations(x, channels)
+
+    def _move_activations(self, x: torch.Tensor, channels: list[int]) -> torch.Tensor:
+        x = gather_from_group(x, -1, channels, self.mesh.tensor_group)  # this tile's tokens, every channel
+        partial = torch.matmul(self.weight.to(x.dtype), x)  # (batch, piece t of every output tile, channels)
+        y = reduce_scatter_to_group(partial, 1, self.piece_sizes, self.mesh.domain_group)
         if self.bias is not None:
-            bias = gather_from_group(self.bias, 0, self.bias_sizes, self.mesh.tensor_group)
-            y = y + bias.to(x.dtype)[:, None]
+            y = y + self.bias.to(x.dtype)[:, None]
+        # piece t of this tile's tokens, every channel -> every token of this tile, channel slice t
+        return all_to_all(y, -1, channels, 1, self.tile_piece_sizes, self.mesh.tensor_group)
+
+    def _move_weight(self, x: torch.Tensor) -> torch.Tensor:
+        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.tensor_group)
+        weight = weight.index_select(0, self.tile_order).to(x.dtype)  # rows of every output tile, in tile order
+        y = reduce_scatter_to_group(torch.matmul(weight, x), 1, self.outputs.sizes, self.mesh.domain_group)
+        if self.bias is not None:
+            y = y + gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group).to(x.dtype)[:, None]
         return y
 
     def reset_parameters(self, seed: int, prefix: str) -> None:

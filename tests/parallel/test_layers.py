@@ -68,7 +68,18 @@ def grid_block(layers, channels):
 
 
 def build_case(name: str, layers: LayerFactory):
-    """``(module, take input block, take output block, global input shape, global output shape)``."""
+    """``(module, take input block, take output block, global input shape, global output shape)``.
+
+    ``name/schedule`` forces a token linear's schedule ("weight" or "activations" move).
+    """
+    name, _, schedule = name.partition("/")
+    case = _build_case(name, layers)
+    if schedule:
+        case[0].schedule = schedule
+    return case
+
+
+def _build_case(name: str, layers: LayerFactory):
     tokens, n = layers.tokens, TOKEN_GRID[0] * TOKEN_GRID[1]
     hidden, wider = layers.channels(HIDDEN), layers.channels(WIDER)
     features = layers.token_features(TOKEN_HIDDEN)
@@ -106,7 +117,8 @@ def build_case(name: str, layers: LayerFactory):
 
 
 CASES = ["channel-widen", "channel-narrow", "token-to-features", "features-to-token", "layer-norm",
-         "patch-embedding", "patch-recovery"]
+         "patch-embedding", "patch-recovery", "token-to-features/weight", "token-to-features/activations",
+         "features-to-token/weight", "features-to-token/activations"]
 
 
 def check_layers(rank, world_size, meshes, dtypes):
