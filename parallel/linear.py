@@ -148,14 +148,14 @@ class TokenLinear(ShardedModule):
         self.schedule: str | None = None  # None: the cheaper; "weight" or "activations" to force one (tests)
         self._channel_sizes: dict[int, list[int]] = {}
 
-    def channel_sizes(self, width: int) -> list[int]:
+    def channel_sizes(self, width: int, device: torch.device) -> list[int]:
         """Every tensor rank's channel count (asked once per width: the layer does not know the partition)."""
         if width not in self._channel_sizes:
-            self._channel_sizes[width] = gather_sizes(width, self.mesh.tensor_group)
+            self._channel_sizes[width] = gather_sizes(width, self.mesh.tensor_group, device)
         return self._channel_sizes[width]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = self.channel_sizes(x.shape[-1])
+        channels = self.channel_sizes(x.shape[-1], x.device)
         config = self.mesh.config
         moves_weight = self.schedule == "weight" or (self.schedule is None and token_mixing_moves_weight(
             x.shape[0], self.inputs, self.outputs, channels, config.domain_size, config.tensor))

@@ -23,7 +23,7 @@ def global_sum(x: torch.Tensor, mesh: ProcessMesh | None) -> torch.Tensor:
 
 def global_count(x: torch.Tensor, mesh: ProcessMesh | None) -> int:
     """Number of elements of the global tensor (blocks may differ in size: uneven splits)."""
-    count = torch.tensor(float(x.numel()), dtype=torch.float64)
+    count = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)  # NCCL needs device tensors
     return int(count) if mesh is None else int(all_reduce_sum(count, mesh.model_group))
 
 

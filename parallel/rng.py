@@ -1,11 +1,13 @@
 """Reproducible, independent random streams keyed by what they are for.
 
 A stream is a ``torch.Generator`` seeded from a hash of ``(seed, *keys)``, e.g.
-``("init", parameter_name, model_rank)`` for a shard's initial values (the same on every
-replica), ``("dropout", data_rank, sample_rank, model_rank)`` for dropout masks, or
+``("dropout", data_rank, sample_rank, model_rank)`` for dropout masks, or
 ``(..., sample_rank, shard, step)`` for Bayesian noise. Keys make draws independent across
 sample ranks and shards, and the same on every rerun, with no state to carry between ranks
 (only ``step`` for per-step streams, which checkpoints hold).
+
+Initial weights use :func:`uniform_at` instead: a value per global element, keyed by
+``("init", parameter_name)``, so every mesh starts from the serial model.
 """
 
 from __future__ import annotations
