@@ -4,7 +4,9 @@ Downloads split a period over many files (per month, per variable group); this m
 puts the pieces of every variable together along time and checks, with errors that name
 the files involved, that the result is one dataset: every requested variable and level
 present, one grid, each time once, ascending and regularly spaced, the same times for
-all variables. Fields come back float32, as dask arrays with one chunk per 2-D field.
+all variables. Fields come back float32, as dask arrays of ``time_chunk`` times (all
+levels) per chunk: one 2-D field per chunk by default; more for small grids, where
+per-chunk overhead would cost more than the read.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def is_static(dataset: xr.Dataset) -> bool:
     return bool(names) and names <= set(STATIC) and dataset.sizes.get("time", 1) == 1
 
 
-def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selection) -> Combined:
+def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selection, time_chunk: int = 1) -> Combined:
     """One dataset from ``(source, normalised dataset)`` pairs; raises :class:`InputError` naming the fault."""
     static_inputs = [(s, d) for s, d in inputs if is_static(d)]
     dynamic_inputs = [(s, d) for s, d in inputs if not is_static(d)]
@@ -68,8 +70,8 @@ def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selectio
     fields, spans = {}, []
     for group in ("surface", "upper_air"):
         for name in getattr(selection, group):
-            pieces = [_field(source, dataset, name, group, selection.levels) for source, dataset in dynamic_inputs
-                      if name in dataset]
+            pieces = [_field(source, dataset, name, group, selection.levels, time_chunk)
+                      for source, dataset in dynamic_inputs if name in dataset]
             joined, piece_spans = _join_in_time(name, pieces)
             fields[name] = _select_period(name, joined, selection).assign_coords(grid)
             spans += piece_spans
@@ -108,7 +110,8 @@ def _check_grid(source: str, dataset: xr.Dataset, reference_source: str, referen
                          f"{_describe_grid(reference)} of {reference_source}; expected all inputs on one grid")
 
 
-def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequence[int]) -> tuple[str, xr.DataArray]:
+def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequence[int],
+           time_chunk: int = 1) -> tuple[str, xr.DataArray]:
     field = dataset[name]
     expected = DIMS[group]
     if set(field.dims) != set(expected):
@@ -121,7 +124,7 @@ def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequ
         field = field.sel(level=sorted(levels))
     field = field.transpose(*expected)
     _check_ascending(source, field["time"].values)
-    chunks = {"time": 1, "level": 1, "latitude": -1, "longitude": -1}
+    chunks = {"time": time_chunk, "level": 1 if time_chunk == 1 else -1, "latitude": -1, "longitude": -1}
     return source, field.chunk({d: chunks[d] for d in field.dims}).astype(np.float32)
 
 

@@ -53,6 +53,8 @@ from data.stats import MissingField, channel_statistics, static_statistics
 
 NAN_POLICIES = ("fail", "fill")
 BATCH_BYTES = 256 * 2**20  # default batch: about this much uncompressed data per region write
+MIN_BATCHES = 20  # ... but at least this many batches (progress, restart granularity) where times allow
+READ_BYTES = 32 * 2**20  # small grids: read several times per task, about this much, to keep dask overhead low
 TIME_ENCODING = {"units": "hours since 1900-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
 MISSING_SHOWN = 10  # missing-value locations named in an error or summary
 
@@ -220,16 +222,25 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     existing = _existing_store(output, record) if append else None
     if existing is not None:
         selection = _continue_after(existing, selection)
-    combined = combine_inputs(opened, selection)
-    dataset = combined.dataset
+    if batch_size is not None and batch_size < 1:
+        raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
     channels = model_channel_order(list(selection.surface), list(selection.upper_air), list(selection.levels))
-    grid = (dataset.sizes["latitude"], dataset.sizes["longitude"])
-    chunks = spatial_chunks(grid, tile_grid)
+    grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
     bytes_per_time = 4 * len(channels) * grid[0] * grid[1]
     statistics_batch = max(1, BATCH_BYTES // bytes_per_time)  # batches of the statistics never need to resume
-    batch_size = batch_size or statistics_batch
-    if batch_size < 1:
-        raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
+    time_chunk = max(1, READ_BYTES // (4 * grid[0] * grid[1] * max(1, len(selection.levels))))
+    if batch_size is not None:
+        time_chunk = math.gcd(time_chunk, batch_size)  # a read task never straddles two batches
+    combined = combine_inputs(opened, selection, time_chunk=time_chunk)
+    dataset = combined.dataset
+    chunks = spatial_chunks(grid, tile_grid)
+    if batch_size is None:
+        batch_size = min(statistics_batch, math.ceil(dataset.sizes["time"] / MIN_BATCHES))
+        if time_chunk > batch_size:  # chunk again (lazily, metadata only) so a read task serves one batch
+            time_chunk = batch_size
+            combined = combine_inputs(opened, selection, time_chunk=time_chunk)
+            dataset = combined.dataset
+        batch_size = batch_size // time_chunk * time_chunk
 
     times = dataset["time"].values
     run = {
