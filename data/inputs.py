@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def open_input(path: Path, member: int | None = None) -> xr.Dataset:
     kind = input_format(path)
     try:
         if kind == "zarr":
-            dataset = xr.open_zarr(path, chunks=None, decode_times=False, consolidated=None)
+            with warnings.catch_warnings():  # zarr v3 stores have no consolidated metadata: nothing to warn about
+                warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
+                dataset = xr.open_zarr(path, chunks=None, decode_times=False, consolidated=None)
         elif kind == "grib":
             _require_cfgrib(path)
             dataset = xr.open_dataset(path, engine="cfgrib", chunks=None, decode_times=False, cache=False)

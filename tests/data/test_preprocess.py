@@ -402,3 +402,20 @@ def test_command_line_errors_name_the_config_key(inputs, tmp_path, capsys):
     assert cli_main([str(tmp_path / "nothing*.nc"), "--output", str(tmp_path / "t.zarr"), "--config",
                      "configs/data/demo.yaml", "--quiet"]) == 1
     assert "input pattern" in capsys.readouterr().err
+
+
+def test_zarr_inputs_with_weatherbench_names_and_a_coarser_time_step(inputs, tmp_path):
+    """A WeatherBench2-style zarr input (long names, latitude ascending), subsampled to 12 h, default batches."""
+    names = {"msl": "mean_sea_level_pressure", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
+             "t2m": "2m_temperature", "z": "geopotential", "t": "temperature", "u": "u_component_of_wind",
+             "v": "v_component_of_wind", "q": "specific_humidity"}
+    dynamic = xr.merge([xr.open_dataset(inputs / SINGLE), xr.open_dataset(inputs / PRESSURE)])
+    dynamic.rename(names).sortby("latitude").to_zarr(tmp_path / "wb2.zarr", zarr_format=3, consolidated=False)
+    twelve_hourly = Selection(**{**SELECTION.__dict__, "time_step_hours": 12})
+    summary = preprocess([tmp_path / "wb2.zarr", inputs / STATIC], tmp_path / "store.zarr", twelve_hourly,
+                         progress=False)
+    assert (summary.n_times, summary.time_step_hours) == (STEPS // 2, 12)
+    stored = xr.open_zarr(tmp_path / "store.zarr", consolidated=False)
+    np.testing.assert_array_equal(stored["t2m"].values, source_fields(inputs)["t2m"][::2])
+    np.testing.assert_array_equal(stored["q"].sel(level=500).values, source_fields(inputs)["q500"][::2])
+    assert TileReader(tmp_path / "store.zarr", lat_range=(0, 9), lon_range=(0, 16)).step_hours == 12
