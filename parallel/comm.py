@@ -31,6 +31,10 @@ import torch.nn.functional as F
 
 traffic: Counter = Counter()  # collective name -> bytes sent by this rank
 
+# torch 2.13 (CPU install) deprecates reduce_scatter_tensor for reduce_scatter_single; torch 2.11
+# (GPU machines) has only the old name
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -54,7 +58,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> t
     rows = x.movedim(dim, 0)
     stacked = torch.cat([_pad_rows(part, width) for part in rows.split(list(sizes))]).contiguous()
     out = torch.empty((width,) + stacked.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, stacked, group=group)
+    _reduce_scatter_tensor(out, stacked, group=group)
     traffic["reduce_scatter"] += out.numel() * out.element_size() * (len(sizes) - 1)
     return out[: sizes[dist.get_rank(group)]].movedim(0, dim)
 

@@ -142,7 +142,7 @@ class TokenLinear(ShardedModule):
         gathered = torch.cat([torch.cat(rows) for rows in rows_of])
         position = torch.empty(outputs.size, dtype=torch.long)
         position[gathered] = torch.arange(outputs.size)
-        self.tile_order = position[outputs.gathered_order]
+        self.register_buffer("tile_order", position[outputs.gathered_order], persistent=False)  # moves with .to()
         self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (torch.cat(pieces), inputs.indices[d])))
         self.bias = self._parameter(ShardSpec((outputs.size,), (pieces[d],))) if bias else None
         self.schedule: str | None = None  # None: the cheaper; "weight" or "activations" to force one (tests)
