@@ -1,0 +1,207 @@
+"""The training run configuration: one YAML file, validated before any work starts.
+
+Sections: ``model`` (a preset plus field overrides), ``mesh``, ``data``, ``optimizer``,
+``schedule``, ``training``, ``checkpoint``, ``logging`` and ``deepspeed`` (a JSON file in
+``configs/deepspeed/``). Command-line overrides use dotted keys: ``--set optimizer.lr=3e-4``
+(values are parsed as YAML, so ``--set mesh.domain=[2,1]`` works). Errors name the key and
+the expected value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from parallel.mesh import MeshConfig
+from weathermixer.config import PRESETS, ConfigError, ModelConfig, preset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    preset: str = "demo"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; expected one of {sorted(PRESETS)}")
+        return value
+
+    def build(self) -> ModelConfig:
+        """The preset with overrides; grid and channel counts are later taken from the store."""
+        return preset(self.preset, **{k: tuple(v) if k == "patch" else v for k, v in self.overrides.items()})
+
+
+class MeshSection(Section):
+    data: int | None = None  # None: inferred from the world size
+    sample: int = 1
+    domain: tuple[int, int] = (1, 1)
+    tensor: int = 1
+
+    def build(self) -> MeshConfig:
+        return MeshConfig(data=self.data, sample=self.sample, domain=tuple(self.domain), tensor=self.tensor)
+
+
+class DataSection(Section):
+    store: str
+    train: tuple[str, str]  # inclusive ISO dates/times
+    validation: tuple[str, str] | None = None
+    prefetch: int = Field(2, ge=1)
+
+
+class OptimizerSection(Section):
+    lr: float = Field(1e-4, gt=0)  # mixer blocks
+    embedding_lr: float = Field(2e-5, gt=0)  # patch embedding, recovery and output layers (paper)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+class ScheduleSection(Section):
+    warmup_steps: int = Field(100, ge=0)
+    decay: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class RolloutStage(Section):
+    from_step: int = Field(0, ge=0)
+    steps: int = Field(1, ge=1)
+
+
+class TrainingSection(Section):
+    steps: int = Field(ge=1)
+    micro_batch: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    rollout: list[RolloutStage] = Field(default_factory=lambda: [RolloutStage()])
+    rollout_mode: Literal["autoregressive", "latent"] = "autoregressive"
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss_weights: Literal["default", "uniform"] = "default"
+
+    @field_validator("rollout")
+    @classmethod
+    def _ordered(cls, stages: list[RolloutStage]) -> list[RolloutStage]:
+        if not stages or stages[0].from_step != 0:
+            raise ValueError("the first rollout stage must start at from_step 0")
+        starts = [s.from_step for s in stages]
+        if starts != sorted(set(starts)):
+            raise ValueError(f"rollout stages must have increasing from_step, got {starts}")
+        return stages
+
+    def rollout_steps(self, step: int) -> int:
+        return [s.steps for s in self.rollout if s.from_step <= step][-1]
+
+    @property
+    def max_rollout(self) -> int:
+        return max(s.steps for s in self.rollout)
+
+
+class CheckpointSection(Section):
+    dir: str = "outputs/run"
+    every: int = Field(100, ge=1)
+    keep: int = Field(3, ge=1)
+
+
+class LoggingSection(Section):
+    every: int = Field(10, ge=1)
+    validate_every: int = Field(100, ge=1)
+    validation_samples: int = Field(8, ge=1)
+    tensorboard: bool = True
+
+
+class RunConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    mesh: MeshSection = Field(default_factory=MeshSection)
+    data: DataSection
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    training: TrainingSection
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    deepspeed: str = "configs/deepspeed/zero1.json"
+    deepspeed_overrides: dict[str, Any] = Field(default_factory=dict)  # merged into the JSON, e.g. {bf16: {enabled: false}}
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "RunConfig":
+        try:
+            self.model.build()
+            self.mesh.build()
+        except (ConfigError, ValueError) as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed JSON with batch sizes and clipping taken from this run."""
+        path = Path(self.deepspeed)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise RunConfigError(f"deepspeed = {self.deepspeed!r}: cannot read the DeepSpeed JSON ({error})") from None
+        _merge(config, self.deepspeed_overrides)
+        config["train_micro_batch_size_per_gpu"] = self.training.micro_batch
+        config["gradient_accumulation_steps"] = self.training.gradient_accumulation
+        config.pop("train_batch_size", None)
+        config.setdefault("zero_allow_untested_optimizer", True)  # our torch Adam with per-group learning rates
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+class RunConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and what was expected."""
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> None:
+    """``section.key=value`` into the nested dict (the value parsed as YAML)."""
+    if "=" not in assignment:
+        raise RunConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.lr=3e-4")
+    key, text = assignment.split("=", 1)
+    *path, last = key.strip().split(".")
+    node = values
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RunConfigError(f"--set {key}: {part} is not a section")
+    node[last] = yaml.safe_load(text)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None
+                    ) -> RunConfig:
+    """Read, override and validate a run config; raises :class:`RunConfigError` naming the key."""
+    if values is None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as error:
+            raise RunConfigError(f"run config {path}: cannot be read ({error})") from None
+        except yaml.YAMLError as error:
+            raise RunConfigError(f"run config {path}: not valid YAML ({error})") from None
+    for assignment in overrides:
+        apply_override(values, assignment)
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<top>'}: {e['msg']}"
+                             + (f" (got {e['input']!r})" if e['type'] not in ('missing',) and not isinstance(
+                                 e.get('input'), dict) else "") for e in error.errors())
+        raise RunConfigError(f"run config {path or '<dict>'}: {problems}") from None

@@ -1,0 +1,58 @@
+"""Train a WeatherMixer: ``deepspeed --num_gpus N launch/train.py --config configs/train/<run>.yaml``.
+
+Also runs under ``torchrun --nproc_per_node N`` and as one plain ``python`` process. The
+world size must equal data x sample x domain x tensor of the config's mesh (``mesh.data``
+may be left out and is then inferred). ``--set key=value`` overrides any config entry.
+A run whose ``checkpoint.dir`` holds a complete checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+
+from launch.run_config import RunConfigError, load_run_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="run config YAML (configs/train/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config entry, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument("--init-from", help="start from these weights (consolidated .pt or checkpoint folder, "
+                        "any mesh) instead of a fresh initialisation")
+    parser.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and exit after this many "
+                        "steps of this invocation (for job time limits); the same command resumes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(args.config, args.set)
+    except RunConfigError as error:
+        parser.error(str(error))
+
+    import torch.distributed as dist
+
+    from launch.trainer import Trainer, init_distributed
+    from parallel.mesh import MeshError
+
+    device = init_distributed(run.training.device)
+    try:
+        try:
+            run.mesh.build().resolve(dist.get_world_size())
+        except MeshError as error:
+            raise SystemExit(f"launch/train.py: {error}") from None
+        trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet)
+        result = trainer.train(stop_after=args.stop_after)
+        dist.barrier()
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

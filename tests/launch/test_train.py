@@ -1,0 +1,201 @@
+"""Training through the real `deepspeed` launcher on CPU ranks: the three equalities.
+
+* mesh vs serial: a model split over domain x tensor, and data-parallel replicas under
+  ZeRO 0/1/2, give the losses of one process;
+* resumed vs uninterrupted: a run stopped at step k and restarted continues bitwise;
+* resharded vs original: a checkpoint trained on one mesh gives the same forward outputs
+  on other meshes and on one process.
+
+Float32 (bf16 off) so that the comparisons are tight; each launch costs ~10-30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch.checkpoint import load_consolidated
+from launch.run_config import RunConfigError, load_run_config
+from launch.tiles import RankInputs
+from parallel.sharding import load_full_state
+from tests.data.store_fixtures import write_store
+from tests.distributed import spawn
+from tests.parallel.equivalence import build_mesh, relative_error
+from weathermixer.model import WeatherMixer
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train") / "store.zarr"
+    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
+                       upper_air=("z", "t"), tile_grid=(1, 2))
+
+
+def run_values(store: Path, run_dir: Path, **sections) -> dict:
+    values = {
+        "model": {"preset": "tiny", "overrides": {"hidden": 16}},
+        "data": {"store": str(store), "train": ["2020-01-01", "2020-01-10"], "validation": ["2020-01-11", "2020-01-12"]},
+        "training": {"steps": STEPS, "micro_batch": 2, "rollout": [{"from_step": 0, "steps": 1},
+                                                                  {"from_step": 3, "steps": 2}]},
+        "schedule": {"warmup_steps": 2},
+        "optimizer": {"lr": 3e-3, "embedding_lr": 1e-3},
+        "checkpoint": {"dir": str(run_dir), "every": 3},
+        "logging": {"every": 1, "validate_every": 3, "validation_samples": 2, "tensorboard": False},
+        "deepspeed": "configs/deepspeed/zero0.json",
+        "deepspeed_overrides": {"bf16": {"enabled": False}},
+    }
+    for section, changes in sections.items():
+        values[section] = {**values.get(section, {}), **changes} if isinstance(changes, dict) else changes
+    return values
+
+
+def launch(n_processes: int, values: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    run_dir = Path(values["checkpoint"]["dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--num_gpus", str(n_processes), "--master_port", str(_free_port()),
+               "launch/train.py", "--config", str(config), "--quiet", *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def _free_port() -> int:
+    from tests.distributed import free_port
+
+    return free_port()
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@pytest.fixture(scope="module")
+def serial_run(store, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("serial")
+    launch(1, run_values(store, run_dir))
+    return run_dir
+
+
+def test_serial_run_learns_and_writes_a_complete_checkpoint(serial_run):
+    curve = losses(serial_run)
+    assert len(curve) == STEPS
+    assert curve[-1] < curve[0], f"loss did not decrease: {curve}"
+    checkpoints = serial_run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step_{STEPS:08d}"
+    assert (checkpoints / f"step_{STEPS:08d}" / "COMPLETE").exists()
+    model = load_consolidated(serial_run / "model.pt")
+    assert model.metadata["step"] == STEPS and model.metadata["channels"][0] == {"variable": "msl", "level": None}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_data_parallel_zero_stages_equal_serial(store, serial_run, tmp_path, stage):
+    """Two replicas of micro-batch 1 see the serial run's two samples per step."""
+    values = run_values(store, tmp_path, training={"micro_batch": 1}, deepspeed=f"configs/deepspeed/zero{stage}.json")
+    launch(2, values)
+    parallel, serial = losses(tmp_path), losses(serial_run)
+    assert max(abs(a - b) / abs(b) for a, b in zip(parallel, serial)) < 1e-5, (parallel, serial)
+
+
+@pytest.fixture(scope="module")
+def model_parallel_run(store, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("mesh")
+    launch(4, run_values(store, run_dir, mesh={"domain": [1, 2], "tensor": 2},
+                         deepspeed="configs/deepspeed/zero1.json"))
+    return run_dir
+
+
+def test_model_parallel_mesh_equals_serial(store, serial_run, model_parallel_run):
+    parallel, serial = losses(model_parallel_run), losses(serial_run)
+    assert max(abs(a - b) / abs(b) for a, b in zip(parallel, serial)) < 1e-5, (parallel, serial)
+    # the trained models agree (weights are not compared one by one: Adam turns the rounding
+    # noise of gradients that are zero in exact arithmetic into full-size steps of weights
+    # that do not affect the output, such as the token-MLP output bias)
+    *_, from_parallel = forward_on_mesh(0, 1, model_parallel_run / "model.pt", store, (1, 1), 1)
+    *_, from_serial = forward_on_mesh(0, 1, serial_run / "model.pt", store, (1, 1), 1)
+    assert relative_error(from_parallel, from_serial) < 1e-4
+
+
+def test_resumed_run_equals_uninterrupted(store, model_parallel_run, tmp_path):
+    values = run_values(store, tmp_path, mesh={"domain": [1, 2], "tensor": 2}, deepspeed="configs/deepspeed/zero1.json")
+    first = launch(4, values, "--stop-after", "2")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002", first.stdout[-2000:]
+    launch(4, values)
+    assert losses(tmp_path) == losses(model_parallel_run)  # bitwise
+
+
+def forward_on_mesh(rank, world_size, checkpoint, store, domain, tensor):
+    full = load_consolidated(checkpoint)
+    mesh = build_mesh(domain, tensor) if world_size > 1 else None
+    model = WeatherMixer(full.model_config, mesh)
+    load_full_state(model, full.state_dict)
+    inputs = RankInputs(str(store), model)
+    state, static, forcings, _ = inputs.batch([inputs.reader.sample(5, 1)], "cpu")
+    with torch.no_grad():
+        out = model(state, static, forcings[:, 0])
+    (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
+    return (lat0, lat1, lon0, lon1, model.out_channels.indices[model.mesh.tensor_rank].tolist(), out)
+
+
+def test_resharded_checkpoint_gives_the_same_forward_outputs(store, model_parallel_run):
+    checkpoint = model_parallel_run / "checkpoints" / f"step_{STEPS:08d}"  # per-rank shards, assembled on load
+    [(_, _, _, _, _, serial)] = [forward_on_mesh(0, 1, checkpoint, store, (1, 1), 1)]
+    for domain, tensor in [((1, 1), 4), ((2, 2), 1)]:
+        for lat0, lat1, lon0, lon1, channels, out in spawn(forward_on_mesh, 4, checkpoint, store, domain, tensor):
+            expected = serial[:, lat0:lat1, lon0:lon1][..., channels]
+            assert relative_error(out, expected) < 1e-5, f"mesh domain {domain} tensor {tensor}"
+
+
+def test_resume_on_another_mesh_loads_the_trained_weights(store, model_parallel_run, tmp_path):
+    shutil.copytree(model_parallel_run / "checkpoints", tmp_path / "checkpoints")
+    values = run_values(store, tmp_path, mesh={"domain": [2, 1], "tensor": 1},
+                        training={"steps": STEPS + 1, "micro_batch": 2})
+    # a learning rate of ~0: the one extra step leaves the loaded weights as they were
+    launch(2, values, "--set", "optimizer.lr=1e-30", "--set", "optimizer.embedding_lr=1e-30")
+    resumed = load_consolidated(tmp_path / "model.pt")
+    assert resumed.metadata["mesh"]["domain"] == [2, 1] and resumed.metadata["step"] == STEPS + 1
+    trained = load_consolidated(model_parallel_run / "model.pt").state_dict
+    worst = max(relative_error(resumed.state_dict[k], trained[k]) for k in trained)
+    assert worst < 1e-6, f"weights after resuming on another mesh differ from the trained ones by {worst:.2e}"
+
+
+def test_mesh_that_does_not_match_the_world_size_fails_before_any_work(store, tmp_path):
+    result = launch(1, run_values(store, tmp_path, mesh={"domain": [1, 1], "tensor": 2}), check=False)
+    assert result.returncode != 0
+    assert "world size is 1" in result.stdout + result.stderr or "world size 1" in result.stdout + result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_config_errors_name_the_key(store, tmp_path):
+    base = run_values(store, tmp_path)
+    with pytest.raises(RunConfigError, match=r"optimizer\.lr"):
+        load_run_config(values={**base, "optimizer": {"lr": -1}})
+    with pytest.raises(RunConfigError, match=r"training\.stepz"):
+        load_run_config(values={**base, "training": {**base["training"], "stepz": 3}})
+    with pytest.raises(RunConfigError, match="unknown preset"):
+        load_run_config(values={**base, "model": {"preset": "huge"}})
+    with pytest.raises(RunConfigError, match="rollout"):
+        load_run_config(values={**base, "training": {**base["training"], "rollout": [{"from_step": 5, "steps": 2}]}})
+    with pytest.raises(RunConfigError, match="KEY=VALUE"):
+        load_run_config(values=base, overrides=["optimizer.lr"])
+    assert load_run_config(values=base, overrides=["optimizer.lr=3e-4"]).optimizer.lr == 3e-4
+    assert load_run_config(values=base, overrides=["mesh.domain=[2,1]"]).mesh.domain == (2, 1)
