@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole chain on a small synthetic ERA5, on 2 CPU processes (or GPUs if present):
+#   install -> netCDF files -> zarr store -> train with the deepspeed launcher (domain 1x2)
+#   -> checkpoint -> forecast from it -> evaluate against persistence and climatology.
+# Outputs go to outputs/demo/ (override with DEMO_DIR); DEMO_STEPS shortens the training.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+bash .ci/install.sh
+source .venv/bin/activate
+export DS_ACCELERATOR=${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+out=${DEMO_DIR:-outputs/demo}
+steps=${DEMO_STEPS:-300}
+mkdir -p "$out"
+
+echo "== 1/5 synthetic ERA5-like netCDF files -> $out/netcdf"
+[ -f "$out/netcdf/.complete" ] || { python -m data.synthetic "$out/netcdf" --grid 33x64 --steps 400 \
+    && touch "$out/netcdf/.complete"; }
+
+echo "== 2/5 preprocess into a zarr store -> $out/era5.zarr"
+python launch/preprocess.py "$out/netcdf" --output "$out/era5.zarr" --config configs/data/demo.yaml \
+    --tile-grid 1x2 --statistics-period 2020-01-01,2020-03-15
+
+echo "== 3/5 train on 2 processes (deepspeed launcher, domain 1x2) -> $out/run"
+rm -rf "$out/run"
+deepspeed --num_gpus 2 launch/train.py --config configs/train/demo.yaml \
+    --set "data.store=$out/era5.zarr" --set "checkpoint.dir=$out/run" --set "training.steps=$steps" \
+    --set "training.rollout=[{from_step: 0, steps: 1}, {from_step: $((steps * 2 / 3)), steps: 2}]"
+
+echo "== 4/5 forecast 2 days ahead from the checkpoint, on 2 processes -> $out/forecast.zarr"
+deepspeed --num_gpus 2 launch/forecast.py --checkpoint "$out/run/model.pt" --store "$out/era5.zarr" \
+    --output "$out/forecast.zarr" --init 2020-03-26T00:2020-04-05T00:12 --steps 8 --domain 1x2 --overwrite
+
+echo "== 5/5 evaluate against persistence and climatology -> $out/evaluation"
+python launch/evaluate.py --forecast "$out/forecast.zarr" --store "$out/era5.zarr" --output "$out/evaluation" \
+    --climatology-period 2020-01-01:2020-03-15
+
+echo
+echo "demo outputs in $out/: netcdf/ (inputs), era5.zarr (store), run/ (checkpoints, metrics.jsonl, model.pt),"
+echo "forecast.zarr, evaluation/ (scores.json, rmse.png, map_*.png)"
