@@ -61,7 +61,7 @@ class DataSection(Section):
 
 class OptimizerSection(Section):
     lr: float = Field(1e-4, gt=0)  # mixer blocks
-    embedding_lr: float = Field(2e-5, gt=0)  # patch embedding, recovery and output layers (paper)
+    embedding_lr: float = Field(2e-5, gt=0)  # patch embedding and patch recovery (paper)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)

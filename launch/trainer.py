@@ -51,7 +51,8 @@ from weathermixer.counts import training_flops
 from weathermixer.loss import WeightedMSE, channel_weights, latitude_weights
 from weathermixer.model import WeatherMixer
 
-EMBEDDING_PREFIXES = ("embed.", "recover.", "final_norm.", "out_norm.", "residual_norm.", "residual_linear.")
+# the paper trains the patch embedding and the patch recovery at a lower rate than the rest
+EMBEDDING_PREFIXES = ("embed.", "recover.")
 
 
 def init_distributed(device: str = "auto") -> torch.device:
@@ -97,7 +98,8 @@ class Trainer:
         store = run.data.store
         self.config = config_for_store(run.model.build(), store)
         self.attrs, n_store_lat, n_lon = store_attrs(store)
-        model = WeatherMixer(self.config, self.mesh, seed=run.training.seed).to(device)
+        with torch.device(device):  # parameters are created and initialised where they will live
+            model = WeatherMixer(self.config, self.mesh, seed=run.training.seed)
         self.inputs = RankInputs(store, model)
         reader = self.inputs.reader
 
