@@ -58,6 +58,14 @@ class DataSection(Section):
     validation: tuple[str, str] | None = None
     prefetch: int = Field(2, ge=1)
 
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _iso_text(cls, period):
+        """YAML reads an unquoted 2020-01-01 as a date: keep it as its ISO text."""
+        if isinstance(period, (list, tuple)):
+            return [item.isoformat() if hasattr(item, "isoformat") else item for item in period]
+        return period
+
 
 class OptimizerSection(Section):
     lr: float = Field(1e-4, gt=0)  # mixer blocks

@@ -58,7 +58,7 @@ class RankInputs:
         layers, rank = model.layers, model.mesh.tensor_rank
         (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
         config = model.config
-        self.forcing_index = layers.channels(config.forcing_channels).indices[rank]
+        self.forcing_index = layers.channels(config.forcing_channels).indices[rank].cpu()
         self.reader = TileReader(store, lat_range=(lat0, lat1), lon_range=(lon0, lon1),
                                  channels=model.state_channels.indices[rank].tolist(),
                                  static_channels=layers.channels(config.static_channels).indices[rank].tolist(),

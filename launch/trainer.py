@@ -129,7 +129,7 @@ class Trainer:
             else channel_weights(self.attrs.channel_names, [c.variable for c in self.attrs.channels],
                                  [c.level for c in self.attrs.channels])
         self.grid_points = stored * n_lon  # points that exist in the store (padded rows excluded)
-        self.loss_fn = WeightedMSE(rows[lat0:lat1], weights[self.model.state_channels.indices[rank]],
+        self.loss_fn = WeightedMSE(rows[lat0:lat1], weights[self.model.state_channels.indices[rank].cpu()],
                                    self.grid_points, float(weights.sum()), self.mesh).to(device)
         self.lead = run.training.max_rollout
         self.sampler = ReplicaSampler(
