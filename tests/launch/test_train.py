@@ -199,3 +199,31 @@ def test_config_errors_name_the_key(store, tmp_path):
         load_run_config(values=base, overrides=["optimizer.lr"])
     assert load_run_config(values=base, overrides=["optimizer.lr=3e-4"]).optimizer.lr == 3e-4
     assert load_run_config(values=base, overrides=["mesh.domain=[2,1]"]).mesh.domain == (2, 1)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(store, tmp_path):
+    """A plain one-process run (no launcher) stopped by SIGTERM checkpoints the step it finished."""
+    import signal
+    import time
+
+    values = run_values(store, tmp_path, training={"steps": 100000, "micro_batch": 1},
+                        logging={"every": 1, "validate_every": 100000, "tensorboard": False},
+                        checkpoint={"dir": str(tmp_path), "every": 100000})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+    process = subprocess.Popen([sys.executable, "launch/train.py", "--config", str(config)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    tag = (tmp_path / "checkpoints" / "latest").read_text()
+    step = int(tag.split("_")[1])
+    assert 3 <= step < 100000 and (tmp_path / "checkpoints" / tag / "COMPLETE").exists()
+    assert f"stopped at step {step}" in output
