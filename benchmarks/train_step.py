@@ -227,12 +227,7 @@ def build_engine(config, args, batch: int, compiled: bool):
     fused = args.device == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
                                   fused=fused or None)
-    if compiled and model.config.activation_checkpointing:
-        # torch.compile does not trace checkpoint's context_fn (the dropout replay): compile
-        # each block inside the checkpoint instead of the whole model
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    elif compiled:
+    if compiled:
         model.compile(dynamic=False)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(args.zero, args.precision, batch))
@@ -271,28 +266,26 @@ class MemoryBatches:
 
 
 class ZarrBatches:
-    """Batches through ``TileReader`` + ``Prefetcher``: ``readers`` prefetch threads read
-    interleaved time indices; a batching thread stacks samples into pinned buffers and
-    copies them to the device on its own stream, so reading, stacking and the host-to-device
-    copy all overlap the training step."""
+    """Batches through ``TileReader`` + ``Prefetcher`` (``readers`` threads reading ahead, in
+    order) and a batching thread that moves each batch to the device on its own stream:
+    samples are read into page-locked channel-first float32 buffers, cross as they are, and
+    the device stacks, casts and exposes the channel-last view (``launch.tiles.RankInputs``),
+    so reading, the transfer and the step all overlap."""
 
     def __init__(self, store: str, model: WeatherMixer, batch: int, device: str, dtype: torch.dtype,
-                 readers: int, depth: int = 2):
+                 readers: int, depth: int | None = None):
         from data.prefetch import Prefetcher
         from data.sampler import valid_time_indices
         from launch.tiles import RankInputs
 
         self.device, self.dtype, self.batch = device, dtype, batch
-        inputs = [RankInputs(store, model) for _ in range(readers)]
-        self.static = inputs[0].reader.static().to(device, dtype)
-        for rank_inputs in inputs:  # normalised samples arrive in the model's input dtype: half the bytes in bf16
-            rank_inputs.reader.dtype = dtype
-        indices = valid_time_indices(inputs[0].reader.times, 1)
+        self.inputs = RankInputs(store, model, pin_memory=device == "cuda")
+        self.static = self.inputs.reader.static().to(device, dtype)
+        indices = valid_time_indices(self.inputs.reader.times, 1)
         rng = np.random.default_rng(0)
-        order = [int(i) for i in itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))]
-        self.prefetchers = [Prefetcher(rank_inputs.reader, order[k::readers], lead_steps=1, depth=depth)
-                            for k, rank_inputs in enumerate(inputs)]
-        self.forcing_index = inputs[0].forcing_index
+        order = itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))
+        self.prefetcher = Prefetcher(self.inputs.reader, (int(i) for i in order), lead_steps=1,
+                                     depth=depth or 2 * readers, workers=readers)
         self.stream = torch.cuda.Stream() if device == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.stop = threading.Event()
@@ -301,32 +294,16 @@ class ZarrBatches:
         self.thread.start()
 
     def _fill(self) -> None:
-        samples = itertools.cycle(self.prefetchers)
-        pinned_pool: list[tuple] = []
-        k = 0
         while not self.stop.is_set():
-            group = [next(next(samples)) for _ in range(self.batch)]
-            state = torch.stack([s.inputs for s in group])
-            target = torch.stack([s.targets[0] for s in group])
-            forcings = torch.stack([s.forcings[0][..., self.forcing_index] for s in group])
-            if self.device == "cuda":
-                if len(pinned_pool) < 3:
-                    pinned_pool.append(tuple(torch.empty_like(t, pin_memory=True) for t in (state, forcings, target)))
-                host = pinned_pool[k % len(pinned_pool)]
-                if len(host) == 4:  # wait until this buffer's previous copy has finished
-                    host[3].synchronize()
-                    host = host[:3]
-                for buffer, value in zip(host, (state, forcings, target)):
-                    buffer.copy_(value)
+            samples = [next(self.prefetcher) for _ in range(self.batch)]
+            if self.stream is not None:
                 with torch.cuda.stream(self.stream):
-                    on_device = tuple(t.to(self.device, self.dtype, non_blocking=True) for t in host)
+                    state, _, forcings, target = self.inputs.batch(samples, self.device, self.dtype)
                     done = torch.cuda.Event()
                     done.record(self.stream)
-                pinned_pool[k % len(pinned_pool)] = (*host, done)
-                item = (on_device, done)
             else:
-                item = (tuple(t.to(self.dtype) for t in (state, forcings, target)), None)
-            k += 1
+                (state, _, forcings, target), done = self.inputs.batch(samples, self.device, self.dtype), None
+            item = ((state, forcings[:, 0], target[:, 0]), done)  # lead 1: the input and one target time
             while not self.stop.is_set():
                 try:
                     self.queue.put(item, timeout=0.1)
@@ -353,30 +330,23 @@ class ZarrBatches:
             except queue.Empty:
                 break
         self.thread.join(timeout=30)
-        for prefetcher in self.prefetchers:
-            prefetcher.close()
+        self.prefetcher.close()
 
 
-def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: int, dtype: torch.dtype) -> float:
+def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: int) -> float:
     """Samples/s that ``readers`` prefetch threads deliver (reading only, no batching or copy)."""
     from data.prefetch import Prefetcher
     from data.sampler import valid_time_indices
     from launch.tiles import RankInputs
 
-    inputs = [RankInputs(store, model) for _ in range(readers)]
-    for rank_inputs in inputs:
-        rank_inputs.reader.dtype = dtype
-    indices = list(valid_time_indices(inputs[0].reader.times, 1)) * (samples // 2 + 2)
-    prefetchers = [Prefetcher(r.reader, indices[k::readers], lead_steps=1, depth=2) for k, r in enumerate(inputs)]
-    cycle = itertools.cycle(prefetchers)
-    next(next(cycle))
-    t0 = time.perf_counter()
-    for _ in range(samples):
-        next(next(cycle))
-    rate = samples / (time.perf_counter() - t0)
-    for prefetcher in prefetchers:
-        prefetcher.close()
-    return rate
+    reader = RankInputs(store, model, pin_memory=torch.cuda.is_available()).reader
+    indices = list(valid_time_indices(reader.times, 1)) * (samples // 2 + 2)
+    with Prefetcher(reader, indices, lead_steps=1, depth=2 * readers, workers=readers) as prefetcher:
+        next(prefetcher)
+        t0 = time.perf_counter()
+        for _ in range(samples):
+            next(prefetcher)
+        return samples / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------ the benchmark
@@ -428,10 +398,12 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     # data-parallel replicas would multiply this; on one device samples/s = batch / step
     tflops = 3 * flops_per_sample * batch / (median * 1e-3) / 1e12
     row = dict(batch=batch, compiled=compiled, data=data, zero=args.zero, precision=args.precision,
+               dropout=base.config.dropout, rng=args.rng,
                checkpointing=args.checkpointing, ms=median, ms_p10=float(np.percentile(step_ms, 10)),
                ms_p90=float(np.percentile(step_ms, 90)), wall_ms=wall_ms, tflops=tflops,
                mfu=tflops / ceiling if ceiling else float("nan"), warmup_s=warm_s,
-               build_s=t_warm - t_build, loss_first=loss_values[0], loss_last=loss_values[-1])
+               build_s=t_warm - t_build, loss_first=loss_values[0], loss_last=loss_values[-1],
+               **compiled_graphs())
     if device == "cuda":
         row.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
@@ -448,6 +420,15 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     return row
 
 
+def compiled_graphs() -> dict:
+    """Graphs dynamo compiled and graph breaks it took in this process (a whole-model graph: 1 and 0)."""
+    from torch._dynamo.utils import counters
+
+    return dict(graphs=int(counters["stats"]["unique_graphs"]),
+                graph_breaks=int(sum(counters["graph_break"].values())),
+                graph_break_reasons=[reason.splitlines()[0] for reason in counters["graph_break"]][:4])
+
+
 def profile_steps(engine, loss_fn, source, rows: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -462,14 +443,14 @@ def print_table(rows: list[dict], ceiling: float, config_name: str) -> None:
     print(f"\n{config_name}: TFLOP/s = 3 x forward FLOPs x batch / step; MFU against the {ceiling:.0f} TFLOP/s "
           f"bf16 matmul ceiling measured in this process")
     head = (f"{'batch':>5} {'compile':>7} {'data':>6} {'ZeRO':>4} {'precision':>9} {'ckpt':>4} {'ms/step':>8} "
-            f"{'p10-p90':>13} {'TFLOP/s':>7} {'MFU':>6} {'peak GiB':>8} {'states GiB':>10} {'wait ms':>7}")
+            f"{'p10-p90':>13} {'TFLOP/s':>7} {'MFU':>6} {'peak GiB':>8} {'states GiB':>10} {'wait ms':>7} {'graphs':>6} {'breaks':>6}")
     print(head)
     for r in rows:
         print(f"{r['batch']:>5} {('on' if r['compiled'] else 'off'):>7} {r['data']:>6} {r['zero']:>4} "
               f"{r['precision']:>9} {('on' if r['checkpointing'] else 'off'):>4} {r['ms']:>8.1f} "
               f"{r['ms_p10']:>6.1f}-{r['ms_p90']:<6.1f} {r['tflops']:>7.1f} {r['mfu']:>6.1%} "
               f"{r.get('peak_gib', float('nan')):>8.1f} {r.get('static_gib', float('nan')):>10.1f} "
-              f"{r.get('data_wait_ms', float('nan')):>7.2f}")
+              f"{r.get('data_wait_ms', float('nan')):>7.2f} {r.get('graphs', 0):>6} {r.get('graph_breaks', 0):>6}")
 
 
 # ------------------------------------------------------------------------------ synthetic store
@@ -597,6 +578,10 @@ def parse_args(argv=None):
                         help="bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer); "
                              "autocast: fp32 weights under torch.autocast(bf16)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
+    parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
+    parser.add_argument("--rng", default="aten", choices=("aten", "inductor"),
+                        help="random numbers in compiled graphs: aten's kernels (inductor.config.fallback_random, "
+                             "the eager masks) or inductor's philox fused into the consumers' kernels")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")
     parser.add_argument("--store", default=None, help="zarr store for --data zarr")
@@ -623,7 +608,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    config = preset(args.preset)
+    config = preset(args.preset) if args.dropout is None else preset(args.preset, dropout=args.dropout)
     if args.make_store is not None:
         grid = tuple(int(v) for v in args.store_grid.lower().split("x")) if args.store_grid else (config.lat,
                                                                                                  config.lon)
@@ -637,13 +622,12 @@ def main(argv=None) -> list[dict]:
     if "zarr" in args.data and not args.store:
         raise SystemExit("--data zarr needs --store PATH (make one with --make-store PATH)")
     cases = list(itertools.product(args.data, args.compile, args.batch))
-    if args.device == "cuda" and len(cases) > 1 and not args.in_process:
+    if args.device == "cuda" and len(cases) > 1 and not (args.in_process or args.reader_only):
         return run_isolated(args, argv, cases)  # before any process group: the children need the port
     init_distributed(args.device)
-    # every ShardDropout instance (12 in jigsaw-1b) breaks the graph and is its own frame;
-    # the default limit of 8 would leave the rest uncompiled
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = args.rng == "aten"
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -668,8 +652,7 @@ def main(argv=None) -> list[dict]:
               f"{model_config.input_channels} input channels; built in {time.perf_counter() - t0:.0f} s", flush=True)
         if data == "zarr" and args.reader_test:
             for threads in args.reader_test:
-                rate = reader_throughput(args.store, base, threads, samples=2 * threads + 2,
-                                         dtype=input_dtype(args))
+                rate = reader_throughput(args.store, base, threads, samples=4 * threads + 4)
                 print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target)", flush=True)
             if args.reader_only:
                 continue

@@ -1,9 +1,12 @@
 """Background prefetch of tile samples so that reading overlaps the training step.
 
-A daemon thread reads samples ahead into a bounded queue while the consumer computes.
-A thread suffices: the reading is file I/O and zarr decompression, which release the GIL,
-and it keeps the samples in the consumer's process with no pickling. ``depth`` bounds
-the samples held in memory (each ``(lead + 1) x tile x channels`` floats).
+``workers`` threads read samples ahead, at most ``depth`` in flight or waiting, while the
+consumer computes; samples come out in the order of the indices whichever thread read
+them. Threads suffice: the reading is file I/O, zarr decompression and numpy copies,
+which release the GIL, and it keeps the samples in the consumer's process with no
+pickling. ``depth`` bounds the samples held in memory (each ``(lead + 1) x tile x
+channels`` floats); at 0.25 deg one thread reads ~1-2 samples/s, so a GPU step of ~0.1 s
+per sample needs several workers (``benchmarks/GPU.md``).
 
 An error in the reader (or in drawing the next index) reaches the consumer as the
 original exception, with a note naming the time index and the store, at the position in
@@ -12,24 +15,11 @@ the sequence where it happened.
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from data.reader import Sample, TileReader
-
-_POLL_SECONDS = 0.1
-
-
-class _Finished:
-    """Queue item marking the end of the indices."""
-
-
-class _Failed:
-    """Queue item carrying an exception raised in the prefetch thread."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 class Prefetcher:
@@ -41,45 +31,53 @@ class Prefetcher:
     ``ReplicaSampler.state_dict(consumed=...)``.
     """
 
-    def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2) -> None:
+    def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2,
+                 workers: int = 1) -> None:
         if depth < 1:
             raise ValueError(f"Prefetcher: depth must be >= 1, got {depth}")
+        if not 1 <= workers <= depth:
+            raise ValueError(f"Prefetcher: workers must lie in 1..depth={depth} (more threads than samples in "
+                             f"flight would idle), got {workers}")
         self.reader = reader
         self.lead_steps = lead_steps
+        self.depth = depth
         self.delivered = 0
-        self._indices = time_indices
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._indices = iter(time_indices)
+        self._exhausted = False
         self._done = False
-        self._thread = threading.Thread(target=self._fill, name=f"prefetch {reader.store}", daemon=True)
-        self._thread.start()
+        self._pending: deque[Future] = deque()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"prefetch {reader.store}")
+        self._fill()
+
+    @property
+    def reading(self) -> bool:
+        """Whether any reader thread is still alive (False once closed)."""
+        return any(thread.is_alive() for thread in self._pool._threads)
 
     def __iter__(self) -> Iterator[Sample]:
         return self
 
     def __next__(self) -> Sample:
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, _Finished):
+        if self._done or not self._pending:
             self.close()
             raise StopIteration
-        if isinstance(item, _Failed):
+        future = self._pending.popleft()
+        try:
+            sample = future.result()
+        except BaseException:
             self.close()
-            raise item.error
+            raise
+        self._fill()
         self.delivered += 1
-        return item
+        return sample
 
     def close(self) -> None:
-        """Stop reading ahead and wait for the thread (at most the sample being read)."""
+        """Stop reading ahead and wait for the threads (at most the samples being read)."""
         self._done = True
-        self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join()
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "Prefetcher":
         return self
@@ -88,30 +86,26 @@ class Prefetcher:
         self.close()
 
     def _fill(self) -> None:
-        indices = iter(self._indices)
-        while not self._stop.is_set():
+        """Keep ``depth`` samples in flight or waiting."""
+        while not self._exhausted and len(self._pending) < self.depth:
             try:
-                time_index = next(indices)
+                time_index = next(self._indices)
             except StopIteration:
-                self._put(_Finished())
+                self._exhausted = True
                 return
-            except BaseException as error:  # the consumer must not wait forever
+            except BaseException as error:  # delivered in its place in the sequence
                 error.add_note(f"raised while drawing the next time index to prefetch from {self.reader.store}")
-                self._put(_Failed(error))
+                failed: Future = Future()
+                failed.set_exception(error)
+                self._pending.append(failed)
+                self._exhausted = True
                 return
-            try:
-                sample = self.reader.sample(time_index, self.lead_steps)
-            except BaseException as error:
-                error.add_note(f"raised while prefetching time index {time_index} (lead_steps={self.lead_steps}) "
-                               f"from {self.reader.store}")
-                self._put(_Failed(error))
-                return
-            self._put(sample)
+            self._pending.append(self._pool.submit(self._read, time_index))
 
-    def _put(self, item: object) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_SECONDS)
-                return
-            except queue.Full:
-                continue
+    def _read(self, time_index: int) -> Sample:
+        try:
+            return self.reader.sample(time_index, self.lead_steps)
+        except BaseException as error:
+            error.add_note(f"raised while prefetching time index {time_index} (lead_steps={self.lead_steps}) "
+                           f"from {self.reader.store}")
+            raise

@@ -17,6 +17,7 @@ which rank owns which tile and channel slice is decided by the launcher.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,10 +28,12 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 
 from data.schema import StoreAttrs, StoreError
 from data.time_features import N_TIME_FEATURES, time_features
 
+CPU_BUFFER = default_buffer_prototype()
 UPPER_AIR_DIMS = ("time", "level", "latitude", "longitude")
 SURFACE_DIMS = ("time", "latitude", "longitude")
 STATIC_DIMS = ("latitude", "longitude")
@@ -48,8 +51,8 @@ class Sample:
     channels ``S`` and ``F`` = 4 time features (``data/time_features.py``).
     """
 
-    inputs: torch.Tensor  # (lat, lon, C) state at ``time``
-    targets: torch.Tensor  # (lead, lat, lon, C) states at time + k * step, k = 1..lead
+    inputs: torch.Tensor  # (lat, lon, C) state at ``time``; a view of channel-first memory
+    targets: torch.Tensor  # (lead, lat, lon, C) states at time + k * step, k = 1..lead; likewise
     static: torch.Tensor  # (lat, lon, S) shared by all samples of a reader; do not modify
     forcings: torch.Tensor  # (lead + 1, lat, lon, F) time features at the input and each target time
     time: np.datetime64  # valid time of the inputs
@@ -88,6 +91,14 @@ class _VariableRead:
     array: zarr.Array
     positions: np.ndarray  # output channel positions, in the order of ``levels``
     levels: slice | np.ndarray | None  # level indices (ascending); None for surface variables
+
+    @property
+    def channels(self) -> slice | None:
+        """The output positions as a slice when they are consecutive and ascending, else None."""
+        first = int(self.positions[0])
+        if np.array_equal(self.positions, np.arange(first, first + len(self.positions))):
+            return slice(first, first + len(self.positions))
+        return None
 
 
 class TileReader:
@@ -207,12 +218,12 @@ class TileReader:
                              f"data.sampler.valid_time_indices")
 
         n_times = lead_steps + 1
-        fields = self._read_fields(slice(time_index, last + 1), n_times)
+        fields = self._read_fields(slice(time_index, last + 1), n_times).permute(0, 2, 3, 1)  # channel-last views
         forcings = np.zeros((n_times, *self.tile_shape, N_TIME_FEATURES), dtype=np.float32)
         for k, time in enumerate(window):
             forcings[k, :self._stored_rows] = time_features(time, self.longitudes, self._stored_rows)
         return Sample(inputs=self._tensor(fields[0]), targets=self._tensor(fields[1:]), static=self._static,
-                      forcings=self._tensor(forcings), time=window[0], time_index=time_index)
+                      forcings=self._tensor(torch.from_numpy(forcings)), time=window[0], time_index=time_index)
 
     def __repr__(self) -> str:
         return (f"TileReader({self.store!r}, lat_range={self.lat_range}, lon_range={self.lon_range}, "
@@ -220,22 +231,44 @@ class TileReader:
                 f"static={len(self.static_indices)}/{len(self.attrs.static_channels)}, times={len(self.times)})")
 
     # ------------------------------------------------------------------ reading
-    def _read_fields(self, times: slice, n_times: int) -> np.ndarray:
-        """``(time, lat, lon, C)`` float32, normalised; padded rows stay zero."""
-        fields = np.zeros((n_times, *self.tile_shape, self.n_channels), dtype=np.float32)
+    def _read_fields(self, times: slice, n_times: int) -> torch.Tensor:
+        """``(time, C, lat, lon)`` float32, normalised, channel-first; padded rows stay zero.
+
+        Channel-first, so that each variable's levels are a block of whole planes: zarr
+        decodes straight into the buffer (no transposing scatter, which cost twice the zarr
+        decode at 0.25 deg); callers see channel-last views and the device makes them
+        contiguous. All variables are read concurrently on an event loop of the calling
+        thread: zarr's synchronous API runs every caller's chunk copies on one shared loop
+        thread, which capped several prefetch threads together at ~4 samples/s at 0.25 deg.
+        With ``pin_memory`` the buffer is allocated page-locked for the asynchronous transfer.
+        """
+        shape = (n_times, self.n_channels, *self.tile_shape)
+        if self.pin_memory:  # recycled page-locked blocks: zero only the padded rows
+            fields = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+            fields[:, :, self._stored_rows:] = 0
+        else:  # fresh pageable memory: zero pages cost less than faulting in written ones
+            fields = torch.zeros(shape, dtype=torch.float32)
         if self._stored_rows == 0:
             return fields
-        stored = fields[:, :self._stored_rows]
-        for read in self._reads:
-            if read.levels is None:
-                stored[..., read.positions] = read.array.get_orthogonal_selection(
-                    (times, self._rows, self._columns))[..., None]
-            else:
-                block = read.array.get_orthogonal_selection((times, read.levels, self._rows, self._columns))
-                stored[..., read.positions] = np.moveaxis(block, 1, -1)
-        stored -= self._mean
-        stored *= self._inv_std
+        stored = fields.numpy()[:, :, :self._stored_rows]
+        asyncio.run(self._read_variables(times, stored))
+        stored -= self._mean[:, None, None]
+        stored *= self._inv_std[:, None, None]
         return fields
+
+    async def _read_variables(self, times: slice, stored: np.ndarray) -> None:
+        await asyncio.gather(*(self._read_variable(read, times, stored) for read in self._reads))
+
+    async def _read_variable(self, read: _VariableRead, times: slice, stored: np.ndarray) -> None:
+        array = read.array.async_array
+        if read.levels is None:
+            selection, destination = (times, self._rows, self._columns), stored[:, read.positions[0]]
+        else:
+            selection, destination = (times, read.levels, self._rows, self._columns), stored[:, read.channels]
+        if read.channels is not None:  # a block of consecutive channels: decode in place
+            await array.get_orthogonal_selection(selection, out=CPU_BUFFER.nd_buffer.from_numpy_array(destination))
+        else:
+            stored[:, read.positions] = await array.get_orthogonal_selection(selection)
 
     def _read_static(self, group: zarr.Group) -> torch.Tensor:
         static = np.zeros((*self.tile_shape, len(self.static_indices)), dtype=np.float32)
@@ -245,13 +278,13 @@ class TileReader:
             values = np.asarray(array[self._rows, self._columns], dtype=np.float32)
             static[:self._stored_rows, :, position] = (
                 (values - np.float32(self.attrs.static_mean[index])) / np.float32(self.attrs.static_std[index]))
-        return self._tensor(static)
+        return self._tensor(torch.from_numpy(static))
 
-    def _tensor(self, values: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(values)
+    def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In the reader's dtype (keeping the memory layout), page-locked when asked."""
         if self.dtype != torch.float32:
             tensor = tensor.to(self.dtype)
-        return tensor.pin_memory() if self.pin_memory else tensor
+        return tensor.pin_memory() if self.pin_memory and not tensor.is_pinned() else tensor
 
 
 # ---------------------------------------------------------------------- store checks

@@ -53,7 +53,7 @@ def check_store_matches(metadata: dict, store: str) -> StoreAttrs:
 class RankInputs:
     """Reads this rank's tile and channel slices from a store and shapes them for the model."""
 
-    def __init__(self, store: str, model: WeatherMixer):
+    def __init__(self, store: str, model: WeatherMixer, pin_memory: bool = False):
         self.model = model
         layers, rank = model.layers, model.mesh.tensor_rank
         (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
@@ -62,12 +62,17 @@ class RankInputs:
         self.reader = TileReader(store, lat_range=(lat0, lat1), lon_range=(lon0, lon1),
                                  channels=model.state_channels.indices[rank].tolist(),
                                  static_channels=layers.channels(config.static_channels).indices[rank].tolist(),
-                                 model_lat=config.model_lat)
+                                 model_lat=config.model_lat, pin_memory=pin_memory)
 
     def batch(self, samples: list[Sample], device: torch.device | str, dtype: torch.dtype = torch.float32):
-        """``(state, static, forcings, targets)`` for the model from a list of samples."""
-        state = torch.stack([s.inputs for s in samples]).to(device, dtype, non_blocking=True)
-        targets = torch.stack([s.targets for s in samples]).to(device, dtype, non_blocking=True)
+        """``(state, static, forcings, targets)`` for the model from a list of samples.
+
+        State and targets cross to the device in the reader's channel-first memory (pinned
+        when the reader pins) and become channel-last views there: the transposition is a
+        device kernel, not a host copy.
+        """
+        state = _on_device([s.inputs for s in samples], device, dtype)
+        targets = _on_device([s.targets for s in samples], device, dtype)
         forcings = torch.stack([s.forcings[..., self.forcing_index] for s in samples]).to(device, dtype,
                                                                                         non_blocking=True)
         static = samples[0].static.to(device, dtype, non_blocking=True)
@@ -81,3 +86,9 @@ class RankInputs:
         for k, time in enumerate(times):
             out[k, :stored] = time_features(time, self.reader.longitudes, stored)
         return torch.from_numpy(out)[..., self.forcing_index]
+
+
+def _on_device(tensors: list[torch.Tensor], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Channel-last tensors stacked on ``device``: each crosses in its channel-first memory."""
+    channel_first = [t.movedim(-1, -3).to(device, non_blocking=True) for t in tensors]
+    return torch.stack(channel_first).to(dtype).movedim(-3, -1)

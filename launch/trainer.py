@@ -44,7 +44,7 @@ from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atom
                                consolidate, latest_checkpoint, read_meta, save_consolidated)
 from launch.run_config import RunConfig
 from launch.tiles import RankInputs, config_for_store, store_attrs
-from parallel.layers import ShardDropout
+from parallel.rng import seed_dropout
 from parallel.mesh import DeepSpeedMPU, ProcessMesh
 from parallel.sharding import load_full_state
 from weathermixer.counts import training_flops
@@ -100,7 +100,8 @@ class Trainer:
         self.attrs, n_store_lat, n_lon = store_attrs(store)
         with torch.device(device):  # parameters are created and initialised where they will live
             model = WeatherMixer(self.config, self.mesh, seed=run.training.seed)
-        self.inputs = RankInputs(store, model)
+        seed_dropout(run.training.seed, self.mesh.data_rank, self.mesh.sample_rank, self.mesh.model_rank)
+        self.inputs = RankInputs(store, model, pin_memory=device.type == "cuda")
         reader = self.inputs.reader
 
         block_params = [p for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES)]
@@ -116,6 +117,9 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=run.deepspeed_config(),
             mpu=DeepSpeedMPU(self.mesh))
         self.model: WeatherMixer = self.engine.module
+        # one graph per rollout length; validation and export stay eager
+        self._rollout = torch.compile(self.model.rollout, dynamic=False) if run.training.compile \
+            else self.model.rollout
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
 
         # loss: cell-area weights of the stored rows (padded rows weigh nothing), channel weights
@@ -157,7 +161,8 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         while self.step < t.steps:
             self.sampler.set_epoch(self.epoch)
-            with Prefetcher(self.inputs.reader, iter(self.sampler), self.lead, run.data.prefetch) as prefetcher:
+            with Prefetcher(self.inputs.reader, iter(self.sampler), self.lead, run.data.prefetch,
+                            run.data.workers) as prefetcher:
                 self._prefetcher = prefetcher
                 while self.step < t.steps:
                     batches = [self._next_batch(prefetcher) for _ in range(t.gradient_accumulation)]
@@ -216,7 +221,7 @@ class Trainer:
 
     def _micro_step(self, batch, lead: int) -> float:
         state, static, forcings, targets = batch
-        prediction = self.model.rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
+        prediction = self._rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
         loss = self.loss_fn(prediction, targets[:, :lead])
         self.engine.backward(loss)
         self.engine.step()
@@ -279,8 +284,7 @@ class Trainer:
                                lambda file: torch.save(shards, file))
         trainer_state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(consumed),
                          "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                         "dropout_rng": {name: m.generator.get_state() for name, m in self.model.named_modules()
-                                         if isinstance(m, ShardDropout) and m.generator is not None}}
+                         "device_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
         atomic_write_bytes(folder / "trainer" / f"rank_{self.rank}.pt", lambda file: torch.save(trainer_state, file))
         dist.barrier()
         if self.rank == 0:
@@ -350,10 +354,8 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
             torch.set_rng_state(state["torch_rng"])
             np.random.set_state(state["numpy_rng"])
-            for name, module in self.model.named_modules():
-                if name in state["dropout_rng"]:
-                    module.generator = torch.Generator(device=self.device)
-                    module.generator.set_state(state["dropout_rng"][name])
+            if state["device_rng"] is not None:
+                torch.cuda.set_rng_state(state["device_rng"])
             self.step, self.epoch = state["step"], state["epoch"]
             self._say(f"resumed from {folder} at step {self.step}")
         else:  # another layout: weights through the mesh-free form; optimizer and schedule restart

@@ -169,13 +169,3 @@ def all_to_all(x: torch.Tensor, split_dim: int, split_sizes: Sequence[int], cat_
     if group_size(group) == 1:
         return x
     return _AllToAll.apply(x, split_dim % x.dim(), tuple(split_sizes), cat_dim % x.dim(), tuple(cat_sizes), group)
-
-
-def gather_sizes(size: int, group, device: str | torch.device = "cpu") -> list[int]:
-    """Every rank's ``size`` (an int), in rank order; no gradient. ``device``: where the
-    group's backend can communicate (CUDA for NCCL)."""
-    if group_size(group) == 1:
-        return [size]
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(group_size(group))]
-    dist.all_gather(sizes, torch.tensor([size], dtype=torch.int64, device=device), group=group)
-    return [int(s) for s in sizes]

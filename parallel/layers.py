@@ -7,13 +7,11 @@ part and every layer is plain PyTorch.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from parallel.linear import ChannelLinear, TokenLinear
 from parallel.mesh import MeshError, ProcessMesh
 from parallel.norm import LayerNorm
-from parallel.rng import stream
 from parallel.tiling import DomainTiling, Partition
 
 
@@ -46,35 +44,15 @@ class LayerFactory:
     def channel_linear(self, inputs: Partition, outputs: Partition, bias: bool = True) -> ChannelLinear:
         return ChannelLinear(self.mesh, inputs, outputs, bias)
 
-    def token_linear(self, inputs: Partition, outputs: Partition, bias: bool = True) -> TokenLinear:
-        return TokenLinear(self.mesh, inputs, outputs, bias)
+    def token_linear(self, inputs: Partition, outputs: Partition, channels: Partition,
+                     bias: bool = True) -> TokenLinear:
+        """Mixes the token dimension of activations whose channels are split as ``channels``."""
+        return TokenLinear(self.mesh, inputs, outputs, channels, bias)
 
     def layer_norm(self, channels: Partition, eps: float = 1e-5) -> LayerNorm:
         return LayerNorm(self.mesh, channels, eps)
 
-    def dropout(self, p: float, seed: int = 0) -> nn.Module:
-        return ShardDropout(p, self.mesh, seed)
-
-
-class ShardDropout(nn.Module):
-    """Dropout whose masks come from a stream keyed by (seed, data rank, sample rank, model rank).
-
-    Shards of one replica draw independent masks (a shared default generator would give
-    every tile the same mask), so do replicas (data and sample ranks: different samples
-    should not share a mask pattern), and reruns draw the same ones.
-    """
-
-    def __init__(self, p: float, mesh: ProcessMesh, seed: int):
-        super().__init__()
-        self.p, self.mesh, self.seed = p, mesh, seed
-        self.generator: torch.Generator | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if self.generator is None or self.generator.device != x.device:
-            mesh = self.mesh
-            self.generator = stream(self.seed, "dropout", mesh.data_rank, mesh.sample_rank, mesh.model_rank,
-                                    device=x.device)
-        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
-        return x * keep.to(x.dtype) / (1 - self.p)
+    def dropout(self, p: float) -> nn.Dropout:
+        """Plain dropout: its masks come from the default generators, which
+        ``parallel.rng.seed_dropout`` seeds per (data, sample, model) rank."""
+        return nn.Dropout(p)

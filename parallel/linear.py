@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.comm import all_to_all, gather_from_group, gather_sizes, reduce_scatter_to_group
+from parallel.comm import all_to_all, gather_from_group, reduce_scatter_to_group
 from parallel.mesh import ProcessMesh
 from parallel.rng import uniform_at
 from parallel.sharding import ShardSpec, sharded_parameter
@@ -129,9 +129,11 @@ class TokenLinear(ShardedModule):
       channels, reduce-scatter the partial sums over domain to the output tiles.
     """
 
-    def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, bias: bool = True):
+    def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, channels: Partition,
+                 bias: bool = True):
         super().__init__(mesh)
         self.inputs, self.outputs = inputs, outputs
+        self.channels = channels.sizes  # of the activations it mixes, split over tensor
         tensor, t, d = mesh.config.tensor, mesh.tensor_rank, mesh.domain_rank
         rows_of = [[split_over(tile, tensor, k)[0] for tile in outputs.indices] for k in range(tensor)]
         pieces = rows_of[t]  # piece t of every output tile
@@ -146,16 +148,12 @@ class TokenLinear(ShardedModule):
         self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (torch.cat(pieces), inputs.indices[d])))
         self.bias = self._parameter(ShardSpec((outputs.size,), (pieces[d],))) if bias else None
         self.schedule: str | None = None  # None: the cheaper; "weight" or "activations" to force one (tests)
-        self._channel_sizes: dict[int, list[int]] = {}
-
-    def channel_sizes(self, width: int, device: torch.device) -> list[int]:
-        """Every tensor rank's channel count (asked once per width: the layer does not know the partition)."""
-        if width not in self._channel_sizes:
-            self._channel_sizes[width] = gather_sizes(width, self.mesh.tensor_group, device)
-        return self._channel_sizes[width]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = self.channel_sizes(x.shape[-1], x.device)
+        channels = self.channels
+        if x.shape[-1] != channels[self.mesh.tensor_rank]:
+            raise ValueError(f"TokenLinear: input has {x.shape[-1]} channels, this rank's slice of the "
+                             f"{sum(channels)} channels it was built for holds {channels[self.mesh.tensor_rank]}")
         config = self.mesh.config
         moves_weight = self.schedule == "weight" or (self.schedule is None and token_mixing_moves_weight(
             x.shape[0], self.inputs, self.outputs, channels, config.domain_size, config.tensor))

@@ -1,13 +1,19 @@
 """Reproducible, independent random streams keyed by what they are for.
 
 A stream is a ``torch.Generator`` seeded from a hash of ``(seed, *keys)``, e.g.
-``("dropout", data_rank, sample_rank, model_rank)`` for dropout masks, or
 ``(..., sample_rank, shard, step)`` for Bayesian noise. Keys make draws independent across
 sample ranks and shards, and the same on every rerun, with no state to carry between ranks
 (only ``step`` for per-step streams, which checkpoints hold).
 
-Initial weights use :func:`uniform_at` instead: a value per global element, keyed by
-``("init", parameter_name)``, so every mesh starts from the serial model.
+Dropout draws from torch's default generators, seeded per rank by :func:`seed_dropout`
+from ``(seed, "dropout", data rank, sample rank, model rank)``: a layer that takes no
+generator argument compiles into the surrounding graph (inductor generates the mask in
+the fused kernel), and ``torch.utils.checkpoint`` replays it by restoring those
+generators. Nothing else in a training step draws from them; checkpoints save their state.
+
+Initial weights use :func:`uniform_at`: a value per global element, keyed by
+``("init", parameter_name)``, a pure function of the key and the position, so every mesh
+starts from the serial model.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
+
+
+def seed_dropout(seed: int, data_rank: int, sample_rank: int, model_rank: int) -> int:
+    """Seed torch's default generators (CPU and every accelerator) for this rank's dropout masks.
+
+    Shards of one replica then draw independent masks (one seed everywhere would give every
+    tile the same mask), so do replicas (data and sample ranks: different samples should
+    not share a mask pattern), and reruns draw the same ones. Returns the seed used.
+    """
+    value = stream_seed(seed, "dropout", data_rank, sample_rank, model_rank)
+    torch.manual_seed(value)
+    return value
 
 
 def uniform_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],

@@ -63,8 +63,8 @@ class Partition:
     def parts(self) -> int:
         return len(self.indices)
 
-    @cached_property
-    def sizes(self) -> list[int]:
+    @property
+    def sizes(self) -> list[int]:  # not cached: forwards read it, and dynamo cannot trace cached_property's lock
         return [len(i) for i in self.indices]
 
     @cached_property

@@ -20,14 +20,13 @@ outputs are the rank's tile: ``(batch, tile_lat, tile_lon, channels of its slice
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parallel.layers import LayerFactory, ShardDropout
+from parallel.layers import LayerFactory
 from parallel.mesh import ProcessMesh
 from parallel.tiling import Partition
 from weathermixer.config import ModelConfig
@@ -45,55 +44,20 @@ class MLP(nn.Module):
 class MixerBlock(nn.Module):
     """Pre-norm mixer block: token mixing across patches, then channel mixing across features."""
 
-    def __init__(self, config: ModelConfig, layers: LayerFactory, hidden: Partition, seed: int):
+    def __init__(self, config: ModelConfig, layers: LayerFactory, hidden: Partition):
         super().__init__()
         token_hidden = layers.token_features(config.token_hidden)
         channel_hidden = layers.channels(config.channel_hidden)
         self.token_norm = layers.layer_norm(hidden)
-        self.token_mlp = MLP(layers.token_linear(layers.tokens, token_hidden),
-                             layers.token_linear(token_hidden, layers.tokens), layers.dropout(config.dropout, seed))
+        self.token_mlp = MLP(layers.token_linear(layers.tokens, token_hidden, hidden),
+                             layers.token_linear(token_hidden, layers.tokens, hidden), layers.dropout(config.dropout))
         self.channel_norm = layers.layer_norm(hidden)
         self.channel_mlp = MLP(layers.channel_linear(hidden, channel_hidden),
-                               layers.channel_linear(channel_hidden, hidden), layers.dropout(config.dropout, seed + 1))
+                               layers.channel_linear(channel_hidden, hidden), layers.dropout(config.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.token_mlp(self.token_norm(x))  # TokenLinear mixes dim 1 (tokens)
         return x + self.channel_mlp(self.channel_norm(x))
-
-
-class ReplayDropout:
-    """Checkpoint contexts that make a recomputed block draw the dropout masks of its forward.
-
-    ``torch.utils.checkpoint`` restores only the global RNG; our dropout draws from its own
-    keyed generators, so a plain recomputation would draw fresh masks and the gradients
-    would belong to another network. The forward snapshots the generators; the
-    recomputation replays from the snapshot and then puts back whatever state they had
-    reached, so the stream of masks is the same with and without checkpointing.
-    """
-
-    def __init__(self, block: nn.Module):
-        self.dropouts = [m for m in block.modules() if isinstance(m, ShardDropout) and m.p > 0]
-
-    def _states(self) -> list:
-        return [(m.generator, None if m.generator is None else m.generator.get_state()) for m in self.dropouts]
-
-    def _restore(self, states: list) -> None:
-        for module, (generator, state) in zip(self.dropouts, states):
-            module.generator = generator
-            if generator is not None:
-                generator.set_state(state)
-
-    @contextlib.contextmanager
-    def _replay(self, snapshot: list):
-        reached = self._states()
-        self._restore(snapshot)
-        try:
-            yield
-        finally:
-            self._restore(reached)
-
-    def __call__(self):  # checkpoint's context_fn: (forward context, recomputation context)
-        return contextlib.nullcontext(), self._replay(self._states())
 
 
 class WeatherMixer(nn.Module):
@@ -113,8 +77,7 @@ class WeatherMixer(nn.Module):
         self.local_input_channels = inputs.sizes[self.mesh.tensor_rank]
 
         self.embed = layers.channel_linear(Partition.patch_features(inputs, config.patch_size), hidden)
-        self.blocks = nn.ModuleList(MixerBlock(config, layers, hidden, seed + 2 * k) for k in range(config.depth))
-        self.replay_dropout = [ReplayDropout(block) for block in self.blocks]
+        self.blocks = nn.ModuleList(MixerBlock(config, layers, hidden) for _ in range(config.depth))
         self.final_norm = layers.layer_norm(hidden)
         concat = config.decoder_skip and config.decoder_merge == "concat"
         decoder_inputs = Partition.concat(hidden, hidden) if concat else hidden
@@ -157,10 +120,11 @@ class WeatherMixer(nn.Module):
 
     def process(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.config.latent_steps):
-            for block, replay_dropout in zip(self.blocks, self.replay_dropout):
+            for block in self.blocks:
                 if self.config.activation_checkpointing and torch.is_grad_enabled():
-                    # keep only each block's input; recompute its activations in backward
-                    x = checkpoint(block, x, use_reentrant=False, context_fn=replay_dropout)
+                    # keep only each block's input; recompute its activations (and, from the
+                    # restored default generators, its dropout masks) in backward
+                    x = checkpoint(block, x, use_reentrant=False)
                 else:
                     x = block(x)
         return x

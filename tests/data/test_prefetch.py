@@ -23,10 +23,10 @@ def assert_same_sample(actual, expected):
     assert actual.time == expected.time and actual.time_index == expected.time_index
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_yields_the_direct_samples_in_order(reader, depth):
-    indices = [5, 0, 3, 3, 1]
-    with Prefetcher(reader, indices, lead_steps=2, depth=depth) as prefetcher:
+@pytest.mark.parametrize("depth,workers", [(1, 1), (3, 1), (4, 3)])
+def test_yields_the_direct_samples_in_order(reader, depth, workers):
+    indices = [5, 0, 3, 3, 1, 2, 4, 0]
+    with Prefetcher(reader, indices, lead_steps=2, depth=depth, workers=workers) as prefetcher:
         samples = list(prefetcher)
     assert [s.time_index for s in samples] == indices
     for sample, index in zip(samples, indices):
@@ -34,13 +34,14 @@ def test_yields_the_direct_samples_in_order(reader, depth):
     assert prefetcher.delivered == len(indices)
 
 
-def test_reader_error_reaches_the_consumer_in_place_with_context(reader):
-    prefetcher = Prefetcher(reader, [0, 1, 7, 2], lead_steps=1)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reader_error_reaches_the_consumer_in_place_with_context(reader, workers):
+    prefetcher = Prefetcher(reader, [0, 1, 7, 2], lead_steps=1, workers=workers)
     assert [next(prefetcher).time_index for _ in range(2)] == [0, 1]
     with pytest.raises(IndexError, match="needs time indices 7..8") as raised:
         next(prefetcher)
     assert any("prefetching time index 7" in note and reader.store in note for note in raised.value.__notes__)
-    assert not prefetcher._thread.is_alive()
+    assert not prefetcher.reading
     with pytest.raises(StopIteration):
         next(prefetcher)
 
@@ -61,9 +62,14 @@ def test_leaving_early_stops_the_thread(reader):
     with Prefetcher(reader, range(6), depth=1) as prefetcher:
         first = next(prefetcher)
     assert first.time_index == 0
-    assert not prefetcher._thread.is_alive()
+    assert not prefetcher.reading
     with pytest.raises(StopIteration):
         next(prefetcher)
+
+
+def test_workers_must_fit_the_depth(reader):
+    with pytest.raises(ValueError, match="workers must lie in 1..depth=2"):
+        Prefetcher(reader, range(4), depth=2, workers=3)
 
 
 def test_resume_from_delivered_samples_with_a_sampler(reader):

@@ -116,10 +116,17 @@ def test_data_parallel_zero_stages_equal_serial(store, serial_run, tmp_path, sta
     assert max(abs(a - b) / abs(b) for a, b in zip(parallel, serial)) < 1e-5, (parallel, serial)
 
 
+def test_compiled_run_equals_eager(store, serial_run, tmp_path):
+    launch(1, run_values(store, tmp_path, training={"compile": True}))
+    compiled, eager = losses(tmp_path), losses(serial_run)
+    assert len(compiled) == len(eager) == STEPS
+    assert max(abs(a - b) / abs(b) for a, b in zip(compiled, eager)) < 1e-4, (compiled, eager)
+
+
 @pytest.fixture(scope="module")
 def model_parallel_run(store, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("mesh")
-    launch(4, run_values(store, run_dir, mesh={"domain": [1, 2], "tensor": 2},
+    launch(4, run_values(store, run_dir, mesh={"domain": [1, 2], "tensor": 2}, data={"workers": 2, "prefetch": 3},
                          deepspeed="configs/deepspeed/zero1.json"))
     return run_dir
 
@@ -195,6 +202,8 @@ def test_config_errors_name_the_key(store, tmp_path):
         load_run_config(values={**base, "model": {"preset": "huge"}})
     with pytest.raises(RunConfigError, match="rollout"):
         load_run_config(values={**base, "training": {**base["training"], "rollout": [{"from_step": 5, "steps": 2}]}})
+    with pytest.raises(RunConfigError, match=r"data\.workers = 3 exceeds data\.prefetch = 2"):
+        load_run_config(values={**base, "data": {**base["data"], "workers": 3}})
     with pytest.raises(RunConfigError, match="KEY=VALUE"):
         load_run_config(values=base, overrides=["optimizer.lr"])
     assert load_run_config(values=base, overrides=["optimizer.lr=3e-4"]).optimizer.lr == 3e-4

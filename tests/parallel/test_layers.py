@@ -14,6 +14,7 @@ from torch import nn
 
 from parallel.layers import LayerFactory
 from parallel.mesh import MeshConfig, ProcessMesh
+from parallel.rng import seed_dropout
 from parallel.tiling import Partition
 from tests.distributed import spawn
 from tests.parallel.equivalence import build_mesh, compare_gradients, copy_into, relative_error
@@ -92,11 +93,11 @@ def _build_case(name: str, layers: LayerFactory):
         return module, token_block(layers, tokens, wider), token_block(layers, tokens, hidden), \
             (n, WIDER), (n, HIDDEN)
     if name == "token-to-features":
-        module = layers.token_linear(tokens, features)
+        module = layers.token_linear(tokens, features, hidden)
         return module, token_block(layers, tokens, hidden), token_block(layers, features, hidden), \
             (n, HIDDEN), (TOKEN_HIDDEN, HIDDEN)
     if name == "features-to-token":
-        module = layers.token_linear(features, tokens)
+        module = layers.token_linear(features, tokens, hidden)
         return module, token_block(layers, features, hidden), token_block(layers, tokens, hidden), \
             (TOKEN_HIDDEN, HIDDEN), (n, HIDDEN)
     if name == "layer-norm":
@@ -160,14 +161,18 @@ def check_dropout(rank, world_size):
     mesh = ProcessMesh.build(MeshConfig(sample=2) if world_size == 2 else MeshConfig(data=2, tensor=2))
     layers = LayerFactory(mesh, TOKEN_GRID, PATCH)
     x = torch.ones(4, 64, 32, dtype=torch.float64)
-    dropout = layers.dropout(0.25, seed=5)
+    ranks = (mesh.data_rank, mesh.sample_rank, mesh.model_rank)
+    dropout = layers.dropout(0.25)
+    seed_dropout(5, *ranks)
     first, second = dropout(x), dropout(x)  # one layer twice: the stream moves on
-    rebuilt = layers.dropout(0.25, seed=5)(x)  # a fresh layer with the same seed: the same stream
-    other_seed = layers.dropout(0.25, seed=6)(x)
+    seed_dropout(5, *ranks)
+    rebuilt = layers.dropout(0.25)(x)  # reseeded with the same seed: the same stream
+    seed_dropout(6, *ranks)
+    other_seed = dropout(x)
     dropout.eval()
     return dict(mask=first, rebuilt=rebuilt, second=second, other_seed=other_seed,
                 eval_identity=bool(torch.equal(dropout(x), x)),
-                key=(mesh.data_rank, mesh.sample_rank, mesh.model_rank))
+                key=ranks)
 
 
 def check_all(rank, world_size, meshes, dtypes):
@@ -230,7 +235,8 @@ def test_serial_layers_are_plain_pytorch():
     for module, reference, apply in [
         (layers.channel_linear(layers.channels(HIDDEN), layers.channels(WIDER)), nn.Linear(HIDDEN, WIDER),
          lambda f: f(x)),
-        (layers.token_linear(layers.tokens, layers.token_features(TOKEN_HIDDEN)), nn.Linear(n, TOKEN_HIDDEN),
+        (layers.token_linear(layers.tokens, layers.token_features(TOKEN_HIDDEN), layers.channels(HIDDEN)),
+         nn.Linear(n, TOKEN_HIDDEN),
          lambda f: f(x.transpose(1, 2)).transpose(1, 2) if isinstance(f, nn.Linear) else f(x)),
         (layers.layer_norm(layers.channels(HIDDEN)), nn.LayerNorm(HIDDEN), lambda f: f(x)),
     ]:
