@@ -398,7 +398,7 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     # data-parallel replicas would multiply this; on one device samples/s = batch / step
     tflops = 3 * flops_per_sample * batch / (median * 1e-3) / 1e12
     row = dict(batch=batch, compiled=compiled, data=data, zero=args.zero, precision=args.precision,
-               dropout=base.config.dropout, rng=args.rng,
+               dropout=base.config.dropout, rng=args.rng, inductor=args.inductor,
                checkpointing=args.checkpointing, ms=median, ms_p10=float(np.percentile(step_ms, 10)),
                ms_p90=float(np.percentile(step_ms, 90)), wall_ms=wall_ms, tflops=tflops,
                mfu=tflops / ceiling if ceiling else float("nan"), warmup_s=warm_s,
@@ -579,9 +579,11 @@ def parse_args(argv=None):
                              "autocast: fp32 weights under torch.autocast(bf16)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings, e.g. triton.persistent_reductions=False")
     parser.add_argument("--rng", default="aten", choices=("aten", "inductor"),
-                        help="random numbers in compiled graphs: aten's kernels (inductor.config.fallback_random, "
-                             "the eager masks) or inductor's philox fused into the consumers' kernels")
+                        help="random numbers in compiled graphs: aten's kernels (the eager masks; the default of "
+                             "weathermixer.compile) or inductor's philox fused into the consumers' kernels")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")
     parser.add_argument("--store", default=None, help="zarr store for --data zarr")
@@ -627,7 +629,17 @@ def main(argv=None) -> list[dict]:
     init_distributed(args.device)
     import torch._inductor.config
 
+    from weathermixer.compile import configure_inductor
+
+    configure_inductor()  # the trainer's settings; --rng and --inductor change them for experiments
     torch._inductor.config.fallback_random = args.rng == "aten"
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        owner = torch._inductor.config
+        *path, name = key.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value))
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)

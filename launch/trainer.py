@@ -44,9 +44,10 @@ from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atom
                                consolidate, latest_checkpoint, read_meta, save_consolidated)
 from launch.run_config import RunConfig
 from launch.tiles import RankInputs, config_for_store, store_attrs
-from parallel.rng import seed_dropout
 from parallel.mesh import DeepSpeedMPU, ProcessMesh
+from parallel.rng import seed_dropout
 from parallel.sharding import load_full_state
+from weathermixer.compile import compiled
 from weathermixer.counts import training_flops
 from weathermixer.loss import WeightedMSE, channel_weights, latitude_weights
 from weathermixer.model import WeatherMixer
@@ -118,8 +119,7 @@ class Trainer:
             mpu=DeepSpeedMPU(self.mesh))
         self.model: WeatherMixer = self.engine.module
         # one graph per rollout length; validation and export stay eager
-        self._rollout = torch.compile(self.model.rollout, dynamic=False) if run.training.compile \
-            else self.model.rollout
+        self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
 
         # loss: cell-area weights of the stored rows (padded rows weigh nothing), channel weights
