@@ -103,9 +103,9 @@ def collective_bandwidth(kind: str, group, device: torch.device, part_bytes: int
                          repeats: int = 10) -> float:
     """Bytes one rank sends per second in an all-gather (``kind="gather"``) or all-reduce of
     ``part_bytes`` per rank over ``group``, with the ring accounting of ``parallel_layout``."""
-    parts = dist.get_world_size(group)
-    if parts == 1:
+    if group is None:  # the mesh's convention for an axis of one rank: nothing to send
         return float("inf")
+    parts = dist.get_world_size(group)
     x = torch.ones(part_bytes // 2, dtype=torch.bfloat16, device=device)
     out = torch.empty(parts * x.numel(), dtype=x.dtype, device=device)
 

@@ -21,6 +21,7 @@ import asyncio
 import math
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,7 +252,7 @@ class TileReader:
         if self._stored_rows == 0:
             return fields
         stored = fields.numpy()[:, :, :self._stored_rows]
-        asyncio.run(self._read_variables(times, stored))
+        _run_to_completion(self._read_variables(times, stored))
         stored -= self._mean[:, None, None]
         stored *= self._inv_std[:, None, None]
         return fields
@@ -285,6 +286,18 @@ class TileReader:
         if self.dtype != torch.float32:
             tensor = tensor.to(self.dtype)
         return tensor.pin_memory() if self.pin_memory and not tensor.is_pinned() else tensor
+
+
+def _run_to_completion(coroutine) -> None:
+    """Run ``coroutine`` on a fresh event loop in this thread, or in a helper thread when this
+    thread already runs a loop (a notebook, an async application)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
 
 
 # ---------------------------------------------------------------------- store checks

@@ -136,6 +136,21 @@ def test_forcings_are_time_features_of_each_window_time_on_the_tile(stores):
         np.testing.assert_array_equal(sample.forcings[k].numpy(), time_features(reader.times[k], longitudes, 4))
 
 
+def test_reads_from_inside_a_running_event_loop(stores):
+    """A notebook runs an event loop in the caller's thread; the reader must still work there."""
+    import asyncio
+
+    reader = TileReader(stores[((1, 1), True)], lat_range=(0, 8), lon_range=(0, 12))
+    expected = reader.sample(1, lead_steps=1)
+
+    async def read():
+        return reader.sample(1, lead_steps=1)
+
+    sample = asyncio.run(read())
+    torch.testing.assert_close(sample.inputs, expected.inputs, rtol=0, atol=0)
+    torch.testing.assert_close(sample.targets, expected.targets, rtol=0, atol=0)
+
+
 def test_lead_zero_gives_inputs_only_and_dtype_is_applied(stores):
     reader = TileReader(stores[((1, 1), True)], lat_range=(0, 8), lon_range=(0, 12), dtype=torch.bfloat16)
     sample = reader.sample(3, lead_steps=0)
