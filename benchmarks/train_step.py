@@ -511,7 +511,9 @@ def make_store(path: Path, grid: tuple[int, int], levels, n_times: int, tile_gri
         static_mean=[float(v.mean()) for v in static_fields.values()],
         static_std=[float(v.std()) for v in static_fields.values()],
         statistics_period=(str(times[0])[:10], str(times[-1])[:10]), complete=True).to_json()
-    chunk_rows, chunk_cols = math.ceil(n_lat / tile_grid[0]), math.ceil(n_lon / tile_grid[1])
+    from data.preprocess import spatial_chunks
+
+    chunk_rows, chunk_cols = spatial_chunks((n_lat, n_lon), tuple(tile_grid))
     encoding = {}
     for name, variable in dataset.data_vars.items():
         chunks = {"time": 1, "level": 1, "latitude": chunk_rows, "longitude": chunk_cols}

@@ -118,12 +118,18 @@ def describe_missing(missing: Sequence[MissingField]) -> str:
 
 
 def spatial_chunks(grid: tuple[int, int], tile_grid: tuple[int, int]) -> tuple[int, int]:
-    """One chunk per tile: ``ceil(n / tiles)`` points along latitude and longitude."""
+    """One chunk per tile: ``n // tiles`` latitude rows, ``ceil(n / tiles)`` longitude points.
+
+    Latitude rounds down because models crop the rows that do not divide (the default grid
+    policy: 721 rows -> 720, tiles of 360 / 180 / 90 rows); the leftover rows form a last,
+    short chunk that no tile reads. Rounding up (361) would make every tile after the first
+    straddle two chunks and read half as much again. Longitude is never cropped.
+    """
     for axis, n, tiles in zip(("latitude", "longitude"), grid, tile_grid):
         if not 1 <= tiles <= n:
             raise PreprocessError(f"tile grid {tile_grid[0]}x{tile_grid[1]}: {tiles} tiles along {axis}, "
                                   f"expected 1..{n} (the grid has {n} {axis} points)")
-    return math.ceil(grid[0] / tile_grid[0]), math.ceil(grid[1] / tile_grid[1])
+    return grid[0] // tile_grid[0], math.ceil(grid[1] / tile_grid[1])
 
 
 # ------------------------------------------------------------------------------- progress
