@@ -263,13 +263,14 @@ class TileReader:
     async def _read_variable(self, read: _VariableRead, times: slice, stored: np.ndarray) -> None:
         array = read.array.async_array
         if read.levels is None:
-            selection, destination = (times, self._rows, self._columns), stored[:, read.positions[0]]
+            selection, channels = (times, self._rows, self._columns), int(read.positions[0])
         else:
-            selection, destination = (times, read.levels, self._rows, self._columns), stored[:, read.channels]
-        if read.channels is not None:  # a block of consecutive channels: decode in place
-            await array.get_orthogonal_selection(selection, out=CPU_BUFFER.nd_buffer.from_numpy_array(destination))
-        else:
+            selection, channels = (times, read.levels, self._rows, self._columns), read.channels
+        if channels is None:  # levels scattered over the channel axis
             stored[:, read.positions] = await array.get_orthogonal_selection(selection)
+        else:  # one channel or a block of consecutive channels: decode in place
+            destination = CPU_BUFFER.nd_buffer.from_numpy_array(stored[:, channels])
+            await array.get_orthogonal_selection(selection, out=destination)
 
     def _read_static(self, group: zarr.Group) -> torch.Tensor:
         static = np.zeros((*self.tile_shape, len(self.static_indices)), dtype=np.float32)

@@ -7,9 +7,9 @@ sample ranks and shards, and the same on every rerun, with no state to carry bet
 
 Dropout draws from torch's default generators, seeded per rank by :func:`seed_dropout`
 from ``(seed, "dropout", data rank, sample rank, model rank)``: a layer that takes no
-generator argument compiles into the surrounding graph (inductor generates the mask in
-the fused kernel), and ``torch.utils.checkpoint`` replays it by restoring those
-generators. Nothing else in a training step draws from them; checkpoints save their state.
+generator argument compiles into the surrounding graph (``weathermixer.compile`` keeps aten's
+random kernels there, so compiled and eager runs draw the same masks), and
+``torch.utils.checkpoint`` replays it by restoring those generators. Nothing else in a training step draws from them; checkpoints save their state.
 
 Initial weights use :func:`uniform_at`: a value per global element, keyed by
 ``("init", parameter_name)``, a pure function of the key and the position, so every mesh
