@@ -29,7 +29,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-traffic: Counter = Counter()  # collective name -> bytes sent by this rank
+traffic: Counter = Counter()  # collective name -> bytes sent by this rank (eager calls only)
+
+
+def _count(name: str, nbytes: int) -> None:
+    """Add to :data:`traffic`, outside compiled graphs: a global mutation there is a side
+    effect dynamo refuses inside autograd functions, and would break the graph at every
+    collective."""
+    if not torch.compiler.is_compiling():
+        traffic[name] += nbytes
 
 # torch 2.13 (CPU install) deprecates reduce_scatter_tensor for reduce_scatter_single; torch 2.11
 # (GPU machines) has only the old name
@@ -49,7 +57,7 @@ def _all_gather(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> torch
     local = _pad_rows(x.movedim(dim, 0).contiguous(), width)
     parts = [torch.empty_like(local) for _ in sizes]
     dist.all_gather(parts, local, group=group)
-    traffic["all_gather"] += local.numel() * local.element_size() * (len(sizes) - 1)
+    _count("all_gather", local.numel() * local.element_size() * (len(sizes) - 1))
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).movedim(0, dim)
 
 
@@ -59,7 +67,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> t
     stacked = torch.cat([_pad_rows(part, width) for part in rows.split(list(sizes))]).contiguous()
     out = torch.empty((width,) + stacked.shape[1:], dtype=x.dtype, device=x.device)
     _reduce_scatter_tensor(out, stacked, group=group)
-    traffic["reduce_scatter"] += out.numel() * out.element_size() * (len(sizes) - 1)
+    _count("reduce_scatter", out.numel() * out.element_size() * (len(sizes) - 1))
     return out[: sizes[dist.get_rank(group)]].movedim(0, dim)
 
 
@@ -75,7 +83,7 @@ def _all_to_all(x: torch.Tensor, split_dim: int, split_sizes: Sequence[int], cat
     send = torch.stack(parts).contiguous()
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
-    traffic["all_to_all"] += send[0].numel() * send.element_size() * (len(parts) - 1)
+    _count("all_to_all", send[0].numel() * send.element_size() * (len(parts) - 1))
     return torch.cat([received[k].narrow(split_dim, 0, split_sizes[rank]).narrow(cat_dim, 0, cat_sizes[k])
                       for k in range(len(parts))], dim=cat_dim)
 
@@ -84,7 +92,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, group=group)
     size = group_size(group)
-    traffic["all_reduce"] += 2 * x.numel() * x.element_size() * (size - 1) // size
+    _count("all_reduce", 2 * x.numel() * x.element_size() * (size - 1) // size)
     return x
 
 
