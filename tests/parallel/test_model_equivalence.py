@@ -19,8 +19,9 @@ VARIANTS = {
     "add-residual-latent": dict(config=dict(residual="add", decoder_skip=False, latent_steps=2), mode="latent"),
     "checkpointed-2d-patch": dict(config=dict(patch=(2, 2), activation_checkpointing=True, lat=10),
                                   mode="autoregressive"),
-    # the mesh model's rollout traced whole (fullgraph: a graph break at a collective fails)
-    "compiled": dict(mode="autoregressive", compiled=True),
+    # the mesh model's rollout traced whole (fullgraph: a graph break at a collective fails);
+    # tracing is slow on CPU, so on the mesh with domain, tensor and all-to-all collectives only
+    "compiled": dict(mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
 }
 
 
@@ -41,6 +42,8 @@ def run_model(rank, world_size, meshes, dtype, variants):
         expected = serial.rollout(state, static, forcings, 2, spec["mode"])
         (expected * weights).sum().backward()
         for domain, tensor in meshes:
+            if "meshes" in spec and (domain, tensor) not in spec["meshes"]:
+                continue
             model = WeatherMixer(config, build_mesh(domain, tensor), seed=3).to(dtype)
             copy_into(model, serial)
             (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
@@ -81,7 +84,8 @@ def run(world_size: int):
 def test_model_matches_serial(world_size, dtype, tolerance):
     for rank_results in run(world_size):
         rank_errors = rank_results[dtype]
-        assert len(rank_errors) == len(DTYPES[dtype]) * len(MESHES[world_size])
+        assert len(rank_errors) == sum(len([m for m in MESHES[world_size] if m in VARIANTS[v].get("meshes", [m])])
+                                       for v in DTYPES[dtype])
         for variant, domain, tensor, output_error, worst, gradient_error in rank_errors:
             where = f"{variant}, domain {domain[0]}x{domain[1]}, tensor {tensor}"
             assert output_error <= tolerance, f"{where}: output relative error {output_error:.2e}"
