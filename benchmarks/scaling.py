@@ -1,7 +1,7 @@
 """Multi-GPU scaling of the WeatherMixer training step: one process mesh per launch.
 
 Each launch builds the model on a (data, domain tile grid, tensor) mesh, trains
-``--steps`` timed steps (DeepSpeed engine, WeightedMSE, bf16, compiled) with random
+``--steps`` timed steps (the step, loss and inputs of ``train_step.py`` on the mesh) with random
 in-memory batches or through each rank's zarr tile reader, and appends one JSON row:
 ms/step (the slowest rank's median, CUDA events), samples/s, TFLOP/s per GPU (model FLOP
 formula), MFU against an 8192^3 bf16 matmul timed on every GPU in the same run, peak memory
@@ -45,7 +45,6 @@ from parallel.rng import seed_dropout  # noqa: E402
 from weathermixer.compile import configure_inductor  # noqa: E402
 from weathermixer.config import PRESETS, preset  # noqa: E402
 from weathermixer.counts import forward_flops  # noqa: E402
-from weathermixer.loss import WeightedMSE, latitude_weights  # noqa: E402
 from weathermixer.model import WeatherMixer  # noqa: E402
 
 ELEMENT_BYTES = 2  # bf16 activations and weights on the wire
@@ -58,44 +57,6 @@ def parse_mesh(text: str) -> MeshConfig:
         return MeshConfig(data=int(data), domain=(int(lat), int(lon)), tensor=int(tensor))
     except ValueError as error:
         raise SystemExit(f"--mesh {text!r}: expected DATA,LATxLON,TENSOR such as 2,2x1,1 ({error})") from None
-
-
-# ------------------------------------------------------------------------------ model, loss, inputs
-def build_loss(model: WeatherMixer, device: torch.device) -> WeightedMSE:
-    """Cell-area rows of this rank's tile, uniform channel weights (the cost does not depend on them)."""
-    config, mesh = model.config, model.mesh
-    (lat0, lat1), _ = model.layers.tile_bounds()
-    rows = latitude_weights(torch.linspace(-90.0, 90.0, config.lat, dtype=torch.float64)[: config.model_lat])
-    channels = torch.ones(model.out_channels.sizes[mesh.tensor_rank], dtype=torch.float64)
-    return WeightedMSE(rows[lat0:lat1], channels, config.model_lat * config.model_lon,
-                       float(config.out_channels), mesh).to(device)
-
-
-class LocalBatches:
-    """Random batches of this rank's tile and channel slice, resident on the device, rotated."""
-
-    def __init__(self, model: WeatherMixer, batch: int, device: torch.device, dtype: torch.dtype, count: int = 3):
-        config, rank = model.config, model.mesh.tensor_rank
-        lat, lon = model.tile_shape
-        channels = lambda n: len(model.layers.channels(n).indices[rank])  # noqa: E731
-        generator = torch.Generator(device=device).manual_seed(1000 + dist.get_rank())
-
-        def draw(*shape):
-            return torch.randn(*shape, device=device, generator=generator).to(dtype)
-
-        self.static = draw(lat, lon, channels(config.static_channels))
-        self.batches = [(draw(batch, lat, lon, channels(config.in_channels)),
-                         draw(batch, lat, lon, channels(config.forcing_channels)),
-                         draw(batch, lat, lon, channels(config.out_channels))) for _ in range(count)]
-        self.step = 0
-
-    def next(self):
-        self.step += 1
-        state, forcings, target = self.batches[self.step % len(self.batches)]
-        return state, self.static, forcings, target
-
-    def close(self) -> None:
-        self.batches.clear()
 
 
 # ------------------------------------------------------------------------------ communication model
@@ -178,10 +139,10 @@ def run(args) -> dict | None:
                                   fused=device.type == "cuda" or None)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU(mesh),
                                       config=train_step.deepspeed_config(args.zero, "bf16", args.batch))
-    loss_fn = build_loss(model, device)
+    loss_fn = train_step.build_loss(model, device)
     dtype = torch.bfloat16
     if args.data == "memory":
-        source = LocalBatches(model, args.batch, device, dtype)
+        source = train_step.MemoryBatches(model, args.batch, device, dtype, seed=1000 * rank)
     else:
         source = train_step.ZarrBatches(args.store, model, args.batch, device.type, dtype, args.readers)
 

@@ -131,17 +131,21 @@ def era5_channel_names() -> tuple[list[str], list[str], list[int | None]]:
     return names, variables, levels
 
 
-def build_loss(config, device: str) -> WeightedMSE:
-    """Latitude weights of the model grid (store latitudes ascending, cropped rows dropped) and
-    ERA5 channel weights when the channel count is ERA5's, else uniform ones."""
+def build_loss(model: WeatherMixer, device: str | torch.device) -> WeightedMSE:
+    """The loss of ``model``'s tile and channel slice on its mesh: latitude weights of the model
+    grid (store latitudes ascending, cropped rows dropped) and ERA5 channel weights when the
+    channel count is ERA5's, else uniform ones."""
+    config = model.config
     latitudes = np.linspace(-90.0, 90.0, config.lat)[: config.model_lat]
     names, variables, levels = era5_channel_names()
     if config.out_channels == len(names):
         weights = channel_weights(names, variables, levels)
     else:
         weights = torch.ones(config.out_channels, dtype=torch.float64)
-    return WeightedMSE(latitude_weights(latitudes), weights, config.model_lat * config.model_lon,
-                       float(weights.sum())).to(device)
+    (lat0, lat1), _ = model.layers.tile_bounds()
+    local = model.out_channels.indices[model.mesh.tensor_rank].cpu()
+    return WeightedMSE(latitude_weights(latitudes)[lat0:lat1], weights[local], config.model_lat * config.model_lon,
+                       float(weights.sum()), model.mesh).to(device)
 
 
 def forward_flops(model: WeatherMixer, batch: int, device: str, dtype: torch.dtype) -> tuple[float, str]:
@@ -158,7 +162,7 @@ def forward_flops(model: WeatherMixer, batch: int, device: str, dtype: torch.dty
     from torch.utils.flop_counter import FlopCounterMode
 
     model = copy.deepcopy(model).to(device, dtype)
-    state, static, forcings, _ = random_batch(model.config, batch, device, dtype, seed=99)
+    state, static, forcings, _ = random_batch(model, batch, device, dtype, seed=99)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(state, static, forcings)
     del model
@@ -239,22 +243,28 @@ def input_dtype(args) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------ inputs
-def random_batch(config, batch: int, device: str, dtype: torch.dtype, seed: int):
+def random_batch(model: WeatherMixer, batch: int, device: str | torch.device, dtype: torch.dtype, seed: int):
+    """``(state, static, forcings, target)`` of ``model``'s tile and channel slice (all of them on
+    the serial mesh)."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    lat, lon = config.model_lat, config.model_lon
+    config, rank = model.config, model.mesh.tensor_rank
+    lat, lon = model.tile_shape
+    channels = lambda n: len(model.layers.channels(n).indices[rank])  # noqa: E731
 
     def draw(*shape):
         return torch.randn(*shape, device=device, dtype=torch.float32, generator=generator).to(dtype)
 
-    return (draw(batch, lat, lon, config.in_channels), draw(lat, lon, config.static_channels),
-            draw(batch, lat, lon, config.forcing_channels), draw(batch, lat, lon, config.out_channels))
+    return (draw(batch, lat, lon, channels(config.in_channels)), draw(lat, lon, channels(config.static_channels)),
+            draw(batch, lat, lon, channels(config.forcing_channels)),
+            draw(batch, lat, lon, channels(config.out_channels)))
 
 
 class MemoryBatches:
     """A few distinct random batches resident on the device, handed out in turn."""
 
-    def __init__(self, config, batch: int, device: str, dtype: torch.dtype, count: int = 3):
-        self.batches = [random_batch(config, batch, device, dtype, seed=k) for k in range(count)]
+    def __init__(self, model: WeatherMixer, batch: int, device: str | torch.device, dtype: torch.dtype,
+                 count: int = 3, seed: int = 0):
+        self.batches = [random_batch(model, batch, device, dtype, seed=seed + k) for k in range(count)]
         self.step = 0
 
     def next(self):
@@ -365,10 +375,10 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     before_engine = torch.cuda.memory_allocated() if device == "cuda" else 0
     t_build = time.perf_counter()
     engine = build_engine(base.config, args, batch, compiled)
-    loss_fn = build_loss(base.config, device)
+    loss_fn = build_loss(base, device)
     dtype = input_dtype(args)
     if data == "memory":
-        source = MemoryBatches(base.config, batch, device, dtype)
+        source = MemoryBatches(base, batch, device, dtype)
     else:
         source = ZarrBatches(args.store, base, batch, device, dtype, args.readers)
     t_warm = time.perf_counter()
