@@ -40,9 +40,10 @@ import torch.distributed as dist  # noqa: E402
 
 import train_step  # noqa: E402
 from parallel_layout import Plan, all_reduce  # noqa: E402
-from parallel.mesh import DeepSpeedMPU, MeshConfig, ProcessMesh  # noqa: E402
+from launch.engine import initialize_engine  # noqa: E402
+from parallel.mesh import MeshConfig, ProcessMesh  # noqa: E402
 from parallel.rng import seed_dropout  # noqa: E402
-from weathermixer.compile import configure_inductor  # noqa: E402
+from weathermixer.compile import compiled, configure_inductor  # noqa: E402
 from weathermixer.config import PRESETS, preset  # noqa: E402
 from weathermixer.counts import forward_flops  # noqa: E402
 from weathermixer.model import WeatherMixer  # noqa: E402
@@ -133,13 +134,12 @@ def run(args) -> dict | None:
     if args.compile == "on":
         configure_inductor()
         model.compile(dynamic=False)
-    import deepspeed
-
-    optimizer = torch.optim.AdamW(train_step.param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda" or None)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=DeepSpeedMPU(mesh),
-                                      config=train_step.deepspeed_config(args.zero, "bf16", args.batch))
+    optimizer = torch.optim.AdamW(train_step.param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    engine, _, _ = initialize_engine(model, optimizer, train_step.deepspeed_config(args.zero, "bf16", args.batch),
+                                     mesh)
     loss_fn = train_step.build_loss(model, device)
+    if args.compile == "on":
+        loss_fn = compiled(loss_fn)
     dtype = torch.bfloat16
     if args.data == "memory":
         source = train_step.MemoryBatches(model, args.batch, device, dtype, seed=1000 * rank)

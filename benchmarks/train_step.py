@@ -225,16 +225,19 @@ def deepspeed_config(zero: int, precision: str, batch: int) -> dict:
 
 
 def build_engine(config, args, batch: int, compiled: bool):
-    import deepspeed
+    from launch.engine import initialize_engine
 
     model = build_model(config.replace(activation_checkpointing=args.checkpointing), args.device, keep_on_device=True)
-    fused = args.device == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
-                                  fused=fused or None)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95), fused=True)
     if compiled:
         model.compile(dynamic=False)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(args.zero, args.precision, batch))
+    engine, _, _ = initialize_engine(model, optimizer, deepspeed_config(args.zero, args.precision, batch), model.mesh)
+    if args.reduce_one_replica:  # DeepSpeed's default, for the comparison
+        engine.enable_backward_allreduce = True
+    if args.deepspeed_clipping and engine.clip_in_step is not None:  # likewise
+        engine.clip_in_step.handle.remove()
+        engine.optimizer.grad_scale = engine.optimizer.found_inf = None
+        engine._config.gradient_clipping = engine.clip_in_step.max_norm
     return engine
 
 
@@ -359,6 +362,44 @@ def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: in
         return samples / (time.perf_counter() - t0)
 
 
+def _read_in_process(store: str, lat_range, lon_range, model_lat: int, indices: list[int],
+                     start: float) -> tuple[float, float]:
+    """One reader process: open the store, wait for the common start time, read ``indices``;
+    the wall-clock times of its first and last read."""
+    from data.reader import TileReader
+
+    reader = TileReader(store, lat_range=lat_range, lon_range=lon_range, model_lat=model_lat)
+    reader.sample(indices[0], 1)  # warm-up: first-use costs stay out of the timing
+    time.sleep(max(0.0, start - time.time()))
+    begin = time.time()
+    for index in indices:
+        reader.sample(index, 1)
+    return begin, time.time()
+
+
+def reader_process_throughput(store: str, model: WeatherMixer, processes: int, samples: int) -> float:
+    """Samples/s that ``processes`` reader processes deliver together, each reading into its own
+    memory (no transfer to this process): whether reading scales past the threads of one process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from data.sampler import valid_time_indices
+    from launch.tiles import RankInputs
+
+    reader = RankInputs(store, model).reader
+    indices = [int(i) for i in valid_time_indices(reader.times, 1)] * samples
+    per_process = max(1, samples // processes)
+    start = time.time() + 30.0  # every process should have started and opened its reader by then
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_read_in_process, store, reader.lat_range, reader.lon_range, reader.model_lat,
+                               indices[k * per_process:(k + 1) * per_process], start) for k in range(processes)]
+        spans = [future.result() for future in futures]
+    late = max(begin for begin, _ in spans) - start
+    if late > 1.0:
+        print(f"reader processes: the last one started reading {late:.1f} s late (the rate below is low)")
+    return per_process * processes / (max(end for _, end in spans) - min(begin for begin, _ in spans))
+
+
 # ------------------------------------------------------------------------------ the benchmark
 def train_step(engine, loss_fn, state, static, forcings, target) -> torch.Tensor:
     prediction = engine(state, static, forcings)
@@ -376,6 +417,10 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     t_build = time.perf_counter()
     engine = build_engine(base.config, args, batch, compiled)
     loss_fn = build_loss(base, device)
+    if compiled and not args.eager_loss:
+        from weathermixer.compile import compiled as compile_function
+
+        loss_fn = compile_function(loss_fn)
     dtype = input_dtype(args)
     if data == "memory":
         source = MemoryBatches(base, batch, device, dtype)
@@ -409,6 +454,8 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     tflops = 3 * flops_per_sample * batch / (median * 1e-3) / 1e12
     row = dict(batch=batch, compiled=compiled, data=data, zero=args.zero, precision=args.precision,
                dropout=base.config.dropout, rng=args.rng, inductor=args.inductor,
+               reduce_one_replica=args.reduce_one_replica, deepspeed_clipping=args.deepspeed_clipping,
+               eager_loss=args.eager_loss,
                checkpointing=args.checkpointing, ms=median, ms_p10=float(np.percentile(step_ms, 10)),
                ms_p90=float(np.percentile(step_ms, 90)), wall_ms=wall_ms, tflops=tflops,
                mfu=tflops / ceiling if ceiling else float("nan"), warmup_s=warm_s,
@@ -439,14 +486,51 @@ def compiled_graphs() -> dict:
                 graph_break_reasons=[reason.splitlines()[0] for reason in counters["graph_break"]][:4])
 
 
-def profile_steps(engine, loss_fn, source, rows: int) -> str:
+# kernel name patterns -> the part of the step they belong to (first match wins)
+KERNEL_KINDS = (
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+    ("fused element-wise (triton)", ("triton",)),
+    ("optimizer (Adam)", ("adam",)),
+    ("collectives", ("nccl",)),
+    ("dropout masks (aten)", ("dropout", "distribution", "philox", "bernoulli")),
+    ("copies", ("memcpy", "memset", "copy", "catarray", "fill")),
+    ("norms, reductions (aten)", ("reduce_kernel", "norm")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(pattern in lowered for pattern in patterns):
+            return kind
+    return "other aten element-wise"
+
+
+def profile_steps(engine, loss_fn, source, rows: int, steps: int = 3) -> str:
+    """The kernel table of ``steps`` steps, and the device time per step by kind of kernel."""
     from torch.profiler import ProfilerActivity, profile
 
+    timers = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            train_step(engine, loss_fn, *source.next())
+        for _ in range(steps):
+            with Timer("cuda") as timer:
+                train_step(engine, loss_fn, *source.next())
+            timers.append(timer)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+    events = prof.key_averages()
+    kinds: dict[str, float] = {}
+    for event in events:
+        if (event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0
+                and not getattr(event, "is_user_annotation", False)):  # kernels only, not annotated ranges
+            kind = kernel_kind(event.key)
+            kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
+    step_ms = statistics.median(timer.ms() for timer in timers)
+    busy = sum(kinds.values())
+    summary = [f"device time per step by kind of kernel (profiled step {step_ms:.1f} ms, kernels {busy:.1f} ms, "
+               f"idle {step_ms - busy:.1f} ms):"]
+    summary += [f"  {kind:<30} {ms:8.1f} ms" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1])]
+    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90)
+    return table + "\n" + "\n".join(summary)
 
 
 def print_table(rows: list[dict], ceiling: float, config_name: str) -> None:
@@ -590,6 +674,12 @@ def parse_args(argv=None):
                         help="bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer); "
                              "autocast: fp32 weights under torch.autocast(bf16)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
+    parser.add_argument("--reduce-one-replica", action="store_true",
+                        help="let DeepSpeed reduce gradients with one replica too (its default; launch.engine "
+                             "skips that no-op at ZeRO-0)")
+    parser.add_argument("--deepspeed-clipping", action="store_true",
+                        help="DeepSpeed clips (its default) instead of the fused optimizer step (launch.engine)")
+    parser.add_argument("--eager-loss", action="store_true", help="with --compile on: the loss stays eager")
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings, e.g. triton.persistent_reductions=False")
@@ -605,6 +695,8 @@ def parse_args(argv=None):
     parser.add_argument("--store-grid", default=None, help="NLATxNLON (default: the preset's grid)")
     parser.add_argument("--reader-test", type=int, nargs="*", default=None,
                         help="measure reader samples/s with these thread counts before training")
+    parser.add_argument("--reader-processes", type=int, nargs="*", default=[],
+                        help="with --reader-test: also measure this many reader processes reading together")
     parser.add_argument("--reader-only", action="store_true", help="with --reader-test: measure the reader and stop")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
     parser.add_argument("--profile-rows", type=int, default=30)
@@ -678,6 +770,9 @@ def main(argv=None) -> list[dict]:
             for threads in args.reader_test:
                 rate = reader_throughput(args.store, base, threads, samples=4 * threads + 4)
                 print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target)", flush=True)
+            for processes in args.reader_processes:
+                rate = reader_process_throughput(args.store, base, processes, samples=4 * processes)
+                print(f"reader: {processes} processes (reading only) -> {rate:.2f} samples/s", flush=True)
             if args.reader_only:
                 continue
         flops, source = forward_flops(base, 1, args.device, input_dtype(args))

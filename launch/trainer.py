@@ -5,7 +5,7 @@ Who owns what:
 * the **mesh** (``parallel``) owns the model-parallel groups: each rank holds its domain
   tile of the activations and its block of every weight;
 * **DeepSpeed** owns the optimizer state, mixed precision, gradient averaging over the
-  replica group (data x sample; ``mpu=DeepSpeedMPU``) and ZeRO partitioning there, and
+  replica group (data x sample; ``launch.engine``) and ZeRO partitioning there, and
   gradient clipping (every parameter is flagged ``tensor_model_parallel``, so each element
   counts once in the norm);
 * the **tile reader** (``data``) gives each rank only its tile and channel slice; every
@@ -42,9 +42,10 @@ from data.sampler import ReplicaSampler, valid_time_indices
 from data.schema import HEADLINE_CHANNELS
 from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atomic_write_bytes, atomic_write_text,
                                consolidate, latest_checkpoint, read_meta, save_consolidated)
+from launch.engine import initialize_engine
 from launch.run_config import RunConfig
 from launch.tiles import RankInputs, config_for_store, store_attrs
-from parallel.mesh import DeepSpeedMPU, ProcessMesh
+from parallel.mesh import ProcessMesh
 from parallel.rng import seed_dropout
 from parallel.sharding import load_full_state
 from weathermixer.compile import compiled
@@ -89,8 +90,6 @@ def learning_rate_factor(step: int, total: int, warmup: int, decay: str, min_rat
 
 class Trainer:
     def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False):
-        import deepspeed
-
         self.run, self.device, self.quiet = run, device, quiet
         self.rank = dist.get_rank()
         self.run_dir = Path(run.checkpoint.dir)
@@ -110,15 +109,14 @@ class Trainer:
         o = run.optimizer
         optimizer = torch.optim.Adam([{"params": block_params, "lr": o.lr}, {"params": edge_params,
                                       "lr": o.embedding_lr}], lr=o.lr, betas=o.betas, eps=o.eps,
-                                     weight_decay=o.weight_decay, fused=device.type == "cuda" or None)
+                                     weight_decay=o.weight_decay, fused=True)
         s = run.schedule
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
             step, run.training.steps, s.warmup_steps, s.decay, s.min_lr_ratio))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=run.deepspeed_config(),
-            mpu=DeepSpeedMPU(self.mesh))
+        self.engine, self.optimizer, self.scheduler = initialize_engine(model, optimizer, run.deepspeed_config(),
+                                                                        self.mesh, lr_scheduler=schedule)
         self.model: WeatherMixer = self.engine.module
-        # one graph per rollout length; validation and export stay eager
+        # one graph per rollout length and one for the loss; validation and export stay eager
         self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
 
@@ -135,6 +133,7 @@ class Trainer:
         self.grid_points = stored * n_lon  # points that exist in the store (padded rows excluded)
         self.loss_fn = WeightedMSE(rows[lat0:lat1], weights[self.model.state_channels.indices[rank].cpu()],
                                    self.grid_points, float(weights.sum()), self.mesh).to(device)
+        self._loss = compiled(self.loss_fn) if run.training.compile else self.loss_fn
         self.lead = run.training.max_rollout
         self.sampler = ReplicaSampler(
             valid_time_indices(reader.times, self.lead, *run.data.train, step=np.timedelta64(reader.step_hours, "h")),
@@ -222,7 +221,7 @@ class Trainer:
     def _micro_step(self, batch, lead: int) -> float:
         state, static, forcings, targets = batch
         prediction = self._rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
-        loss = self.loss_fn(prediction, targets[:, :lead])
+        loss = self._loss(prediction, targets[:, :lead])
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach())

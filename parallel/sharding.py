@@ -135,14 +135,17 @@ def global_grad_norm(model: nn.Module, mesh, norm_type: float = 2.0) -> torch.Te
 
     Every parameter element lives on exactly one rank of the model group (see
     :class:`ShardSpec`), so the local sums of ``|g|^p`` add up over that group with no double
-    counting. Gradients are assumed averaged over the replica group already.
+    counting. Gradients are assumed averaged over the replica group already. The local norm
+    is one multi-tensor kernel (``torch.nn.utils.get_total_norm``) in the gradients' dtype;
+    nothing waits for the host.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for grad in grads:
-        total += grad.detach().double().abs().pow(norm_type).sum()
+    if not grads:
+        return torch.zeros(())
+    local = torch.nn.utils.get_total_norm(grads, norm_type, foreach=True)
     group = None if mesh is None else mesh.model_group
-    if group is not None:
-        dist.all_reduce(total, group=group)
+    if group is None:
+        return local
+    total = local.pow(norm_type)
+    dist.all_reduce(total, group=group)
     return total.pow(1.0 / norm_type)
