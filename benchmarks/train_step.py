@@ -346,13 +346,13 @@ class ZarrBatches:
         self.prefetcher.close()
 
 
-def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: int) -> float:
+def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: int, pin: bool = True) -> float:
     """Samples/s that ``readers`` prefetch threads deliver (reading only, no batching or copy)."""
     from data.prefetch import Prefetcher
     from data.sampler import valid_time_indices
     from launch.tiles import RankInputs
 
-    reader = RankInputs(store, model, pin_memory=torch.cuda.is_available()).reader
+    reader = RankInputs(store, model, pin_memory=pin and torch.cuda.is_available()).reader
     indices = list(valid_time_indices(reader.times, 1)) * (samples // 2 + 2)
     with Prefetcher(reader, indices, lead_steps=1, depth=2 * readers, workers=readers) as prefetcher:
         next(prefetcher)
@@ -548,7 +548,7 @@ def print_table(rows: list[dict], ceiling: float, config_name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ synthetic store
-def make_store(path: Path, grid: tuple[int, int], levels, n_times: int, tile_grid=(1, 1)) -> Path:
+def make_store(path: Path, grid: tuple[int, int], levels, n_times: int, tile_grid=(1, 1), codec: str = "blosc") -> Path:
     """A store that follows ``data/schema.py`` filled with ``data.synthetic.SyntheticEarth`` fields.
 
     Uses ``launch/preprocess.py`` on synthetic netCDF files when that module exists;
@@ -606,12 +606,14 @@ def make_store(path: Path, grid: tuple[int, int], levels, n_times: int, tile_gri
         static_std=[float(v.std()) for v in static_fields.values()],
         statistics_period=(str(times[0])[:10], str(times[-1])[:10]), complete=True).to_json()
     from data.preprocess import spatial_chunks
+    from data.schema import field_encoding
 
-    chunk_rows, chunk_cols = spatial_chunks((n_lat, n_lon), tuple(tile_grid))
-    encoding = {}
-    for name, variable in dataset.data_vars.items():
-        chunks = {"time": 1, "level": 1, "latitude": chunk_rows, "longitude": chunk_cols}
-        encoding[name] = {"chunks": tuple(chunks[d] for d in variable.dims)}
+    chunks = spatial_chunks((n_lat, n_lon), tuple(tile_grid))
+    encoding = {name: field_encoding(variable.dims, chunks, compressed=codec != "none")
+                for name, variable in dataset.data_vars.items()}
+    if codec == "zstd":  # zarr's default codec, for comparison
+        for item in encoding.values():
+            del item["compressors"]
     dataset.to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding, mode="w")
     return path
 
@@ -692,11 +694,16 @@ def parse_args(argv=None):
     parser.add_argument("--readers", type=int, default=4, help="prefetch threads (TileReader + Prefetcher each)")
     parser.add_argument("--make-store", type=Path, default=None, help="write a synthetic store here and exit")
     parser.add_argument("--store-times", type=int, default=16)
+    parser.add_argument("--store-codec", default="blosc", choices=("blosc", "zstd", "none"),
+                        help="blosc: the store contract's Blosc lz4 + shuffle (data.schema.field_encoding); "
+                             "zstd: zarr's default; none: uncompressed")
     parser.add_argument("--store-grid", default=None, help="NLATxNLON (default: the preset's grid)")
     parser.add_argument("--reader-test", type=int, nargs="*", default=None,
                         help="measure reader samples/s with these thread counts before training")
     parser.add_argument("--reader-processes", type=int, nargs="*", default=[],
                         help="with --reader-test: also measure this many reader processes reading together")
+    parser.add_argument("--reader-pin", default="on", choices=("on", "off"),
+                        help="with --reader-test: read into page-locked buffers (as training does on cuda) or not")
     parser.add_argument("--reader-only", action="store_true", help="with --reader-test: measure the reader and stop")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
     parser.add_argument("--profile-rows", type=int, default=30)
@@ -720,7 +727,7 @@ def main(argv=None) -> list[dict]:
                                                                                                  config.lon)
         levels = ERA5_LEVELS if config.in_channels == 69 else (500, 850)
         t0 = time.perf_counter()
-        make_store(args.make_store, grid, levels, args.store_times)
+        make_store(args.make_store, grid, levels, args.store_times, codec=args.store_codec)
         size = sum(f.stat().st_size for f in args.make_store.rglob("*") if f.is_file())
         print(f"wrote {args.make_store}: grid {grid[0]}x{grid[1]}, {len(levels)} levels, {args.store_times} times, "
               f"{size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
@@ -768,8 +775,9 @@ def main(argv=None) -> list[dict]:
               f"{model_config.input_channels} input channels; built in {time.perf_counter() - t0:.0f} s", flush=True)
         if data == "zarr" and args.reader_test:
             for threads in args.reader_test:
-                rate = reader_throughput(args.store, base, threads, samples=4 * threads + 4)
-                print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target)", flush=True)
+                rate = reader_throughput(args.store, base, threads, samples=4 * threads + 4, pin=args.reader_pin == "on")
+                print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target; page-locked "
+                      f"buffers {args.reader_pin})", flush=True)
             for processes in args.reader_processes:
                 rate = reader_process_throughput(args.store, base, processes, samples=4 * processes)
                 print(f"reader: {processes} processes (reading only) -> {rate:.2f} samples/s", flush=True)

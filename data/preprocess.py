@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from data import inputs as input_files
 from data.combine import Combined, Selection, combine_inputs
 from data.normalize import InputError
-from data.schema import Channel, StoreAttrs, StoreError, model_channel_order
+from data.schema import Channel, StoreAttrs, StoreError, field_encoding, model_channel_order
 from data.stats import MissingField, channel_statistics, static_statistics
 
 NAN_POLICIES = ("fail", "fill")
@@ -474,8 +474,7 @@ def _read_error(combined: Combined, times: np.ndarray, error: Exception) -> Inpu
 
 # ------------------------------------------------------------------------------- writing
 def _encoding(dataset: xr.Dataset, chunks: tuple[int, int]) -> dict[str, dict[str, Any]]:
-    sizes = {"time": 1, "level": 1, "latitude": chunks[0], "longitude": chunks[1]}
-    encoding = {name: {"chunks": tuple(sizes[d] for d in variable.dims)} for name, variable in dataset.data_vars.items()}
+    encoding = {name: field_encoding(variable.dims, chunks) for name, variable in dataset.data_vars.items()}
     encoding["time"] = dict(TIME_ENCODING)
     return encoding
 

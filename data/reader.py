@@ -117,6 +117,9 @@ class TileReader:
         dtype: floating dtype of the returned tensors (normalisation runs in float32).
         pin_memory: return page-locked tensors for asynchronous host-to-device copies
             (needs an accelerator).
+        normalize: False returns ``inputs`` and ``targets`` in physical units and leaves the
+            normalisation to the caller (:meth:`normalize_`, e.g. on the GPU, which saves
+            the host two passes over every sample); padded rows are zero either way.
 
     The store contract is verified on open; a store that breaks it raises
     :class:`~data.schema.StoreError` naming the store and what is wrong. A tile that is not
@@ -127,7 +130,7 @@ class TileReader:
     def __init__(self, store: str | Path, *, lat_range: tuple[int, int], lon_range: tuple[int, int],
                  channels: Sequence[int] | None = None, static_channels: Sequence[int] | None = None,
                  model_lat: int | None = None, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, normalize: bool = True) -> None:
         self.store = str(store)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"TileReader: dtype must be a floating torch dtype, got {dtype!r}")
@@ -136,6 +139,7 @@ class TileReader:
                              "pass pin_memory=False on CPU-only machines")
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self.normalize = normalize
 
         group = _open_group(self.store)
         self.attrs = StoreAttrs.from_json(dict(group.attrs), store=self.store)
@@ -226,6 +230,15 @@ class TileReader:
         return Sample(inputs=self._tensor(fields[0]), targets=self._tensor(fields[1:]), static=self._static,
                       forcings=self._tensor(torch.from_numpy(forcings)), time=window[0], time_index=time_index)
 
+    def normalize_(self, fields: torch.Tensor) -> torch.Tensor:
+        """Normalise raw ``inputs`` or ``targets`` (``(..., lat, lon, C)``, any device and memory
+        layout) in place, as the reader does with ``normalize`` on; padded rows stay zero."""
+        mean = torch.from_numpy(self._mean).to(fields.device, non_blocking=True)
+        inv_std = torch.from_numpy(self._inv_std).to(fields.device, non_blocking=True)
+        stored = fields[..., :self._stored_rows, :, :]
+        stored.sub_(mean).mul_(inv_std)
+        return fields
+
     def __repr__(self) -> str:
         return (f"TileReader({self.store!r}, lat_range={self.lat_range}, lon_range={self.lon_range}, "
                 f"channels={len(self.channel_indices)}/{len(self.attrs.channels)}, "
@@ -233,7 +246,8 @@ class TileReader:
 
     # ------------------------------------------------------------------ reading
     def _read_fields(self, times: slice, n_times: int) -> torch.Tensor:
-        """``(time, C, lat, lon)`` float32, normalised, channel-first; padded rows stay zero.
+        """``(time, C, lat, lon)`` float32, normalised (unless ``normalize`` is off), channel-first;
+        padded rows stay zero.
 
         Channel-first, so that each variable's levels are a block of whole planes: zarr
         decodes straight into the buffer (no transposing scatter, which cost twice the zarr
@@ -253,8 +267,9 @@ class TileReader:
             return fields
         stored = fields.numpy()[:, :, :self._stored_rows]
         _run_to_completion(self._read_variables(times, stored))
-        stored -= self._mean[:, None, None]
-        stored *= self._inv_std[:, None, None]
+        if self.normalize:
+            stored -= self._mean[:, None, None]
+            stored *= self._inv_std[:, None, None]
         return fields
 
     async def _read_variables(self, times: slice, stored: np.ndarray) -> None:

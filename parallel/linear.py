@@ -100,6 +100,18 @@ class ChannelLinear(ShardedModule):
         self.init_uniform(seed, prefix, self.inputs.size)
 
 
+def mix_tokens(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight @ x[b]`` for every sample ``b``: ``(out, in) x (batch, in, channels) -> (batch, out, channels)``.
+
+    One matrix product per sample on its contiguous ``(tokens, channels)`` block, and in
+    backward likewise (weight gradient summed over the samples). ``torch.matmul`` would
+    broadcast the weight by transposing the activations and its result into ``(batch x
+    channels, tokens)`` matrices: a transposing copy per call, and transposed layouts that
+    spread into the neighbouring fused kernels (``benchmarks/GPU.md``).
+    """
+    return torch.stack([weight @ sample for sample in x.unbind(0)])
+
+
 def token_mixing_moves_weight(batch: int, inputs: Partition, outputs: Partition, channels: list[int],
                               domains: int, tensor: int) -> bool:
     """Whether a token linear sends fewer bytes moving its weight than moving activations.
@@ -161,7 +173,7 @@ class TokenLinear(ShardedModule):
 
     def _move_activations(self, x: torch.Tensor, channels: list[int]) -> torch.Tensor:
         x = gather_from_group(x, -1, channels, self.mesh.tensor_group)  # this tile's tokens, every channel
-        partial = torch.matmul(self.weight.to(x.dtype), x)  # (batch, piece t of every output tile, channels)
+        partial = mix_tokens(self.weight.to(x.dtype), x)  # (batch, piece t of every output tile, channels)
         y = reduce_scatter_to_group(partial, 1, self.piece_sizes, self.mesh.domain_group)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)[:, None]
@@ -171,7 +183,7 @@ class TokenLinear(ShardedModule):
     def _move_weight(self, x: torch.Tensor) -> torch.Tensor:
         weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.tensor_group)
         weight = weight.index_select(0, self.tile_order).to(x.dtype)  # rows of every output tile, in tile order
-        y = reduce_scatter_to_group(torch.matmul(weight, x), 1, self.outputs.sizes, self.mesh.domain_group)
+        y = reduce_scatter_to_group(mix_tokens(weight, x), 1, self.outputs.sizes, self.mesh.domain_group)
         if self.bias is not None:
             y = y + gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group).to(x.dtype)[:, None]
         return y

@@ -15,9 +15,10 @@ from parallel.tiling import Partition
 class LayerNorm(ShardedModule):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over all channels of the partition.
 
-    Mean and variance are summed over the tensor group (two passes, in float32 or wider),
-    so the result equals the serial LayerNorm; the affine parameters are split over domain
-    and gathered like the channel-linear weights.
+    Each rank's channel slice gives its mean and variance in one pass; their combination over
+    the tensor group (in float32 or wider) gives the serial statistics, so the result equals the
+    serial LayerNorm; the affine parameters are split over domain and gathered like the
+    channel-linear weights.
     """
 
     def __init__(self, mesh: ProcessMesh, channels: Partition, eps: float = 1e-5):
@@ -28,15 +29,18 @@ class LayerNorm(ShardedModule):
         self.bias = self._parameter(ShardSpec((channels.size,), (rows,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.mesh.tensor_group
+        group, total, local = self.mesh.tensor_group, self.channels.size, x.shape[-1]
         compute = torch.promote_types(x.dtype, torch.float32)
         h = x.to(compute)
-        mean = all_reduce_sum(h.sum(-1, keepdim=True), group) / self.channels.size
-        centred = h - mean
-        var = all_reduce_sum((centred * centred).sum(-1, keepdim=True), group) / self.channels.size
+        # one pass per row for this slice's statistics (a Welford reduction once compiled), then
+        # Chan's combination over the tensor group: the global mean, and the global variance as
+        # the slices' variances plus the spread of their means
+        local_var, local_mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
+        mean = all_reduce_sum(local_mean * local, group) / total
+        var = all_reduce_sum((local_var + (local_mean - mean).square()) * local, group) / total
         weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.domain_group)
         bias = gather_from_group(self.bias, 0, self.row_sizes, self.mesh.domain_group)
-        return (centred * torch.rsqrt(var + self.eps) * weight.to(compute) + bias.to(compute)).to(x.dtype)
+        return ((h - mean) * torch.rsqrt(var + self.eps) * weight.to(compute) + bias.to(compute)).to(x.dtype)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int, prefix: str) -> None:

@@ -17,7 +17,7 @@ import pandas as pd
 import xarray as xr
 import zarr.storage
 
-from data.schema import STATIC, SURFACE, UPPER_AIR, StoreAttrs, model_channel_order
+from data.schema import STATIC, SURFACE, UPPER_AIR, StoreAttrs, field_encoding, model_channel_order
 
 
 def write_store(path: Path, *, n_times: int = 4, n_lat: int = 8, n_lon: int = 12,
@@ -77,11 +77,8 @@ def write_store(path: Path, *, n_times: int = 4, n_lat: int = 8, n_lon: int = 12
         static_std=[float(dataset[name].std()) for name in static],
         statistics_period=(str(times[0])[:10], str(times[-1])[:10]), complete=complete).to_json()
 
-    compressors = {} if compressed else {"compressors": None}
-    encoding = {}
-    for name, variable in dataset.data_vars.items():
-        chunks = {"time": 1, "level": 1, "latitude": spatial_chunks[0], "longitude": spatial_chunks[1]}
-        encoding[name] = {"chunks": tuple(chunks[d] for d in variable.dims), **compressors}
+    encoding = {name: field_encoding(variable.dims, spatial_chunks, compressed)
+                for name, variable in dataset.data_vars.items()}
     dataset.to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding, mode="w")
     return Path(path)
 

@@ -138,6 +138,9 @@ def test_chunks_are_one_tile(inputs, tmp_path, tile_grid):
     assert group["t2m"].chunks == (1, rows, columns)
     assert group["lsm"].chunks == (rows, columns)
     assert group.attrs["tile_grid"] == list(tile_grid)
+    for name in ("t", "t2m", "lsm"):  # the contract's codec: Blosc lz4 + byte shuffle
+        (codec,) = group[name].compressors
+        assert (codec.cname.value, codec.shuffle.value, codec.typesize) == ("lz4", "shuffle", 4), codec
     with warnings.catch_warnings():
         warnings.simplefilter("error", ChunkAlignmentWarning)
         for k in range(tile_grid[0]):  # every latitude tile of the model grid (rows x tiles rows)

@@ -278,3 +278,19 @@ def test_irregular_time_axis_is_refused(tmp_path):
     path = write_store(tmp_path / "odd.zarr", n_lat=4, n_lon=4, times=times)
     with pytest.raises(StoreError, match=r"multiples of time_step_hours=6.*time\[1\]"):
         TileReader(path, lat_range=(0, 4), lon_range=(0, 4))
+
+
+def test_raw_samples_normalised_by_the_caller_equal_normalised_samples(tmp_path):
+    """``normalize=False`` + ``normalize_`` (what the training inputs do on the GPU) gives the
+    reader's own normalisation, padded rows included, on either memory layout."""
+    path = write_store(tmp_path / "s.zarr", n_lat=7, spatial_chunks=(4, 6))
+    options = dict(lat_range=(4, 8), lon_range=(0, 6), model_lat=8)
+    normalised = TileReader(path, **options).sample(2, 1)
+    raw_reader = TileReader(path, **options, normalize=False)
+    raw = raw_reader.sample(2, 1)
+    assert not torch.allclose(raw.inputs, normalised.inputs)
+    for mine, expected in ((raw.inputs, normalised.inputs), (raw.targets, normalised.targets)):
+        contiguous = mine.contiguous()  # channel-last memory as well as the reader's channel-first views
+        for fields in (mine.clone(), contiguous):
+            torch.testing.assert_close(raw_reader.normalize_(fields), expected, rtol=1e-6, atol=1e-6)
+        assert torch.count_nonzero(mine[..., 3, :, :]) == 0
