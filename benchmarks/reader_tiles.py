@@ -1,7 +1,7 @@
 """Per-rank tile reading from a 0.25 deg ERA5-shaped store: bytes and time per tile count.
 
 Writes (once) a synthetic store shaped like 0.25 deg ERA5 (69 channels, 721 x 1440 float32,
-zstd) chunked for the finest tile grid, then for 1, 2, 4 and 8 tiles of the model grid
+the store contract's Blosc lz4 + shuffle) chunked for the finest tile grid, then for 1, 2, 4 and 8 tiles of the model grid
 (720 rows: the pole row is cropped) reads samples (inputs + one target) of every tile with
 ``data.reader.TileReader`` and prints: the bytes of the chunks it fetched against the tile's
 own bytes (uncompressed, from the chunk geometry, and the compressed chunk files it opened),

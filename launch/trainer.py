@@ -23,6 +23,7 @@ position and every RNG state, so the continued losses equal the uninterrupted ru
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -116,6 +117,9 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = initialize_engine(model, optimizer, run.deepspeed_config(),
                                                                         self.mesh, lr_scheduler=schedule)
         self.model: WeatherMixer = self.engine.module
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled  # deepspeed imports after DS_ACCELERATOR
+
+        self._autocast = functools.partial(autocast_if_enabled, self.engine)
         # one graph per rollout length and one for the loss; validation and export stay eager
         self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -220,7 +224,8 @@ class Trainer:
 
     def _micro_step(self, batch, lead: int) -> float:
         state, static, forcings, targets = batch
-        prediction = self._rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
+        with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
+            prediction = self._rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
         loss = self._loss(prediction, targets[:, :lead])
         self.engine.backward(loss)
         self.engine.step()

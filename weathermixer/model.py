@@ -164,7 +164,9 @@ class WeatherMixer(nn.Module):
         outputs = []
         if mode == "autoregressive":
             for k in range(steps):
-                state = self(state, static, forcings[:, k])
+                # the step itself, not through module hooks: an engine's hooks (DeepSpeed times every
+                # call) would break a compiled rollout's graph at each step
+                state = self.forward(state, static, forcings[:, k])
                 outputs.append(state)
         else:
             embedded = x = self.encode(state, static, forcings[:, 0])

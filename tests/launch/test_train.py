@@ -116,11 +116,30 @@ def test_data_parallel_zero_stages_equal_serial(store, serial_run, tmp_path, sta
     assert max(abs(a - b) / abs(b) for a, b in zip(parallel, serial)) < 1e-5, (parallel, serial)
 
 
-def test_compiled_run_equals_eager(store, serial_run, tmp_path):
-    launch(1, run_values(store, tmp_path, training={"compile": True}))
-    compiled, eager = losses(tmp_path), losses(serial_run)
+@pytest.fixture(scope="module")
+def compiled_run(store, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("compiled")
+    launch(1, run_values(store, run_dir, training={"compile": True}))
+    return run_dir
+
+
+def test_compiled_run_equals_eager(serial_run, compiled_run):
+    compiled, eager = losses(compiled_run), losses(serial_run)
     assert len(compiled) == len(eager) == STEPS
     assert max(abs(a - b) / abs(b) for a, b in zip(compiled, eager)) < 1e-4, (compiled, eager)
+
+
+def test_autocast_run_follows_the_float32_run_in_bfloat16(store, compiled_run, tmp_path):
+    """DeepSpeed's ``torch_autocast`` (the fastest one-GPU setting) reaches the compiled rollout,
+    which the trainer calls past ``engine.forward``: the losses move off the compiled float32
+    run's by bf16 rounding (~1e-4; float32 reassociation moves them by < 1e-6), no more."""
+    values = run_values(store, tmp_path, training={"compile": True},
+                        deepspeed_overrides={"bf16": {"enabled": False},
+                                             "torch_autocast": {"enabled": True, "dtype": "bfloat16"}})
+    launch(1, values)
+    autocast, fp32 = losses(tmp_path), losses(compiled_run)
+    differences = [abs(a - b) / abs(b) for a, b in zip(autocast, fp32)]
+    assert len(autocast) == STEPS and 3e-5 < max(differences) < 3e-2, (differences, autocast, fp32)
 
 
 @pytest.fixture(scope="module")

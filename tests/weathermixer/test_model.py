@@ -168,6 +168,22 @@ def test_whole_model_compiles_into_one_graph(checkpointing):
     torch.testing.assert_close(compiled(state, static, forcings), eager_out, rtol=1e-6, atol=1e-6)
 
 
+def test_rollout_compiles_into_one_graph_under_an_engines_hooks():
+    """The trainer compiles ``rollout`` of a model that DeepSpeed's engine has hooked (its
+    forward hooks call ``time.time``, which dynamo cannot trace): the steps must not go through
+    the hooks, or every step breaks the graph (and a break in the loop makes the whole rollout
+    eager)."""
+    import time
+
+    config = preset("tiny", dropout=0.0)
+    model = WeatherMixer(config, seed=3)
+    model.register_forward_pre_hook(lambda module, args: time.time())
+    state, static, forcings = inputs(config, batch=2)
+    forcings = torch.stack([forcings, forcings], dim=1)
+    rollout = torch.compile(model.rollout, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch.testing.assert_close(rollout(state, static, forcings, 2), model.rollout(state, static, forcings, 2))
+
+
 def test_bfloat16_autocast_forward_and_backward_are_finite():
     config = preset("demo", activation_checkpointing=True)
     model = WeatherMixer(config, seed=6)
