@@ -22,6 +22,8 @@ for ``jigsaw-1b`` on one H100 (``benchmarks/GPU.md``):
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,3 +88,17 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     if stage == 0 and engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
     return engine, optimizer, lr_scheduler
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment from ``/dev/shm``.
+
+    On CPU, DeepSpeed's shared-memory collectives give every rank a ~66 MB POSIX shared-memory
+    segment (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlink it:
+    each run would leave its segments in memory until the machine restarts. Call it after the
+    last collective (the ranks mapped each other's segments at start-up; unlinking removes the
+    name only). Nothing to do on GPUs.
+    """
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")])
+    (Path("/dev/shm") / name).unlink(missing_ok=True)

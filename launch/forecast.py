@@ -24,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 
 from data.schema import StoreError  # noqa: E402
 from launch.checkpoint import CheckpointError  # noqa: E402
+from launch.engine import release_shared_memory  # noqa: E402
 from launch.forecasting import ForecastError, run_forecast  # noqa: E402
 from parallel.mesh import MeshError  # noqa: E402
 from parallel.sharding import ShardingError  # noqa: E402
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        release_shared_memory()
     if not dist.is_initialized() and int(os.environ.get("RANK", 0)) == 0:
         print(f"forecast written to {output}")
     return 0

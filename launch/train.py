@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch.distributed as dist
 
+    from launch.engine import release_shared_memory
     from launch.trainer import Trainer, init_distributed
     from parallel.mesh import MeshError
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        release_shared_memory()
 
 
 if __name__ == "__main__":

@@ -68,12 +68,15 @@ def launch(n_processes: int, values: dict, *args: str, check: bool = True) -> su
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(n_processes), "--master_port", str(_free_port()),
+    port = _free_port()
+    command = [str(launcher), "--num_gpus", str(n_processes), "--master_port", str(port),
                "launch/train.py", "--config", str(config), "--quiet", *args]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
+    if result.returncode == 0:  # every rank unlinked its DeepSpeed shared-memory segment
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return result
 
 
