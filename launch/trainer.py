@@ -7,7 +7,8 @@ Who owns what:
 * **DeepSpeed** owns the optimizer state, mixed precision, gradient averaging over the
   replica group (data x sample; ``launch.engine``) and ZeRO partitioning there, and
   gradient clipping (every parameter is flagged ``tensor_model_parallel``, so each element
-  counts once in the norm);
+  counts once in the norm; where the engine steps the torch optimizer itself, ZeRO-0 without
+  DeepSpeed's bf16, the clipping runs inside the fused optimizer step: ``launch.engine``);
 * the **tile reader** (``data``) gives each rank only its tile and channel slice; every
   rank of one replica reads the same time index at the same step.
 
