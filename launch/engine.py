@@ -32,6 +32,12 @@ from parallel.mesh import DeepSpeedMPU, ProcessMesh
 from parallel.sharding import global_grad_norm
 
 
+def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s step divides the gradients by its ``grad_scale`` (torch's fused
+    Adam/AdamW/SGD, the hook ``GradScaler`` uses)."""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
 class ClipInStep:
     """Clip the global gradient norm to ``max_norm`` inside a fused torch optimizer's step.
 
@@ -44,7 +50,7 @@ class ClipInStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, mesh: ProcessMesh | None,
                  max_norm: float):
-        if not (optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        if not takes_grad_scale(optimizer):
             raise ValueError(f"ClipInStep needs a fused torch optimizer (Adam/AdamW/SGD with fused=True), got "
                              f"{type(optimizer).__name__} with fused={optimizer.defaults.get('fused')}")
         if not max_norm > 0:
@@ -78,7 +84,7 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     fp16_autocast = autocast.get("enabled", False) and "bfloat16" not in str(autocast.get("dtype", "bfloat16"))
     max_norm = float(config.get("gradient_clipping", 0.0))
     clip_in_step = (stage == 0 and not deepspeed_precision and not fp16_autocast and max_norm > 0
-                    and optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False))
+                    and takes_grad_scale(optimizer))
     if clip_in_step:
         config["gradient_clipping"] = 0.0
     mpu = DeepSpeedMPU(mesh) if "model" in mesh.groups else None  # the serial mesh has no groups
