@@ -279,26 +279,29 @@ class MemoryBatches:
 
 
 class ZarrBatches:
-    """Batches through ``TileReader`` + ``Prefetcher`` (``readers`` threads reading ahead, in
-    order) and a batching thread that moves each batch to the device on its own stream:
-    samples are read into page-locked channel-first float32 buffers, cross as they are, and
-    the device stacks, casts and exposes the channel-last view (``launch.tiles.RankInputs``),
-    so reading, the transfer and the step all overlap."""
+    """Batches through ``TileReader`` and a prefetcher (``readers`` threads, or processes that
+    fill shared page-locked slots, reading ahead in order) and a batching thread that moves each
+    batch to the device on its own stream: samples are read into page-locked channel-first
+    float32 memory, cross as they are, and the device stacks, casts and exposes the
+    channel-last view (``launch.tiles.RankInputs``), so reading, the transfer and the step all
+    overlap."""
 
     def __init__(self, store: str, model: WeatherMixer, batch: int, device: str, dtype: torch.dtype,
-                 readers: int, depth: int | None = None):
+                 readers: int, kind: str = "thread", codec_pipeline: str = "zarr"):
         from data.prefetch import Prefetcher
+        from data.process_prefetch import ProcessPrefetcher
         from data.sampler import valid_time_indices
         from launch.tiles import RankInputs
 
         self.device, self.dtype, self.batch = device, dtype, batch
-        self.inputs = RankInputs(store, model, pin_memory=device == "cuda")
+        self.inputs = RankInputs(store, model, pin_memory=device == "cuda", codec_pipeline=codec_pipeline)
         self.static = self.inputs.reader.static().to(device, dtype)
         indices = valid_time_indices(self.inputs.reader.times, 1)
         rng = np.random.default_rng(0)
         order = itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))
-        self.prefetcher = Prefetcher(self.inputs.reader, (int(i) for i in order), lead_steps=1,
-                                     depth=depth or 2 * readers, workers=readers)
+        prefetcher_kind = ProcessPrefetcher if kind == "process" else Prefetcher
+        self.prefetcher = prefetcher_kind(self.inputs.reader, (int(i) for i in order), lead_steps=1,
+                                          depth=2 * readers, workers=readers)
         self.stream = torch.cuda.Stream() if device == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.stop = threading.Event()
@@ -312,10 +315,12 @@ class ZarrBatches:
             if self.stream is not None:
                 with torch.cuda.stream(self.stream):
                     state, _, forcings, target = self.inputs.batch(samples, self.device, self.dtype)
+                    self.prefetcher.release(*samples)  # after the copies on this stream
                     done = torch.cuda.Event()
                     done.record(self.stream)
             else:
                 (state, _, forcings, target), done = self.inputs.batch(samples, self.device, self.dtype), None
+                self.prefetcher.release(*samples)
             item = ((state, forcings[:, 0], target[:, 0]), done)  # lead 1: the input and one target time
             while not self.stop.is_set():
                 try:
@@ -346,60 +351,6 @@ class ZarrBatches:
         self.prefetcher.close()
 
 
-def reader_throughput(store: str, model: WeatherMixer, readers: int, samples: int, pin: bool = True) -> float:
-    """Samples/s that ``readers`` prefetch threads deliver (reading only, no batching or copy)."""
-    from data.prefetch import Prefetcher
-    from data.sampler import valid_time_indices
-    from launch.tiles import RankInputs
-
-    reader = RankInputs(store, model, pin_memory=pin and torch.cuda.is_available()).reader
-    indices = list(valid_time_indices(reader.times, 1)) * (samples // 2 + 2)
-    with Prefetcher(reader, indices, lead_steps=1, depth=2 * readers, workers=readers) as prefetcher:
-        next(prefetcher)
-        t0 = time.perf_counter()
-        for _ in range(samples):
-            next(prefetcher)
-        return samples / (time.perf_counter() - t0)
-
-
-def _read_in_process(store: str, lat_range, lon_range, model_lat: int, indices: list[int],
-                     start: float) -> tuple[float, float]:
-    """One reader process: open the store, wait for the common start time, read ``indices``;
-    the wall-clock times of its first and last read."""
-    from data.reader import TileReader
-
-    reader = TileReader(store, lat_range=lat_range, lon_range=lon_range, model_lat=model_lat)
-    reader.sample(indices[0], 1)  # warm-up: first-use costs stay out of the timing
-    time.sleep(max(0.0, start - time.time()))
-    begin = time.time()
-    for index in indices:
-        reader.sample(index, 1)
-    return begin, time.time()
-
-
-def reader_process_throughput(store: str, model: WeatherMixer, processes: int, samples: int) -> float:
-    """Samples/s that ``processes`` reader processes deliver together, each reading into its own
-    memory (no transfer to this process): whether reading scales past the threads of one process."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from data.sampler import valid_time_indices
-    from launch.tiles import RankInputs
-
-    reader = RankInputs(store, model).reader
-    indices = [int(i) for i in valid_time_indices(reader.times, 1)] * samples
-    per_process = max(1, samples // processes)
-    start = time.time() + 30.0  # every process should have started and opened its reader by then
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_read_in_process, store, reader.lat_range, reader.lon_range, reader.model_lat,
-                               indices[k * per_process:(k + 1) * per_process], start) for k in range(processes)]
-        spans = [future.result() for future in futures]
-    late = max(begin for begin, _ in spans) - start
-    if late > 1.0:
-        print(f"reader processes: the last one started reading {late:.1f} s late (the rate below is low)")
-    return per_process * processes / (max(end for _, end in spans) - min(begin for begin, _ in spans))
-
-
 # ------------------------------------------------------------------------------ the benchmark
 def train_step(engine, loss_fn, state, static, forcings, target) -> torch.Tensor:
     prediction = engine(state, static, forcings)
@@ -425,7 +376,8 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     if data == "memory":
         source = MemoryBatches(base, batch, device, dtype)
     else:
-        source = ZarrBatches(args.store, base, batch, device, dtype, args.readers)
+        source = ZarrBatches(args.store, base, batch, device, dtype, args.readers, args.reader_kind,
+                             args.codec_pipeline)
     t_warm = time.perf_counter()
     losses = []
     for _ in range(args.warmup):
@@ -691,20 +643,18 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")
     parser.add_argument("--store", default=None, help="zarr store for --data zarr")
-    parser.add_argument("--readers", type=int, default=4, help="prefetch threads (TileReader + Prefetcher each)")
+    parser.add_argument("--readers", type=int, default=4, help="reader threads or processes")
+    parser.add_argument("--reader-kind", default="thread", choices=("thread", "process"),
+                        help="thread: data.prefetch.Prefetcher; process: data.process_prefetch.ProcessPrefetcher "
+                             "(shared page-locked slots)")
+    parser.add_argument("--codec-pipeline", default="zarr", choices=("zarr", "zarrs"),
+                        help="zarr's codec pipeline for the reader (zarrs: the Rust one, package zarrs)")
     parser.add_argument("--make-store", type=Path, default=None, help="write a synthetic store here and exit")
     parser.add_argument("--store-times", type=int, default=16)
     parser.add_argument("--store-codec", default="blosc", choices=("blosc", "zstd", "none"),
                         help="blosc: the store contract's Blosc lz4 + shuffle (data.schema.field_encoding); "
                              "zstd: zarr's default; none: uncompressed")
     parser.add_argument("--store-grid", default=None, help="NLATxNLON (default: the preset's grid)")
-    parser.add_argument("--reader-test", type=int, nargs="*", default=None,
-                        help="measure reader samples/s with these thread counts before training")
-    parser.add_argument("--reader-processes", type=int, nargs="*", default=[],
-                        help="with --reader-test: also measure this many reader processes reading together")
-    parser.add_argument("--reader-pin", default="on", choices=("on", "off"),
-                        help="with --reader-test: read into page-locked buffers (as training does on cuda) or not")
-    parser.add_argument("--reader-only", action="store_true", help="with --reader-test: measure the reader and stop")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
     parser.add_argument("--profile-rows", type=int, default=30)
     parser.add_argument("--in-process", action="store_true",
@@ -735,7 +685,7 @@ def main(argv=None) -> list[dict]:
     if "zarr" in args.data and not args.store:
         raise SystemExit("--data zarr needs --store PATH (make one with --make-store PATH)")
     cases = list(itertools.product(args.data, args.compile, args.batch))
-    if args.device == "cuda" and len(cases) > 1 and not (args.in_process or args.reader_only):
+    if args.device == "cuda" and len(cases) > 1 and not args.in_process:
         return run_isolated(args, argv, cases)  # before any process group: the children need the port
     init_distributed(args.device)
     import torch._inductor.config
@@ -773,16 +723,6 @@ def main(argv=None) -> list[dict]:
         print(f"{args.preset} ({data} inputs): {sum(p.numel() for p in base.parameters()) / 1e9:.3f}B parameters, "
               f"grid {model_config.model_lat}x{model_config.model_lon}, {model_config.n_tokens} tokens, "
               f"{model_config.input_channels} input channels; built in {time.perf_counter() - t0:.0f} s", flush=True)
-        if data == "zarr" and args.reader_test:
-            for threads in args.reader_test:
-                rate = reader_throughput(args.store, base, threads, samples=4 * threads + 4, pin=args.reader_pin == "on")
-                print(f"reader: {threads} prefetch threads -> {rate:.2f} samples/s (inputs + 1 target; page-locked "
-                      f"buffers {args.reader_pin})", flush=True)
-            for processes in args.reader_processes:
-                rate = reader_process_throughput(args.store, base, processes, samples=4 * processes)
-                print(f"reader: {processes} processes (reading only) -> {rate:.2f} samples/s", flush=True)
-            if args.reader_only:
-                continue
         flops, source = forward_flops(base, 1, args.device, input_dtype(args))
         analytic = analytic_forward_flops(model_config)
         print(f"forward FLOPs/sample {flops / 1e12:.3f} T ({source}); written-out formula {analytic / 1e12:.3f} T",

@@ -71,6 +71,10 @@ class Prefetcher:
         self.delivered += 1
         return sample
 
+    def release(self, *samples: Sample) -> None:
+        """Nothing to do: each sample owns its memory (the interface of
+        :class:`data.process_prefetch.ProcessPrefetcher`, whose samples share slots)."""
+
     def close(self) -> None:
         """Stop reading ahead and wait for the threads (at most the samples being read)."""
         self._done = True

@@ -18,6 +18,8 @@ which rank owns which tile and channel slice is decided by the launcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -35,6 +37,8 @@ from data.schema import StoreAttrs, StoreError
 from data.time_features import N_TIME_FEATURES, time_features
 
 CPU_BUFFER = default_buffer_prototype()
+# zarr's codec pipelines by name: its own (Python, asyncio) or zarrs' (Rust, optional package ``zarrs``)
+CODEC_PIPELINES = {"zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
 UPPER_AIR_DIMS = ("time", "level", "latitude", "longitude")
 SURFACE_DIMS = ("time", "latitude", "longitude")
 STATIC_DIMS = ("latitude", "longitude")
@@ -120,6 +124,9 @@ class TileReader:
         normalize: False returns ``inputs`` and ``targets`` in physical units and leaves the
             normalisation to the caller (:meth:`normalize_`, e.g. on the GPU, which saves
             the host two passes over every sample); padded rows are zero either way.
+        codec_pipeline: which of :data:`CODEC_PIPELINES` decodes the chunks: ``"zarr"``
+            (zarr's own) or ``"zarrs"`` (the Rust pipeline of the optional ``zarrs`` package:
+            reads and decodes the chunks of a call in parallel, outside the GIL).
 
     The store contract is verified on open; a store that breaks it raises
     :class:`~data.schema.StoreError` naming the store and what is wrong. A tile that is not
@@ -130,7 +137,7 @@ class TileReader:
     def __init__(self, store: str | Path, *, lat_range: tuple[int, int], lon_range: tuple[int, int],
                  channels: Sequence[int] | None = None, static_channels: Sequence[int] | None = None,
                  model_lat: int | None = None, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = False, normalize: bool = True) -> None:
+                 pin_memory: bool = False, normalize: bool = True, codec_pipeline: str = "zarr") -> None:
         self.store = str(store)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"TileReader: dtype must be a floating torch dtype, got {dtype!r}")
@@ -140,8 +147,17 @@ class TileReader:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.normalize = normalize
+        self.codec_pipeline = codec_pipeline
+        # what opens the same reader elsewhere (e.g. in a reader process: data.process_prefetch)
+        self.arguments = dict(store=self.store, lat_range=tuple(lat_range), lon_range=tuple(lon_range),
+                              channels=None if channels is None else list(channels),
+                              static_channels=None if static_channels is None else list(static_channels),
+                              model_lat=model_lat, dtype=dtype, pin_memory=pin_memory, normalize=normalize,
+                              codec_pipeline=codec_pipeline)
+        with _codec_pipeline(codec_pipeline):  # the arrays keep the pipeline they were opened with
+            self._open(_open_group(self.store), lat_range, lon_range, channels, static_channels, model_lat)
 
-        group = _open_group(self.store)
+    def _open(self, group: zarr.Group, lat_range, lon_range, channels, static_channels, model_lat) -> None:
         self.attrs = StoreAttrs.from_json(dict(group.attrs), store=self.store)
         if not self.attrs.complete:
             raise StoreError(f"{self.store}: store is incomplete (root attribute 'complete' is not true): "
@@ -190,7 +206,7 @@ class TileReader:
                 f"{self.alignment.fetched_bytes} bytes per time step for a {self.alignment.tile_bytes}-byte tile "
                 f"(wasted fraction {self.alignment.wasted_fraction:.3f}). Preprocess the store with spatial "
                 f"chunks of the model grid's tile size for this domain decomposition.",
-                ChunkAlignmentWarning, stacklevel=2)
+                ChunkAlignmentWarning, stacklevel=3)
         self._static = self._read_static(group)
 
     # ------------------------------------------------------------------ public API
@@ -202,12 +218,22 @@ class TileReader:
         """Normalised static fields of the tile, ``(lat, lon, S)`` (read once, on open)."""
         return self._static
 
-    def sample(self, time_index: int, lead_steps: int = 1) -> Sample:
+    def buffer_shapes(self, lead_steps: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the float32 ``(fields, forcings)`` memory a sample of ``lead_steps`` fills:
+        ``(lead + 1, C, lat, lon)`` channel-first fields and ``(lead + 1, lat, lon, F)``."""
+        n_times = int(lead_steps) + 1
+        return (n_times, self.n_channels, *self.tile_shape), (n_times, *self.tile_shape, N_TIME_FEATURES)
+
+    def sample(self, time_index: int, lead_steps: int = 1,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> Sample:
         """The state at ``time_index`` and the ``lead_steps`` following states, normalised.
 
         Target ``k`` is the state ``k`` store time steps later. ``lead_steps=0`` gives the
         inputs alone (an initial condition for a forecast). The window must not span a gap
-        in the time axis (see ``data.sampler.valid_time_indices``).
+        in the time axis (see ``data.sampler.valid_time_indices``). ``out``: contiguous
+        float32 CPU tensors ``(fields, forcings)`` of :meth:`buffer_shapes` to read into
+        instead of new memory (shared or page-locked slots); the sample's ``inputs``,
+        ``targets`` and ``forcings`` are then views of them (with the reader's float32 dtype).
         """
         time_index, lead_steps = int(time_index), int(lead_steps)
         if lead_steps < 0:
@@ -222,13 +248,32 @@ class TileReader:
                              f"gap in the time axis (step {self.step_hours} h); draw indices with "
                              f"data.sampler.valid_time_indices")
 
-        n_times = lead_steps + 1
-        fields = self._read_fields(slice(time_index, last + 1), n_times).permute(0, 2, 3, 1)  # channel-last views
-        forcings = np.zeros((n_times, *self.tile_shape, N_TIME_FEATURES), dtype=np.float32)
+        fields_shape, forcings_shape = self.buffer_shapes(lead_steps)
+        if out is None:
+            fields, forcings = self._new_fields(fields_shape), torch.empty(forcings_shape, dtype=torch.float32)
+        else:
+            fields, forcings = out
+            for name, tensor, shape in (("fields", fields, fields_shape), ("forcings", forcings, forcings_shape)):
+                if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or not tensor.is_contiguous() \
+                        or tensor.device.type != "cpu":
+                    raise ValueError(f"TileReader.sample: out {name} must be a contiguous float32 CPU tensor of "
+                                     f"shape {shape}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+            fields[:, :, self._stored_rows:] = 0
+        self._read_fields(slice(time_index, last + 1), fields)
+        features = forcings.numpy()
+        features[:, self._stored_rows:] = 0
         for k, time in enumerate(window):
-            forcings[k, :self._stored_rows] = time_features(time, self.longitudes, self._stored_rows)
+            features[k, :self._stored_rows] = time_features(time, self.longitudes, self._stored_rows)
+        return self.as_sample((fields, forcings), time_index)
+
+    def as_sample(self, out: tuple[torch.Tensor, torch.Tensor], time_index: int) -> Sample:
+        """The :class:`Sample` of memory ``out`` = ``(fields, forcings)`` that :meth:`sample` filled
+        for ``time_index`` (here or in another process); its tensors are views of ``out`` (copies
+        when the reader's dtype or page-locking differ from ``out``'s)."""
+        fields, forcings = out
+        fields = fields.permute(0, 2, 3, 1)  # channel-last views
         return Sample(inputs=self._tensor(fields[0]), targets=self._tensor(fields[1:]), static=self._static,
-                      forcings=self._tensor(torch.from_numpy(forcings)), time=window[0], time_index=time_index)
+                      forcings=self._tensor(forcings), time=self.times[int(time_index)], time_index=int(time_index))
 
     def normalize_(self, fields: torch.Tensor) -> torch.Tensor:
         """Normalise raw ``inputs`` or ``targets`` (``(..., lat, lon, C)``, any device and memory
@@ -245,9 +290,17 @@ class TileReader:
                 f"static={len(self.static_indices)}/{len(self.attrs.static_channels)}, times={len(self.times)})")
 
     # ------------------------------------------------------------------ reading
-    def _read_fields(self, times: slice, n_times: int) -> torch.Tensor:
-        """``(time, C, lat, lon)`` float32, normalised (unless ``normalize`` is off), channel-first;
-        padded rows stay zero.
+    def _new_fields(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Memory for one sample's fields; padded rows zero."""
+        if self.pin_memory:  # recycled page-locked blocks: zero only the padded rows
+            fields = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+            fields[:, :, self._stored_rows:] = 0
+            return fields
+        return torch.zeros(shape, dtype=torch.float32)  # fresh pageable memory: zero pages fault in cheaper
+
+    def _read_fields(self, times: slice, fields: torch.Tensor) -> None:
+        """Read ``(time, C, lat, lon)`` float32 fields into ``fields`` (channel-first), normalised
+        unless ``normalize`` is off; the padded rows are left as they are (zero).
 
         Channel-first, so that each variable's levels are a block of whole planes: zarr
         decodes straight into the buffer (no transposing scatter, which cost twice the zarr
@@ -255,37 +308,33 @@ class TileReader:
         contiguous. All variables are read concurrently on an event loop of the calling
         thread: zarr's synchronous API runs every caller's chunk copies on one shared loop
         thread, which capped several prefetch threads together at ~4 samples/s at 0.25 deg.
-        With ``pin_memory`` the buffer is allocated page-locked for the asynchronous transfer.
         """
-        shape = (n_times, self.n_channels, *self.tile_shape)
-        if self.pin_memory:  # recycled page-locked blocks: zero only the padded rows
-            fields = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-            fields[:, :, self._stored_rows:] = 0
-        else:  # fresh pageable memory: zero pages cost less than faulting in written ones
-            fields = torch.zeros(shape, dtype=torch.float32)
         if self._stored_rows == 0:
-            return fields
+            return
         stored = fields.numpy()[:, :, :self._stored_rows]
         _run_to_completion(self._read_variables(times, stored))
         if self.normalize:
             stored -= self._mean[:, None, None]
             stored *= self._inv_std[:, None, None]
-        return fields
 
     async def _read_variables(self, times: slice, stored: np.ndarray) -> None:
-        await asyncio.gather(*(self._read_variable(read, times, stored) for read in self._reads))
+        await asyncio.gather(*(self._read_variable(read, time, stored[k]) for read in self._reads
+                               for k, time in enumerate(range(times.start, times.stop))))
 
-    async def _read_variable(self, read: _VariableRead, times: slice, stored: np.ndarray) -> None:
+    async def _read_variable(self, read: _VariableRead, time: int, stored: np.ndarray) -> None:
+        """One variable at one time into ``stored`` (``(C, rows, lon)`` of that time): decoded in
+        place when its channels are one block of contiguous memory (zarr's codec pipelines
+        write into a C-contiguous ``out`` without an intermediate array)."""
         array = read.array.async_array
         if read.levels is None:
-            selection, channels = (times, self._rows, self._columns), int(read.positions[0])
+            selection, channels = (time, self._rows, self._columns), int(read.positions[0])
         else:
-            selection, channels = (times, read.levels, self._rows, self._columns), read.channels
-        if channels is None:  # levels scattered over the channel axis
-            stored[:, read.positions] = await array.get_orthogonal_selection(selection)
-        else:  # one channel or a block of consecutive channels: decode in place
-            destination = CPU_BUFFER.nd_buffer.from_numpy_array(stored[:, channels])
-            await array.get_orthogonal_selection(selection, out=destination)
+            selection, channels = (time, read.levels, self._rows, self._columns), read.channels
+        destination = None if channels is None else stored[channels]
+        if destination is None or not destination.flags.c_contiguous:  # scattered levels, padded rows
+            stored[read.positions if channels is None else channels] = await array.get_orthogonal_selection(selection)
+        else:
+            await array.get_orthogonal_selection(selection, out=CPU_BUFFER.nd_buffer.from_numpy_array(destination))
 
     def _read_static(self, group: zarr.Group) -> torch.Tensor:
         static = np.zeros((*self.tile_shape, len(self.static_indices)), dtype=np.float32)
@@ -302,6 +351,20 @@ class TileReader:
         if self.dtype != torch.float32:
             tensor = tensor.to(self.dtype)
         return tensor.pin_memory() if self.pin_memory and not tensor.is_pinned() else tensor
+
+
+@contextlib.contextmanager
+def _codec_pipeline(name: str):
+    if name not in CODEC_PIPELINES:
+        raise ValueError(f"TileReader: codec_pipeline={name!r}, expected one of {sorted(CODEC_PIPELINES)}")
+    module = CODEC_PIPELINES[name].rpartition(".")[0]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"TileReader: codec_pipeline={name!r} needs the package {module!r}, which is not "
+                         f"installed (pip install {module})") from None
+    with zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES[name]}):
+        yield
 
 
 def _run_to_completion(coroutine) -> None:

@@ -57,7 +57,11 @@ class DataSection(Section):
     train: tuple[str, str]  # inclusive ISO dates/times
     validation: tuple[str, str] | None = None
     prefetch: int = Field(2, ge=1)  # samples read ahead (held in host memory)
-    workers: int = Field(1, ge=1)  # threads reading them; a 0.25 deg tile of one rank needs several
+    workers: int = Field(1, ge=1)  # readers; a 0.25 deg tile of one rank needs several
+    # "thread": reader threads in the rank's process; "process": reader processes that read into
+    # shared page-locked slots (data.process_prefetch): they scale with the host's cores, threads
+    # stop at about four busy cores (benchmarks/READER.md)
+    worker_kind: Literal["thread", "process"] = "thread"
 
     @model_validator(mode="after")
     def _workers_fit(self) -> "DataSection":

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from data.prefetch import Prefetcher
+from data.process_prefetch import ProcessPrefetcher
 from data.sampler import ReplicaSampler, valid_time_indices
 from data.schema import HEADLINE_CHANNELS
 from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atomic_write_bytes, atomic_write_text,
@@ -165,8 +166,9 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         while self.step < t.steps:
             self.sampler.set_epoch(self.epoch)
-            with Prefetcher(self.inputs.reader, iter(self.sampler), self.lead, run.data.prefetch,
-                            run.data.workers) as prefetcher:
+            prefetcher_kind = ProcessPrefetcher if run.data.worker_kind == "process" else Prefetcher
+            with prefetcher_kind(self.inputs.reader, iter(self.sampler), self.lead, run.data.prefetch,
+                                 run.data.workers) as prefetcher:
                 self._prefetcher = prefetcher
                 while self.step < t.steps:
                     batches = [self._next_batch(prefetcher) for _ in range(t.gradient_accumulation)]
@@ -214,14 +216,17 @@ class Trainer:
                   f"{model_file}, metrics {self.run_dir / 'metrics.jsonl'}")
         return last
 
-    def _next_batch(self, prefetcher: Prefetcher):
+    def _next_batch(self, prefetcher: Prefetcher | ProcessPrefetcher):
         samples = []
         for _ in range(self.run.training.micro_batch):
             try:
                 samples.append(next(prefetcher))
             except StopIteration:
+                prefetcher.release(*samples)
                 return None
-        return self.inputs.batch(samples, self.device, self.dtype)
+        batch = self.inputs.batch(samples, self.device, self.dtype)
+        prefetcher.release(*samples)  # the copies are enqueued: the reader may reuse the samples' memory
+        return batch
 
     def _micro_step(self, batch, lead: int) -> float:
         state, static, forcings, targets = batch

@@ -195,6 +195,21 @@ def test_model_grid_pads_rows_beyond_the_store_with_zeros(tmp_path):
     assert torch.count_nonzero(padding_only.sample(0).inputs) == 0
 
 
+def test_reading_into_given_memory_overwrites_all_of_it(tmp_path):
+    path = write_store(tmp_path / "s.zarr", n_lat=7, spatial_chunks=(4, 6))
+    reader = TileReader(path, lat_range=(4, 8), lon_range=(0, 6), channels=[3, 0, 1], model_lat=8)
+    fields_shape, forcings_shape = reader.buffer_shapes(2)
+    out = (torch.full(fields_shape, float("nan")), torch.full(forcings_shape, float("nan")))  # a used slot
+    sample = reader.sample(1, 2, out=out)
+    expected = reader.sample(1, 2)
+    for name in ("inputs", "targets", "forcings"):
+        torch.testing.assert_close(getattr(sample, name), getattr(expected, name), rtol=0, atol=0)
+    assert sample.inputs.untyped_storage().data_ptr() == out[0].untyped_storage().data_ptr()
+    assert sample.forcings.data_ptr() == out[1].data_ptr()
+    with pytest.raises(ValueError, match=r"out fields must be a contiguous float32 CPU tensor of shape \(2, 3, 4, 6\)"):
+        reader.sample(1, 1, out=out)
+
+
 def test_misaligned_tile_warns_with_the_wasted_fraction_and_still_reads_right(stores):
     path = stores[((2, 2), False)]  # chunks of 4 x 6
     with pytest.warns(ChunkAlignmentWarning, match=r"rows \[2, 6\).*wasted fraction 0\.500"):

@@ -165,7 +165,9 @@ def test_model_parallel_mesh_equals_serial(store, serial_run, model_parallel_run
 
 
 def test_resumed_run_equals_uninterrupted(store, model_parallel_run, tmp_path):
-    values = run_values(store, tmp_path, mesh={"domain": [1, 2], "tensor": 2}, deepspeed="configs/deepspeed/zero1.json")
+    # read by reader processes (the uninterrupted run used threads): same samples, same order
+    values = run_values(store, tmp_path, mesh={"domain": [1, 2], "tensor": 2}, deepspeed="configs/deepspeed/zero1.json",
+                        data={"worker_kind": "process", "workers": 2, "prefetch": 2})
     first = launch(4, values, "--stop-after", "2")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002", first.stdout[-2000:]
     launch(4, values)

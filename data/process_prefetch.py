@@ -1,0 +1,250 @@
+"""Prefetch in reader processes, into shared (and page-locked) memory the consumer reads in place.
+
+Reader threads of one process stop scaling at about four busy cores (asyncio and the GIL
+between zarr's chunk tasks): ~5-6 whole 0.25 deg samples/s on a 16-core GPU host, while
+separate processes scale with the cores (``benchmarks/READER.md``). :class:`ProcessPrefetcher`
+keeps ``depth`` slots of shared memory, each one sample's channel-first fields and time
+features; ``workers`` spawned processes open the same :class:`~data.reader.TileReader` and
+read each sample straight into the slot they are handed. The consumer gets samples whose
+tensors are views of a slot: no copy, no pickling of sample data. When the reader pins
+memory, the slots are registered page-locked with CUDA in this process, so the host-to-device
+copies read them directly and asynchronously.
+
+The contract is the one of :class:`data.prefetch.Prefetcher` (same samples, same order,
+``delivered``, errors with a note naming the time index, context manager), plus one rule:
+a delivered sample's memory stays the consumer's until it calls :meth:`release` - after
+enqueuing its device copies; on CUDA the slot is handed out again only once the current
+stream has passed that point. At most ``depth`` samples are in flight, waiting or held.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import traceback
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.multiprocessing
+
+from data.reader import Sample, TileReader
+
+POLL_SECONDS = 1.0  # how often a waiting consumer checks that the reader processes are alive
+
+
+class ProcessPrefetcher:
+    """Iterates over ``reader.sample(t, lead_steps)`` for ``t`` in ``time_indices``, read ahead
+    by ``workers`` processes into ``depth`` shared slots; call :meth:`release` on each sample
+    once its memory is no longer needed."""
+
+    def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2,
+                 workers: int = 1) -> None:
+        if depth < 1:
+            raise ValueError(f"ProcessPrefetcher: depth must be >= 1, got {depth}")
+        if not 1 <= workers <= depth:
+            raise ValueError(f"ProcessPrefetcher: workers must lie in 1..depth={depth} (more processes than slots "
+                             f"would idle), got {workers}")
+        if reader.dtype != torch.float32:
+            raise ValueError(f"ProcessPrefetcher: the reader's dtype must be float32 (samples are views of the "
+                             f"float32 slots), got {reader.dtype}; cast on the device instead")
+        self.reader = reader
+        self.lead_steps = int(lead_steps)
+        self.depth = depth
+        self.delivered = 0
+        self._indices = iter(time_indices)
+        self._exhausted = self._closed = False
+        shapes = reader.buffer_shapes(self.lead_steps)
+        self._slots = [tuple(torch.empty(shape).share_memory_() for shape in shapes) for _ in range(depth)]
+        self._slot_of = {fields.untyped_storage().data_ptr(): slot for slot, (fields, _) in enumerate(self._slots)}
+        self._registered: list[int] = []
+        if reader.pin_memory:
+            for tensor in (t for slot in self._slots for t in slot):
+                _register_page_locked(tensor)
+                self._registered.append(tensor.data_ptr())
+        self._free = deque(range(depth))
+        self._pending: deque[tuple[int | None, int | None, BaseException | None]] = deque()  # in sample order
+        self._finished: dict[int, BaseException | None] = {}  # slot -> error of its read (None: read)
+        self._held: set[int] = set()
+        self._releasing: deque[tuple[int, torch.cuda.Event | None]] = deque()
+
+        context = torch.multiprocessing.get_context("spawn")
+        self._tasks = context.Queue()
+        self._results = context.Queue()
+        arguments = {**reader.arguments, "pin_memory": False}  # workers never touch CUDA
+        self._workers = [context.Process(target=_read_samples, name=f"reader {k} of {reader.store}", daemon=True,
+                                         args=(arguments, self._slots, self.lead_steps, self._tasks, self._results))
+                         for k in range(workers)]
+        for worker in self._workers:
+            worker.start()
+        self._fill()
+
+    @property
+    def reading(self) -> bool:
+        """Whether any reader process is still alive (False once closed)."""
+        return any(worker.is_alive() for worker in self._workers)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self
+
+    def __next__(self) -> Sample:
+        if self._closed:
+            raise StopIteration
+        if not self._pending:
+            self._reclaim(wait=True)
+            self._fill()
+            if not self._pending:
+                if not self._exhausted:
+                    self.close()
+                    raise RuntimeError(f"ProcessPrefetcher: all {self.depth} slots hold delivered samples; call "
+                                       f"release(sample) once a sample's memory is no longer needed (after its "
+                                       f"device copy is enqueued), or raise depth")
+                self.close()
+                raise StopIteration
+        slot, time_index, error = self._pending[0]
+        try:
+            while error is None and slot not in self._finished:
+                self._collect()
+            if error is None:
+                error = self._finished.pop(slot)
+        except BaseException:
+            self.close()
+            raise
+        self._pending.popleft()
+        if error is not None:
+            self.close()
+            raise error
+        self._held.add(slot)
+        self.delivered += 1
+        return self.reader.as_sample(self._slots[slot], time_index)
+
+    def release(self, *samples: Sample) -> None:
+        """Hand the memory of delivered ``samples`` back for reading ahead. On CUDA, call it after
+        enqueuing the samples' copies: the slots are reused once the current stream passed here."""
+        for sample in samples:
+            slot = self._slot_of.get(sample.inputs.untyped_storage().data_ptr())
+            if slot is None or slot not in self._held:
+                raise ValueError(f"ProcessPrefetcher.release: time index {sample.time_index} is not a sample this "
+                                 f"prefetcher delivered and still holds (released twice?)")
+            self._held.remove(slot)
+            event = None
+            if self._registered:
+                event = torch.cuda.Event()
+                event.record()
+            self._releasing.append((slot, event))
+        if not self._closed:
+            self._fill()
+
+    def close(self) -> None:
+        """Stop the reader processes (at most the samples being read are lost) and free the slots'
+        page-locked registration. Samples already delivered stay readable."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._workers:
+            self._tasks.put(None)
+        for worker in self._workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+        if self._registered:
+            torch.cuda.synchronize()  # no copy may read a slot while it stops being page-locked
+            for pointer in self._registered:
+                torch.cuda.cudart().cudaHostUnregister(pointer)
+            self._registered.clear()
+        self._tasks.close()
+        self._results.close()
+
+    def __enter__(self) -> "ProcessPrefetcher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _fill(self) -> None:
+        """Hand every free slot the next time index."""
+        self._reclaim(wait=False)
+        while not self._exhausted and self._free:
+            try:
+                time_index = int(next(self._indices))
+            except StopIteration:
+                self._exhausted = True
+                return
+            except BaseException as error:  # delivered in its place in the sequence
+                error.add_note(f"raised while drawing the next time index to prefetch from {self.reader.store}")
+                self._pending.append((None, None, error))
+                self._exhausted = True
+                return
+            slot = self._free.popleft()
+            self._tasks.put((slot, time_index))
+            self._pending.append((slot, time_index, None))
+
+    def _reclaim(self, wait: bool) -> None:
+        """Released slots whose device copies have completed become free (``wait``: the oldest one
+        is waited for when no slot is free)."""
+        while self._releasing:
+            slot, event = self._releasing[0]
+            if event is not None and not event.query():
+                if not (wait and not self._free):
+                    return
+                event.synchronize()
+            self._releasing.popleft()
+            self._free.append(slot)
+
+    def _collect(self) -> None:
+        """Wait for one reader process's result."""
+        while True:
+            try:
+                slot, time_index, error = self._results.get(timeout=POLL_SECONDS)
+                break
+            except queue.Empty:
+                ended = [worker for worker in self._workers if not worker.is_alive()]
+                if ended:
+                    raise RuntimeError(f"ProcessPrefetcher: reader process {ended[0].name!r} (pid {ended[0].pid}) "
+                                       f"ended with exit code {ended[0].exitcode} while samples were pending "
+                                       f"(killed for memory? each holds one TileReader)")
+        if slot is None:
+            error.add_note(f"raised while a reader process opened {self.reader.store}")
+            raise error
+        if error is not None:
+            error.add_note(f"raised while prefetching time index {time_index} (lead_steps={self.lead_steps}) from "
+                           f"{self.reader.store} in a reader process")
+        self._finished[slot] = error
+
+
+def _register_page_locked(tensor: torch.Tensor) -> None:
+    """Register ``tensor``'s memory with CUDA as page-locked (for asynchronous copies)."""
+    code = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    if int(code) != 0:
+        raise RuntimeError(f"ProcessPrefetcher: cudaHostRegister of a {tensor.numel() * 4 / 2**20:.0f} MiB slot "
+                           f"failed with CUDA error {int(code)}; lower depth or pass a reader without pin_memory")
+
+
+def _read_samples(arguments: dict, slots: list, lead_steps: int, tasks, results) -> None:
+    """A reader process: open the reader, then read each ``(slot, time_index)`` task into its slot."""
+    torch.set_num_threads(1)
+    try:
+        reader = TileReader(**arguments)
+    except BaseException as error:  # reported, then this process ends
+        results.put((None, None, _portable(error)))
+        return
+    while (task := tasks.get()) is not None:
+        slot, time_index = task
+        try:
+            reader.sample(time_index, lead_steps, out=slots[slot])
+            results.put((slot, time_index, None))
+        except BaseException as error:
+            results.put((slot, time_index, _portable(error)))
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` with its traceback as a note, or a RuntimeError naming it if it does not pickle."""
+    text = "".join(traceback.format_exception(error)).rstrip()
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        error = RuntimeError(f"{type(error).__name__}: {error}")
+    error.add_note(f"reader process traceback:\n{text}")
+    return error
