@@ -9,7 +9,6 @@ faults per sample and the cores they kept busy. With a GPU present the samples l
 page-locked memory, as in training.
 
     python benchmarks/reader_throughput.py --store /tmp/era5.zarr --threads 1 4 8 --processes 4 8
-    python benchmarks/reader_throughput.py --store /tmp/era5.zarr --threads 8 --pipeline zarrs
 
 The store is written first (``train_step.make_store``, 0.25 deg ERA5-shaped, 69 channels)
 when it does not exist; ``--store-grid`` and ``--chunk-grid`` choose its shape and chunking.
@@ -34,7 +33,6 @@ import torch  # noqa: E402
 from data.prefetch import Prefetcher  # noqa: E402
 from data.process_prefetch import ProcessPrefetcher  # noqa: E402
 from data.reader import TileReader  # noqa: E402
-from data.reader import CODEC_PIPELINES  # noqa: E402
 from data.sampler import valid_time_indices  # noqa: E402
 from launch.tiles import store_attrs  # noqa: E402
 
@@ -54,12 +52,12 @@ def usage(pids: list[int]) -> tuple[float, float, int]:
     return user, system, faults
 
 
-def open_reader(store: str, model_lat: int | None, pin: bool, pipeline: str) -> TileReader:
+def open_reader(store: str, model_lat: int | None, pin: bool) -> TileReader:
     """The whole grid as one tile, read raw (training normalises on the device)."""
     _, n_lat, n_lon = store_attrs(store)
     n_lat = model_lat or n_lat
     return TileReader(store, lat_range=(0, n_lat), lon_range=(0, n_lon), model_lat=n_lat, pin_memory=pin,
-                      normalize=False, codec_pipeline=pipeline)
+                      normalize=False)
 
 
 def measure(reader: TileReader, kind: str, workers: int, samples: int) -> dict:
@@ -96,8 +94,6 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 4, 8])
     parser.add_argument("--processes", type=int, nargs="*", default=[])
     parser.add_argument("--samples", type=int, default=6, help="timed samples per thread or process")
-    parser.add_argument("--pipeline", nargs="+", default=["zarr"], choices=sorted(CODEC_PIPELINES),
-                        help="zarr's codec pipeline: zarr (its own) or zarrs (Rust, needs the zarrs package)")
     args = parser.parse_args(argv)
     if not args.store.exists():
         import train_step
@@ -109,22 +105,20 @@ def main(argv=None) -> None:
         print(f"wrote {args.store} in {time.perf_counter() - t0:.0f} s", flush=True)
     pin = torch.cuda.is_available()
     model_lat = args.model_lat or None
-    probe = open_reader(str(args.store), model_lat, pin=False, pipeline="zarr")
-    sample_mb = 2 * probe.n_channels * probe.tile_shape[0] * probe.tile_shape[1] * 4 / 1e6
-    chunks = {tuple(read.array.chunks) for read in probe._reads}
-    print(f"{args.store}: tile {probe.tile_shape[0]} x {probe.tile_shape[1]}, {probe.n_channels} channels, "
+    reader = open_reader(str(args.store), model_lat, pin=pin)
+    sample_mb = 2 * reader.n_channels * reader.tile_shape[0] * reader.tile_shape[1] * 4 / 1e6
+    chunks = {tuple(read.array.chunks) for read in reader._reads}
+    print(f"{args.store}: tile {reader.tile_shape[0]} x {reader.tile_shape[1]}, {reader.n_channels} channels, "
           f"{sample_mb:.0f} MB per sample (input + 1 target, float32), chunks {sorted(chunks)}, "
           f"{multiprocessing.cpu_count()} CPUs, page-locked buffers: {pin}")
-    print("| pipeline, readers | samples/s | GB/s | user ms/sample | system ms/sample | page faults/sample "
+    print("| readers | samples/s | GB/s | user ms/sample | system ms/sample | page faults/sample "
           "| cores busy |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for pipeline in args.pipeline:
-        reader = open_reader(str(args.store), model_lat, pin=pin, pipeline=pipeline)
-        for kind, counts in (("thread", args.threads), ("process", args.processes)):
-            for workers in counts:
-                result = measure(reader, kind, workers, args.samples * workers)
-                print(row(f"{pipeline}, {workers} {kind}{'es' if kind == 'process' else 's'}", result, sample_mb),
-                      flush=True)
+    for kind, counts in (("thread", args.threads), ("process", args.processes)):
+        for workers in counts:
+            result = measure(reader, kind, workers, args.samples * workers)
+            print(row(f"{workers} {kind}{'es' if kind == 'process' else 's'}", result, sample_mb), flush=True)
+
 
 if __name__ == "__main__":
     main()

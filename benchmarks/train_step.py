@@ -287,14 +287,14 @@ class ZarrBatches:
     overlap."""
 
     def __init__(self, store: str, model: WeatherMixer, batch: int, device: str, dtype: torch.dtype,
-                 readers: int, kind: str = "thread", codec_pipeline: str = "zarr"):
+                 readers: int, kind: str = "thread"):
         from data.prefetch import Prefetcher
         from data.process_prefetch import ProcessPrefetcher
         from data.sampler import valid_time_indices
         from launch.tiles import RankInputs
 
         self.device, self.dtype, self.batch = device, dtype, batch
-        self.inputs = RankInputs(store, model, pin_memory=device == "cuda", codec_pipeline=codec_pipeline)
+        self.inputs = RankInputs(store, model, pin_memory=device == "cuda")
         self.static = self.inputs.reader.static().to(device, dtype)
         indices = valid_time_indices(self.inputs.reader.times, 1)
         rng = np.random.default_rng(0)
@@ -376,8 +376,7 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     if data == "memory":
         source = MemoryBatches(base, batch, device, dtype)
     else:
-        source = ZarrBatches(args.store, base, batch, device, dtype, args.readers, args.reader_kind,
-                             args.codec_pipeline)
+        source = ZarrBatches(args.store, base, batch, device, dtype, args.readers, args.reader_kind)
     t_warm = time.perf_counter()
     losses = []
     for _ in range(args.warmup):
@@ -647,8 +646,6 @@ def parse_args(argv=None):
     parser.add_argument("--reader-kind", default="thread", choices=("thread", "process"),
                         help="thread: data.prefetch.Prefetcher; process: data.process_prefetch.ProcessPrefetcher "
                              "(shared page-locked slots)")
-    parser.add_argument("--codec-pipeline", default="zarr", choices=("zarr", "zarrs"),
-                        help="zarr's codec pipeline for the reader (zarrs: the Rust one, package zarrs)")
     parser.add_argument("--make-store", type=Path, default=None, help="write a synthetic store here and exit")
     parser.add_argument("--store-times", type=int, default=16)
     parser.add_argument("--store-codec", default="blosc", choices=("blosc", "zstd", "none"),

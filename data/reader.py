@@ -18,8 +18,6 @@ which rank owns which tile and channel slice is decided by the launcher.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,8 +35,6 @@ from data.schema import StoreAttrs, StoreError
 from data.time_features import N_TIME_FEATURES, time_features
 
 CPU_BUFFER = default_buffer_prototype()
-# zarr's codec pipelines by name: its own (Python, asyncio) or zarrs' (Rust, optional package ``zarrs``)
-CODEC_PIPELINES = {"zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
 UPPER_AIR_DIMS = ("time", "level", "latitude", "longitude")
 SURFACE_DIMS = ("time", "latitude", "longitude")
 STATIC_DIMS = ("latitude", "longitude")
@@ -124,9 +120,6 @@ class TileReader:
         normalize: False returns ``inputs`` and ``targets`` in physical units and leaves the
             normalisation to the caller (:meth:`normalize_`, e.g. on the GPU, which saves
             the host two passes over every sample); padded rows are zero either way.
-        codec_pipeline: which of :data:`CODEC_PIPELINES` decodes the chunks: ``"zarr"``
-            (zarr's own) or ``"zarrs"`` (the Rust pipeline of the optional ``zarrs`` package:
-            reads and decodes the chunks of a call in parallel, outside the GIL).
 
     The store contract is verified on open; a store that breaks it raises
     :class:`~data.schema.StoreError` naming the store and what is wrong. A tile that is not
@@ -137,7 +130,7 @@ class TileReader:
     def __init__(self, store: str | Path, *, lat_range: tuple[int, int], lon_range: tuple[int, int],
                  channels: Sequence[int] | None = None, static_channels: Sequence[int] | None = None,
                  model_lat: int | None = None, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = False, normalize: bool = True, codec_pipeline: str = "zarr") -> None:
+                 pin_memory: bool = False, normalize: bool = True) -> None:
         self.store = str(store)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"TileReader: dtype must be a floating torch dtype, got {dtype!r}")
@@ -147,17 +140,13 @@ class TileReader:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.normalize = normalize
-        self.codec_pipeline = codec_pipeline
         # what opens the same reader elsewhere (e.g. in a reader process: data.process_prefetch)
         self.arguments = dict(store=self.store, lat_range=tuple(lat_range), lon_range=tuple(lon_range),
                               channels=None if channels is None else list(channels),
                               static_channels=None if static_channels is None else list(static_channels),
-                              model_lat=model_lat, dtype=dtype, pin_memory=pin_memory, normalize=normalize,
-                              codec_pipeline=codec_pipeline)
-        with _codec_pipeline(codec_pipeline):  # the arrays keep the pipeline they were opened with
-            self._open(_open_group(self.store), lat_range, lon_range, channels, static_channels, model_lat)
+                              model_lat=model_lat, dtype=dtype, pin_memory=pin_memory, normalize=normalize)
 
-    def _open(self, group: zarr.Group, lat_range, lon_range, channels, static_channels, model_lat) -> None:
+        group = _open_group(self.store)
         self.attrs = StoreAttrs.from_json(dict(group.attrs), store=self.store)
         if not self.attrs.complete:
             raise StoreError(f"{self.store}: store is incomplete (root attribute 'complete' is not true): "
@@ -206,7 +195,7 @@ class TileReader:
                 f"{self.alignment.fetched_bytes} bytes per time step for a {self.alignment.tile_bytes}-byte tile "
                 f"(wasted fraction {self.alignment.wasted_fraction:.3f}). Preprocess the store with spatial "
                 f"chunks of the model grid's tile size for this domain decomposition.",
-                ChunkAlignmentWarning, stacklevel=3)
+                ChunkAlignmentWarning, stacklevel=2)
         self._static = self._read_static(group)
 
     # ------------------------------------------------------------------ public API
@@ -318,23 +307,19 @@ class TileReader:
             stored *= self._inv_std[:, None, None]
 
     async def _read_variables(self, times: slice, stored: np.ndarray) -> None:
-        await asyncio.gather(*(self._read_variable(read, time, stored[k]) for read in self._reads
-                               for k, time in enumerate(range(times.start, times.stop))))
+        await asyncio.gather(*(self._read_variable(read, times, stored) for read in self._reads))
 
-    async def _read_variable(self, read: _VariableRead, time: int, stored: np.ndarray) -> None:
-        """One variable at one time into ``stored`` (``(C, rows, lon)`` of that time): decoded in
-        place when its channels are one block of contiguous memory (zarr's codec pipelines
-        write into a C-contiguous ``out`` without an intermediate array)."""
+    async def _read_variable(self, read: _VariableRead, times: slice, stored: np.ndarray) -> None:
         array = read.array.async_array
         if read.levels is None:
-            selection, channels = (time, self._rows, self._columns), int(read.positions[0])
+            selection, channels = (times, self._rows, self._columns), int(read.positions[0])
         else:
-            selection, channels = (time, read.levels, self._rows, self._columns), read.channels
-        destination = None if channels is None else stored[channels]
-        if destination is None or not destination.flags.c_contiguous:  # scattered levels, padded rows
-            stored[read.positions if channels is None else channels] = await array.get_orthogonal_selection(selection)
-        else:
-            await array.get_orthogonal_selection(selection, out=CPU_BUFFER.nd_buffer.from_numpy_array(destination))
+            selection, channels = (times, read.levels, self._rows, self._columns), read.channels
+        if channels is None:  # levels scattered over the channel axis
+            stored[:, read.positions] = await array.get_orthogonal_selection(selection)
+        else:  # one channel or a block of consecutive channels: decode in place
+            destination = CPU_BUFFER.nd_buffer.from_numpy_array(stored[:, channels])
+            await array.get_orthogonal_selection(selection, out=destination)
 
     def _read_static(self, group: zarr.Group) -> torch.Tensor:
         static = np.zeros((*self.tile_shape, len(self.static_indices)), dtype=np.float32)
@@ -351,20 +336,6 @@ class TileReader:
         if self.dtype != torch.float32:
             tensor = tensor.to(self.dtype)
         return tensor.pin_memory() if self.pin_memory and not tensor.is_pinned() else tensor
-
-
-@contextlib.contextmanager
-def _codec_pipeline(name: str):
-    if name not in CODEC_PIPELINES:
-        raise ValueError(f"TileReader: codec_pipeline={name!r}, expected one of {sorted(CODEC_PIPELINES)}")
-    module = CODEC_PIPELINES[name].rpartition(".")[0]
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise ValueError(f"TileReader: codec_pipeline={name!r} needs the package {module!r}, which is not "
-                         f"installed (pip install {module})") from None
-    with zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES[name]}):
-        yield
 
 
 def _run_to_completion(coroutine) -> None:

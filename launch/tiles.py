@@ -58,7 +58,7 @@ class RankInputs:
     sample, the reader's largest cost after decoding at 0.25 deg).
     """
 
-    def __init__(self, store: str, model: WeatherMixer, pin_memory: bool = False, codec_pipeline: str = "zarr"):
+    def __init__(self, store: str, model: WeatherMixer, pin_memory: bool = False):
         self.model = model
         layers, rank = model.layers, model.mesh.tensor_rank
         (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
@@ -67,8 +67,7 @@ class RankInputs:
         self.reader = TileReader(store, lat_range=(lat0, lat1), lon_range=(lon0, lon1),
                                  channels=model.state_channels.indices[rank].tolist(),
                                  static_channels=layers.channels(config.static_channels).indices[rank].tolist(),
-                                 model_lat=config.model_lat, pin_memory=pin_memory, normalize=False,
-                                 codec_pipeline=codec_pipeline)
+                                 model_lat=config.model_lat, pin_memory=pin_memory, normalize=False)
 
     def batch(self, samples: list[Sample], device: torch.device | str, dtype: torch.dtype = torch.float32):
         """``(state, static, forcings, targets)`` for the model from a list of samples.
