@@ -3,14 +3,14 @@
 Times ``forward -> WeightedMSE -> engine.backward -> engine.step`` of a preset (default
 ``jigsaw-1b`` at 720 x 1440) on the serial mesh, for each combination of micro-batch size,
 ``torch.compile`` on/off and input path (random batches resident in device memory, or the
-zarr tile reader with ``data.prefetch.Prefetcher``), and prints one table row per
+zarr tile reader with reader threads or processes, ``--reader-kind``), and prints one table row per
 combination: ms/step (median over the timed steps, CUDA events), TFLOP/s from the model's
 forward FLOPs (a training step = 3 x forward), MFU against an 8192^3 bf16 matmul timed in
 the same process, and peak device memory.
 
     python benchmarks/train_step.py --batch 1 4 --compile off on --data memory
     python benchmarks/train_step.py --make-store /tmp/era5.zarr --store-times 16   # synthetic 0.25 deg store
-    python benchmarks/train_step.py --batch 1 4 --compile on --data zarr --store /tmp/era5.zarr
+    python benchmarks/train_step.py --batch 1 4 --compile on --data zarr --store /tmp/era5.zarr --readers 8 --reader-kind process
     python benchmarks/train_step.py --device cpu --preset tiny --batch 1 2 --compile off on --data memory zarr
 
 Single process: RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK default to a world of

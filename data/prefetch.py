@@ -2,11 +2,11 @@
 
 ``workers`` threads read samples ahead, at most ``depth`` in flight or waiting, while the
 consumer computes; samples come out in the order of the indices whichever thread read
-them. Threads suffice: the reading is file I/O, zarr decompression and numpy copies,
-which release the GIL, and it keeps the samples in the consumer's process with no
-pickling. ``depth`` bounds the samples held in memory (each ``(lead + 1) x tile x
-channels`` floats); at 0.25 deg one thread reads ~1-2 samples/s, so a GPU step of ~0.1 s
-per sample needs several workers (``benchmarks/GPU.md``).
+them. Threads are light (no processes to start, samples in the consumer's process) and
+enough for small tiles; they stop scaling at about four busy cores (zarr's per-chunk
+asyncio work holds the GIL): ~6.6 whole 0.25 deg samples/s on a 16-core GPU host, where
+:class:`data.process_prefetch.ProcessPrefetcher` reaches ~17 (``benchmarks/READER.md``).
+``depth`` bounds the samples held in memory (each ``(lead + 1) x tile x channels`` floats).
 
 An error in the reader (or in drawing the next index) reaches the consumer as the
 original exception, with a note naming the time index and the store, at the position in

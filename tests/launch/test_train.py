@@ -228,10 +228,20 @@ def test_config_errors_name_the_key(store, tmp_path):
         load_run_config(values={**base, "training": {**base["training"], "rollout": [{"from_step": 5, "steps": 2}]}})
     with pytest.raises(RunConfigError, match=r"data\.workers = 3 exceeds data\.prefetch = 2"):
         load_run_config(values={**base, "data": {**base["data"], "workers": 3}})
+    with pytest.raises(RunConfigError, match=r"data\.worker_kind"):
+        load_run_config(values={**base, "data": {**base["data"], "worker_kind": "fiber"}})
     with pytest.raises(RunConfigError, match="KEY=VALUE"):
         load_run_config(values=base, overrides=["optimizer.lr"])
     assert load_run_config(values=base, overrides=["optimizer.lr=3e-4"]).optimizer.lr == 3e-4
     assert load_run_config(values=base, overrides=["mesh.domain=[2,1]"]).mesh.domain == (2, 1)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_run_configs_load_and_build(path):
+    run = load_run_config(path)
+    model, mesh = run.model.build(), run.mesh.build()
+    assert model.n_tokens > 0 and mesh.tensor >= 1
+    assert run.deepspeed_config()["train_micro_batch_size_per_gpu"] == run.training.micro_batch
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(store, tmp_path):
