@@ -19,8 +19,11 @@ stream has passed that point. At most ``depth`` samples are in flight, waiting o
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
 import queue
+import signal
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -30,7 +33,8 @@ import torch.multiprocessing
 
 from data.reader import Sample, TileReader
 
-POLL_SECONDS = 1.0  # how often a waiting consumer checks that the reader processes are alive
+POLL_SECONDS = 1.0  # how often a waiting consumer (reader) checks that the readers (consumer) are alive
+SHARED_MEMORY = "/dev/shm"
 
 
 class ProcessPrefetcher:
@@ -55,6 +59,7 @@ class ProcessPrefetcher:
         self._indices = iter(time_indices)
         self._exhausted = self._closed = False
         shapes = reader.buffer_shapes(self.lead_steps)
+        _check_shared_memory(depth * sum(4 * math.prod(shape) for shape in shapes), depth)
         self._slots = [tuple(torch.empty(shape).share_memory_() for shape in shapes) for _ in range(depth)]
         self._slot_of = {fields.untyped_storage().data_ptr(): slot for slot, (fields, _) in enumerate(self._slots)}
         self._registered: list[int] = []
@@ -73,7 +78,8 @@ class ProcessPrefetcher:
         self._results = context.Queue()
         arguments = {**reader.arguments, "pin_memory": False}  # workers never touch CUDA
         self._workers = [context.Process(target=_read_samples, name=f"reader {k} of {reader.store}", daemon=True,
-                                         args=(arguments, self._slots, self.lead_steps, self._tasks, self._results))
+                                         args=(arguments, self._slots, self.lead_steps, self._tasks, self._results,
+                                               os.getpid()))
                          for k in range(workers)]
         for worker in self._workers:
             worker.start()
@@ -222,15 +228,38 @@ def _register_page_locked(tensor: torch.Tensor) -> None:
                            f"failed with CUDA error {int(code)}; lower depth or pass a reader without pin_memory")
 
 
-def _read_samples(arguments: dict, slots: list, lead_steps: int, tasks, results) -> None:
-    """A reader process: open the reader, then read each ``(slot, time_index)`` task into its slot."""
+def _check_shared_memory(n_bytes: int, depth: int) -> None:
+    """Refuse slots that do not fit the shared-memory file system (containers often mount 64 MiB)."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return  # no /dev/shm to check (not Linux): torch reports any failure itself
+    available = stats.f_bavail * stats.f_frsize
+    if n_bytes > available:
+        raise ValueError(f"ProcessPrefetcher: {depth} slots need {n_bytes / 2**30:.2f} GiB of shared memory, "
+                         f"{SHARED_MEMORY} has {available / 2**30:.2f} GiB free; lower data.prefetch (depth) or "
+                         f"mount a larger {SHARED_MEMORY} (e.g. docker run --shm-size)")
+
+
+def _read_samples(arguments: dict, slots: list, lead_steps: int, tasks, results, parent: int) -> None:
+    """A reader process: open the reader, then read each ``(slot, time_index)`` task into its slot.
+    Ctrl-C is the consumer's to handle (it closes the readers); a reader whose consumer died ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
         reader = TileReader(**arguments)
     except BaseException as error:  # reported, then this process ends
         results.put((None, None, _portable(error)))
         return
-    while (task := tasks.get()) is not None:
+    while True:
+        try:
+            task = tasks.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if task is None:
+            return
         slot, time_index = task
         try:
             reader.sample(time_index, lead_steps, out=slots[slot])

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from data.reader import TileReader
 from data.schema import StoreError
 from tests.data.store_fixtures import write_store
 from tests.data.test_prefetch import assert_same_sample
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +117,44 @@ def test_arguments_are_checked(store):
         ProcessPrefetcher(reader, range(4))
     with pytest.raises(ValueError, match="workers must lie in 1..depth=2"):
         ProcessPrefetcher(TileReader(store, lat_range=(0, 4), lon_range=(0, 6)), range(4), depth=2, workers=3)
+
+
+def test_slots_that_do_not_fit_shared_memory_are_refused(reader, monkeypatch):
+    import data.process_prefetch as process_prefetch
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(process_prefetch.os, "statvfs", lambda path: Full())
+    with pytest.raises(ValueError, match=r"2 slots need .* GiB of shared memory, /dev/shm has 0.00 GiB free"):
+        ProcessPrefetcher(reader, range(4), depth=2)
+
+
+def exited(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status  # a zombie has exited (nobody may reap it in a container)
+
+
+def test_readers_of_a_killed_consumer_exit(reader):
+    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+              "from data.reader import TileReader\nfrom data.process_prefetch import ProcessPrefetcher\n"
+              "if __name__ == '__main__':\n"
+              f"    reader = TileReader({reader.store!r}, lat_range=(0, 4), lon_range=(0, 6))\n"
+              "    prefetcher = ProcessPrefetcher(reader, range(7), depth=2, workers=2)\n"
+              "    next(prefetcher)\n"
+              "    print(*(w.pid for w in prefetcher._workers), flush=True)\n"
+              "    time.sleep(600)\n")
+    consumer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in consumer.stdout.readline().split()]
+        assert len(pids) == 2 and not any(exited(pid) for pid in pids)
+    finally:
+        consumer.kill()
+        consumer.wait()
+    deadline = time.monotonic() + 30
+    while not all(exited(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(exited(pid) for pid in pids)
