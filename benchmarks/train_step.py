@@ -301,7 +301,7 @@ class ZarrBatches:
         order = itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))
         prefetcher_kind = ProcessPrefetcher if kind == "process" else Prefetcher
         self.prefetcher = prefetcher_kind(self.inputs.reader, (int(i) for i in order), lead_steps=1,
-                                          depth=2 * readers, workers=readers)
+                                          depth=2 * readers + batch, workers=readers)
         self.stream = torch.cuda.Stream() if device == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.stop = threading.Event()

@@ -59,8 +59,8 @@ class DataSection(Section):
     prefetch: int = Field(2, ge=1)  # samples read ahead (held in host memory)
     workers: int = Field(1, ge=1)  # readers; a 0.25 deg tile of one rank needs several
     # "thread": reader threads in the rank's process; "process": reader processes that read into
-    # shared page-locked slots (data.process_prefetch): they scale with the host's cores, threads
-    # stop at about four busy cores (benchmarks/READER.md)
+    # data.prefetch shared page-locked slots (data.process_prefetch; at least micro_batch + workers):
+    # they scale with the host's cores, threads stop at about four busy cores (benchmarks/READER.md)
     worker_kind: Literal["thread", "process"] = "thread"
 
     @model_validator(mode="after")
@@ -159,6 +159,12 @@ class RunConfig(Section):
             self.mesh.build()
         except (ConfigError, ValueError) as error:
             raise ValueError(str(error)) from None
+        if self.data.worker_kind == "process" and self.data.prefetch < self.training.micro_batch + self.data.workers:
+            raise ValueError(f"data.prefetch = {self.data.prefetch} with data.worker_kind = 'process': a micro-batch "
+                             f"holds {self.training.micro_batch} of the prefetched samples' slots until it is on the "
+                             f"device, so the {self.data.workers} reader processes need free ones to read ahead; set "
+                             f"data.prefetch >= training.micro_batch + data.workers = "
+                             f"{self.training.micro_batch + self.data.workers}")
         return self
 
     def deepspeed_config(self) -> dict[str, Any]:

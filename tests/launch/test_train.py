@@ -167,7 +167,7 @@ def test_model_parallel_mesh_equals_serial(store, serial_run, model_parallel_run
 def test_resumed_run_equals_uninterrupted(store, model_parallel_run, tmp_path):
     # read by reader processes (the uninterrupted run used threads): same samples, same order
     values = run_values(store, tmp_path, mesh={"domain": [1, 2], "tensor": 2}, deepspeed="configs/deepspeed/zero1.json",
-                        data={"worker_kind": "process", "workers": 2, "prefetch": 2})
+                        data={"worker_kind": "process", "workers": 2, "prefetch": 4})
     first = launch(4, values, "--stop-after", "2")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002", first.stdout[-2000:]
     launch(4, values)
@@ -230,6 +230,8 @@ def test_config_errors_name_the_key(store, tmp_path):
         load_run_config(values={**base, "data": {**base["data"], "workers": 3}})
     with pytest.raises(RunConfigError, match=r"data\.worker_kind"):
         load_run_config(values={**base, "data": {**base["data"], "worker_kind": "fiber"}})
+    with pytest.raises(RunConfigError, match=r"set data\.prefetch >= training\.micro_batch \+ data\.workers = 4"):
+        load_run_config(values={**base, "data": {**base["data"], "worker_kind": "process", "workers": 2, "prefetch": 3}})
     with pytest.raises(RunConfigError, match="KEY=VALUE"):
         load_run_config(values=base, overrides=["optimizer.lr"])
     assert load_run_config(values=base, overrides=["optimizer.lr=3e-4"]).optimizer.lr == 3e-4
