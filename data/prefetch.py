@@ -26,8 +26,8 @@ class Prefetcher:
     """Iterates over ``reader.sample(t, lead_steps)`` for ``t`` in ``time_indices``, reading ahead.
 
     Yields the same samples in the same order as reading them in the loop would. Use it as
-    a context manager (or call :meth:`close`) when leaving the loop early; running to the
-    end closes it too. ``delivered`` counts the samples handed to the consumer, for
+    a context manager (or call :meth:`close`): the threads stay for :meth:`reset` (the next
+    epoch) until then. ``delivered`` counts the samples handed to the consumer, for
     ``ReplicaSampler.state_dict(consumed=...)``.
     """
 
@@ -59,7 +59,6 @@ class Prefetcher:
 
     def __next__(self) -> Sample:
         if self._done or not self._pending:
-            self.close()
             raise StopIteration
         future = self._pending.popleft()
         try:
@@ -70,6 +69,22 @@ class Prefetcher:
         self._fill()
         self.delivered += 1
         return sample
+
+    def reset(self, time_indices: Iterable[int]) -> None:
+        """Go on with ``time_indices`` (e.g. the next epoch) on the same threads: samples read
+        ahead and not delivered are dropped, ``delivered`` starts again at 0."""
+        if self._done:
+            raise RuntimeError("Prefetcher.reset: the prefetcher is closed")
+        for future in self._pending:
+            future.cancel()
+        for future in self._pending:
+            if not future.cancelled():
+                future.exception()  # wait for it; a dropped read's error is dropped with it
+        self._pending.clear()
+        self._indices = iter(time_indices)
+        self._exhausted = False
+        self.delivered = 0
+        self._fill()
 
     def release(self, *samples: Sample) -> None:
         """Nothing to do: each sample owns its memory (the interface of

@@ -11,7 +11,8 @@ memory, the slots are registered page-locked with CUDA in this process, so the h
 copies read them directly and asynchronously.
 
 The contract is the one of :class:`data.prefetch.Prefetcher` (same samples, same order,
-``delivered``, errors with a note naming the time index, context manager), plus one rule:
+``delivered``, errors with a note naming the time index, :meth:`reset` for the next epoch
+on the same processes, context manager), plus one rule:
 a delivered sample's memory stays the consumer's until it calls :meth:`release` - after
 enqueuing its device copies; on CUDA the slot is handed out again only once the current
 stream has passed that point. At most ``depth`` samples are in flight, waiting or held.
@@ -106,8 +107,7 @@ class ProcessPrefetcher:
                     raise RuntimeError(f"ProcessPrefetcher: all {self.depth} slots hold delivered samples; call "
                                        f"release(sample) once a sample's memory is no longer needed (after its "
                                        f"device copy is enqueued), or raise depth")
-                self.close()
-                raise StopIteration
+                raise StopIteration  # the processes stay for reset() until close()
         slot, time_index, error = self._pending[0]
         try:
             while error is None and slot not in self._finished:
@@ -124,6 +124,29 @@ class ProcessPrefetcher:
         self._held.add(slot)
         self.delivered += 1
         return self.reader.as_sample(self._slots[slot], time_index)
+
+    def reset(self, time_indices: Iterable[int]) -> None:
+        """Go on with ``time_indices`` (e.g. the next epoch) on the same reader processes: samples
+        read ahead and not delivered are dropped (their reads are waited for), ``delivered``
+        starts again at 0; delivered samples stay held until released."""
+        if self._closed:
+            raise RuntimeError("ProcessPrefetcher.reset: the prefetcher is closed")
+        try:
+            for slot, _, _ in self._pending:
+                if slot is None:  # an error of the index source: dropped with the sequence
+                    continue
+                while slot not in self._finished:
+                    self._collect()
+                del self._finished[slot]  # a dropped read's error is dropped with it
+                self._free.append(slot)
+        except BaseException:
+            self.close()
+            raise
+        self._pending.clear()
+        self._indices = iter(time_indices)
+        self._exhausted = False
+        self.delivered = 0
+        self._fill()
 
     def release(self, *samples: Sample) -> None:
         """Hand the memory of delivered ``samples`` back for reading ahead. On CUDA, call it after

@@ -164,12 +164,12 @@ class Trainer:
         progress = self._progress_bar()
         last: dict[str, Any] = {}
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < t.steps:
-            self.sampler.set_epoch(self.epoch)
-            prefetcher_kind = ProcessPrefetcher if run.data.worker_kind == "process" else Prefetcher
-            with prefetcher_kind(self.inputs.reader, iter(self.sampler), self.lead, run.data.prefetch,
-                                 run.data.workers) as prefetcher:
-                self._prefetcher = prefetcher
+        prefetcher_kind = ProcessPrefetcher if run.data.worker_kind == "process" else Prefetcher
+        with prefetcher_kind(self.inputs.reader, (), self.lead, run.data.prefetch, run.data.workers) as prefetcher:
+            self._prefetcher = prefetcher  # one for the run: reader processes start once, not per epoch
+            while self.step < t.steps:
+                self.sampler.set_epoch(self.epoch)
+                prefetcher.reset(iter(self.sampler))
                 while self.step < t.steps:
                     batches = [self._next_batch(prefetcher) for _ in range(t.gradient_accumulation)]
                     if any(b is None for b in batches):
@@ -206,7 +206,7 @@ class Trainer:
                         return last
                 else:
                     break
-            self.epoch += 1
+                self.epoch += 1
         if progress is not None:
             progress.close()
         if self.validation_indices is not None and self.step % run.logging.validate_every != 0:

@@ -83,3 +83,21 @@ def test_resume_from_delivered_samples_with_a_sampler(reader):
     with Prefetcher(reader, resumed) as prefetcher:
         tail = [sample.time_index for sample in prefetcher]
     assert head + tail == expected
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reset_goes_on_with_new_indices_on_the_same_threads(reader, workers):
+    with Prefetcher(reader, [4, 1, 6, 2], depth=3, workers=workers) as prefetcher:
+        assert next(prefetcher).time_index == 4
+        threads = set(prefetcher._pool._threads)
+        prefetcher.reset([0, 5])  # the next epoch: what was read ahead is dropped
+        assert [s.time_index for s in prefetcher] == [0, 5] and prefetcher.delivered == 2
+        with pytest.raises(StopIteration):  # exhausted, not closed: reset goes on
+            next(prefetcher)
+        prefetcher.reset(range(3))
+        samples = list(prefetcher)
+        assert set(prefetcher._pool._threads) == threads
+    assert [s.time_index for s in samples] == [0, 1, 2]
+    assert_same_sample(samples[1], reader.sample(1))
+    with pytest.raises(RuntimeError, match="closed"):
+        prefetcher.reset([0])

@@ -158,3 +158,24 @@ def test_readers_of_a_killed_consumer_exit(reader):
     while not all(exited(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(exited(pid) for pid in pids)
+
+
+def test_reset_goes_on_with_new_indices_in_the_same_processes(reader):
+    with ProcessPrefetcher(reader, [4, 1, 6, 2], depth=3, workers=2) as prefetcher:
+        held = next(prefetcher)
+        pids = [worker.pid for worker in prefetcher._workers]
+        prefetcher.reset([0, 5])  # the next epoch: what was read ahead is dropped, held stays held
+        first = [prefetcher.release(sample) or sample.time_index for sample in prefetcher]
+        with pytest.raises(StopIteration):  # exhausted, not closed
+            next(prefetcher)
+        prefetcher.release(held)
+        prefetcher.reset(range(5))
+        samples = []
+        for sample in prefetcher:
+            assert_same_sample(sample, reader.sample(sample.time_index))
+            samples.append(sample.time_index)
+            prefetcher.release(sample)
+        assert [worker.pid for worker in prefetcher._workers] == pids and prefetcher.reading
+    assert held.time_index == 4 and first == [0, 5] and samples == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="closed"):
+        prefetcher.reset([0])

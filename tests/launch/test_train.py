@@ -43,9 +43,11 @@ def store(tmp_path_factory) -> Path:
 
 
 def run_values(store: Path, run_dir: Path, **sections) -> dict:
+    # the training period holds 6 windows of 2 lead steps: 3 steps of 2 samples per epoch, so
+    # every run of STEPS steps crosses an epoch boundary
     values = {
         "model": {"preset": "tiny", "overrides": {"hidden": 16}},
-        "data": {"store": str(store), "train": ["2020-01-01", "2020-01-10"], "validation": ["2020-01-11", "2020-01-12"]},
+        "data": {"store": str(store), "train": ["2020-01-01", "2020-01-02"], "validation": ["2020-01-11", "2020-01-12"]},
         "training": {"steps": STEPS, "micro_batch": 2, "rollout": [{"from_step": 0, "steps": 1},
                                                                   {"from_step": 3, "steps": 2}]},
         "schedule": {"warmup_steps": 2},
@@ -172,6 +174,8 @@ def test_resumed_run_equals_uninterrupted(store, model_parallel_run, tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002", first.stdout[-2000:]
     launch(4, values)
     assert losses(tmp_path) == losses(model_parallel_run)  # bitwise
+    final = torch.load(tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "trainer" / "rank_0.pt", weights_only=False)
+    assert final["epoch"] == 1  # the resumed part crossed an epoch boundary (3 steps per epoch)
 
 
 def forward_on_mesh(rank, world_size, checkpoint, store, domain, tensor):
