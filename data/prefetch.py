@@ -15,6 +15,7 @@ the sequence where it happened.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,77 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from data.reader import Sample, TileReader
 
 
-class Prefetcher:
+class ReadAhead(ABC):
+    """What every prefetcher shares: the time indices in order (an error while drawing one
+    reaches the consumer in its place), ``delivered``, :meth:`reset` for the next epoch, and
+    the context manager. Subclasses read (:meth:`_fill`), drop what was read ahead
+    (:meth:`_drop_read_ahead`) and :meth:`close`."""
+
+    def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int, depth: int,
+                 workers: int, readers: str) -> None:
+        name = type(self).__name__
+        if depth < 1:
+            raise ValueError(f"{name}: depth must be >= 1, got {depth}")
+        if not 1 <= workers <= depth:
+            raise ValueError(f"{name}: workers must lie in 1..depth={depth} (more {readers} than samples in "
+                             f"flight would idle), got {workers}")
+        self.reader = reader
+        self.lead_steps = int(lead_steps)
+        self.depth = depth
+        self.delivered = 0
+        self._indices = iter(time_indices)
+        self._exhausted = False
+        self._closed = False
+
+    def reset(self, time_indices: Iterable[int]) -> None:
+        """Go on with ``time_indices`` (e.g. the next epoch) on the same readers: samples read
+        ahead and not delivered are dropped, ``delivered`` starts again at 0."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__}.reset: the prefetcher is closed")
+        self._drop_read_ahead()
+        self._indices = iter(time_indices)
+        self._exhausted = False
+        self.delivered = 0
+        self._fill()
+
+    def _next_index(self) -> int | BaseException | None:
+        """The next time index; None once they are exhausted; the error (with a note) when
+        drawing one failed, which ends the sequence there."""
+        if self._exhausted:
+            return None
+        try:
+            return int(next(self._indices))
+        except StopIteration:
+            self._exhausted = True
+            return None
+        except BaseException as error:
+            error.add_note(f"raised while drawing the next time index to prefetch from {self.reader.store}")
+            self._exhausted = True
+            return error
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the readers."""
+
+    @abstractmethod
+    def _fill(self) -> None:
+        """Start reading the next time indices as far as the readers' room allows."""
+
+    @abstractmethod
+    def _drop_read_ahead(self) -> None:
+        """Forget the samples read ahead and not delivered (for :meth:`reset`)."""
+
+
+class Prefetcher(ReadAhead):
     """Iterates over ``reader.sample(t, lead_steps)`` for ``t`` in ``time_indices``, reading ahead.
 
     Yields the same samples in the same order as reading them in the loop would. Use it as
@@ -33,18 +104,7 @@ class Prefetcher:
 
     def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2,
                  workers: int = 1) -> None:
-        if depth < 1:
-            raise ValueError(f"Prefetcher: depth must be >= 1, got {depth}")
-        if not 1 <= workers <= depth:
-            raise ValueError(f"Prefetcher: workers must lie in 1..depth={depth} (more threads than samples in "
-                             f"flight would idle), got {workers}")
-        self.reader = reader
-        self.lead_steps = lead_steps
-        self.depth = depth
-        self.delivered = 0
-        self._indices = iter(time_indices)
-        self._exhausted = False
-        self._done = False
+        super().__init__(reader, time_indices, lead_steps, depth, workers, readers="threads")
         self._pending: deque[Future] = deque()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"prefetch {reader.store}")
         self._fill()
@@ -54,11 +114,8 @@ class Prefetcher:
         """Whether any reader thread is still alive (False once closed)."""
         return any(thread.is_alive() for thread in self._pool._threads)
 
-    def __iter__(self) -> Iterator[Sample]:
-        return self
-
     def __next__(self) -> Sample:
-        if self._done or not self._pending:
+        if self._closed or not self._pending:
             raise StopIteration
         future = self._pending.popleft()
         try:
@@ -70,54 +127,33 @@ class Prefetcher:
         self.delivered += 1
         return sample
 
-    def reset(self, time_indices: Iterable[int]) -> None:
-        """Go on with ``time_indices`` (e.g. the next epoch) on the same threads: samples read
-        ahead and not delivered are dropped, ``delivered`` starts again at 0."""
-        if self._done:
-            raise RuntimeError("Prefetcher.reset: the prefetcher is closed")
-        for future in self._pending:
-            future.cancel()
-        for future in self._pending:
-            if not future.cancelled():
-                future.exception()  # wait for it; a dropped read's error is dropped with it
-        self._pending.clear()
-        self._indices = iter(time_indices)
-        self._exhausted = False
-        self.delivered = 0
-        self._fill()
-
     def release(self, *samples: Sample) -> None:
         """Nothing to do: each sample owns its memory (the interface of
         :class:`data.process_prefetch.ProcessPrefetcher`, whose samples share slots)."""
 
     def close(self) -> None:
         """Stop reading ahead and wait for the threads (at most the samples being read)."""
-        self._done = True
+        self._closed = True
         for future in self._pending:
             future.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def _drop_read_ahead(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        for future in self._pending:
+            if not future.cancelled():
+                future.exception()  # wait for it; a dropped read's error is dropped with it
+        self._pending.clear()
 
     def _fill(self) -> None:
         """Keep ``depth`` samples in flight or waiting."""
-        while not self._exhausted and len(self._pending) < self.depth:
-            try:
-                time_index = next(self._indices)
-            except StopIteration:
-                self._exhausted = True
-                return
-            except BaseException as error:  # delivered in its place in the sequence
-                error.add_note(f"raised while drawing the next time index to prefetch from {self.reader.store}")
+        while len(self._pending) < self.depth and (time_index := self._next_index()) is not None:
+            if isinstance(time_index, BaseException):  # delivered in its place in the sequence
                 failed: Future = Future()
-                failed.set_exception(error)
+                failed.set_exception(time_index)
                 self._pending.append(failed)
-                self._exhausted = True
                 return
             self._pending.append(self._pool.submit(self._read, time_index))
 

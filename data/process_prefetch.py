@@ -11,8 +11,8 @@ memory, the slots are registered page-locked with CUDA in this process, so the h
 copies read them directly and asynchronously.
 
 The contract is the one of :class:`data.prefetch.Prefetcher` (same samples, same order,
-``delivered``, errors with a note naming the time index, :meth:`reset` for the next epoch
-on the same processes, context manager), plus one rule:
+``delivered``, errors with a note naming the time index, ``reset`` for the next epoch on
+the same processes, context manager: :class:`data.prefetch.ReadAhead`), plus one rule:
 a delivered sample's memory stays the consumer's until it calls :meth:`release` - after
 enqueuing its device copies; on CUDA the slot is handed out again only once the current
 stream has passed that point. At most ``depth`` samples are in flight, waiting or held.
@@ -28,38 +28,29 @@ import queue
 import signal
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.multiprocessing
 
+from data.prefetch import ReadAhead
 from data.reader import Sample, TileReader
 
 POLL_SECONDS = 1.0  # how often a waiting consumer (reader) checks that the readers (consumer) are alive
 SHARED_MEMORY = "/dev/shm"
 
 
-class ProcessPrefetcher:
+class ProcessPrefetcher(ReadAhead):
     """Iterates over ``reader.sample(t, lead_steps)`` for ``t`` in ``time_indices``, read ahead
     by ``workers`` processes into ``depth`` shared slots; call :meth:`release` on each sample
     once its memory is no longer needed."""
 
     def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2,
                  workers: int = 1) -> None:
-        if depth < 1:
-            raise ValueError(f"ProcessPrefetcher: depth must be >= 1, got {depth}")
-        if not 1 <= workers <= depth:
-            raise ValueError(f"ProcessPrefetcher: workers must lie in 1..depth={depth} (more processes than slots "
-                             f"would idle), got {workers}")
+        super().__init__(reader, time_indices, lead_steps, depth, workers, readers="processes")
         if reader.dtype != torch.float32:
             raise ValueError(f"ProcessPrefetcher: the reader's dtype must be float32 (samples are views of the "
                              f"float32 slots), got {reader.dtype}; cast on the device instead")
-        self.reader = reader
-        self.lead_steps = int(lead_steps)
-        self.depth = depth
-        self.delivered = 0
-        self._indices = iter(time_indices)
-        self._exhausted = self._closed = False
         shapes = reader.buffer_shapes(self.lead_steps)
         _check_shared_memory(depth * sum(4 * math.prod(shape) for shape in shapes), depth)
         self._slots = [tuple(torch.empty(shape).share_memory_() for shape in shapes) for _ in range(depth)]
@@ -92,9 +83,6 @@ class ProcessPrefetcher:
         """Whether any reader process is still alive (False once closed)."""
         return any(worker.is_alive() for worker in self._workers)
 
-    def __iter__(self) -> Iterator[Sample]:
-        return self
-
     def __next__(self) -> Sample:
         if self._closed:
             raise StopIteration
@@ -124,29 +112,6 @@ class ProcessPrefetcher:
         self._held.add(slot)
         self.delivered += 1
         return self.reader.as_sample(self._slots[slot], time_index)
-
-    def reset(self, time_indices: Iterable[int]) -> None:
-        """Go on with ``time_indices`` (e.g. the next epoch) on the same reader processes: samples
-        read ahead and not delivered are dropped (their reads are waited for), ``delivered``
-        starts again at 0; delivered samples stay held until released."""
-        if self._closed:
-            raise RuntimeError("ProcessPrefetcher.reset: the prefetcher is closed")
-        try:
-            for slot, _, _ in self._pending:
-                if slot is None:  # an error of the index source: dropped with the sequence
-                    continue
-                while slot not in self._finished:
-                    self._collect()
-                del self._finished[slot]  # a dropped read's error is dropped with it
-                self._free.append(slot)
-        except BaseException:
-            self.close()
-            raise
-        self._pending.clear()
-        self._indices = iter(time_indices)
-        self._exhausted = False
-        self.delivered = 0
-        self._fill()
 
     def release(self, *samples: Sample) -> None:
         """Hand the memory of delivered ``samples`` back for reading ahead. On CUDA, call it after
@@ -186,30 +151,32 @@ class ProcessPrefetcher:
         self._tasks.close()
         self._results.close()
 
-    def __enter__(self) -> "ProcessPrefetcher":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ internals
     def _fill(self) -> None:
         """Hand every free slot the next time index."""
         self._reclaim(wait=False)
-        while not self._exhausted and self._free:
-            try:
-                time_index = int(next(self._indices))
-            except StopIteration:
-                self._exhausted = True
-                return
-            except BaseException as error:  # delivered in its place in the sequence
-                error.add_note(f"raised while drawing the next time index to prefetch from {self.reader.store}")
-                self._pending.append((None, None, error))
-                self._exhausted = True
+        while self._free and (time_index := self._next_index()) is not None:
+            if isinstance(time_index, BaseException):  # delivered in its place in the sequence
+                self._pending.append((None, None, time_index))
                 return
             slot = self._free.popleft()
             self._tasks.put((slot, time_index))
             self._pending.append((slot, time_index, None))
+
+    def _drop_read_ahead(self) -> None:
+        """Wait for the reads in flight and free their slots (delivered samples stay held)."""
+        try:
+            for slot, _, _ in self._pending:
+                if slot is None:  # an error of the index source: dropped with the sequence
+                    continue
+                while slot not in self._finished:
+                    self._collect()
+                del self._finished[slot]  # a dropped read's error is dropped with it
+                self._free.append(slot)
+        except BaseException:
+            self.close()
+            raise
+        self._pending.clear()
 
     def _reclaim(self, wait: bool) -> None:
         """Released slots whose device copies have completed become free (``wait``: the oldest one
