@@ -1,7 +1,7 @@
 """Prefetch in reader processes, into shared (and page-locked) memory the consumer reads in place.
 
 Reader threads of one process stop scaling at about four busy cores (asyncio and the GIL
-between zarr's chunk tasks): ~5-6 whole 0.25 deg samples/s on a 16-core GPU host, while
+between zarr's chunk tasks): 5.3 - 6.6 whole 0.25 deg samples/s on a 16-core GPU host, while
 separate processes scale with the cores (``benchmarks/READER.md``). :class:`ProcessPrefetcher`
 keeps ``depth`` slots of shared memory, each one sample's channel-first fields and time
 features; ``workers`` spawned processes open the same :class:`~data.reader.TileReader` and
