@@ -30,8 +30,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import torch  # noqa: E402
 
-from data.prefetch import Prefetcher  # noqa: E402
-from data.process_prefetch import ProcessPrefetcher  # noqa: E402
+from data.process_prefetch import PREFETCHERS  # noqa: E402
 from data.reader import TileReader  # noqa: E402
 from data.sampler import valid_time_indices  # noqa: E402
 from launch.tiles import store_attrs  # noqa: E402
@@ -64,8 +63,7 @@ def measure(reader: TileReader, kind: str, workers: int, samples: int) -> dict:
     """Read ``samples`` samples with ``workers`` prefetch threads or processes, after each has
     read once (first-use costs stay out), releasing each sample at once."""
     indices = [int(i) for i in valid_time_indices(reader.times, 1)] * (samples + 3 * workers + 2)
-    prefetcher_kind = ProcessPrefetcher if kind == "process" else Prefetcher
-    with prefetcher_kind(reader, indices, lead_steps=1, depth=2 * workers, workers=workers) as prefetcher:
+    with PREFETCHERS[kind](reader, indices, lead_steps=1, depth=2 * workers, workers=workers) as prefetcher:
         for _ in range(2 * workers):
             prefetcher.release(next(prefetcher))
         pids = [worker.pid for worker in getattr(prefetcher, "_workers", [])]

@@ -288,8 +288,7 @@ class ZarrBatches:
 
     def __init__(self, store: str, model: WeatherMixer, batch: int, device: str, dtype: torch.dtype,
                  readers: int, kind: str = "thread"):
-        from data.prefetch import Prefetcher
-        from data.process_prefetch import ProcessPrefetcher
+        from data.process_prefetch import PREFETCHERS
         from data.sampler import valid_time_indices
         from launch.tiles import RankInputs
 
@@ -299,9 +298,8 @@ class ZarrBatches:
         indices = valid_time_indices(self.inputs.reader.times, 1)
         rng = np.random.default_rng(0)
         order = itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))
-        prefetcher_kind = ProcessPrefetcher if kind == "process" else Prefetcher
-        self.prefetcher = prefetcher_kind(self.inputs.reader, (int(i) for i in order), lead_steps=1,
-                                          depth=2 * readers + batch, workers=readers)
+        self.prefetcher = PREFETCHERS[kind](self.inputs.reader, (int(i) for i in order), lead_steps=1,
+                                            depth=2 * readers + batch, workers=readers)
         self.stream = torch.cuda.Stream() if device == "cuda" else None
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.stop = threading.Event()

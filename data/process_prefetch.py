@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 import torch.multiprocessing
 
-from data.prefetch import ReadAhead
+from data.prefetch import Prefetcher, ReadAhead
 from data.reader import Sample, TileReader
 
 POLL_SECONDS = 1.0  # how often a waiting consumer (reader) checks that the readers (consumer) are alive
@@ -209,6 +209,10 @@ class ProcessPrefetcher(ReadAhead):
             error.add_note(f"raised while prefetching time index {time_index} (lead_steps={self.lead_steps}) from "
                            f"{self.reader.store} in a reader process")
         self._finished[slot] = error
+
+
+# the prefetcher of each ``data.worker_kind``
+PREFETCHERS: dict[str, type[ReadAhead]] = {"thread": Prefetcher, "process": ProcessPrefetcher}
 
 
 def _register_page_locked(tensor: torch.Tensor) -> None:

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.prefetch import Prefetcher
-from data.process_prefetch import ProcessPrefetcher
+from data.prefetch import ReadAhead
+from data.process_prefetch import PREFETCHERS
 from data.sampler import ReplicaSampler, valid_time_indices
 from data.schema import HEADLINE_CHANNELS
 from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atomic_write_bytes, atomic_write_text,
@@ -164,8 +164,8 @@ class Trainer:
         progress = self._progress_bar()
         last: dict[str, Any] = {}
         window_start, window_steps = time.perf_counter(), 0
-        prefetcher_kind = ProcessPrefetcher if run.data.worker_kind == "process" else Prefetcher
-        with prefetcher_kind(self.inputs.reader, (), self.lead, run.data.prefetch, run.data.workers) as prefetcher:
+        with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
+                                               run.data.workers) as prefetcher:
             self._prefetcher = prefetcher  # one for the run: reader processes start once, not per epoch
             while self.step < t.steps:
                 self.sampler.set_epoch(self.epoch)
@@ -216,7 +216,7 @@ class Trainer:
                   f"{model_file}, metrics {self.run_dir / 'metrics.jsonl'}")
         return last
 
-    def _next_batch(self, prefetcher: Prefetcher | ProcessPrefetcher):
+    def _next_batch(self, prefetcher: ReadAhead):
         samples = []
         for _ in range(self.run.training.micro_batch):
             try:
