@@ -221,6 +221,11 @@ def deepspeed_config(zero: int, precision: str, batch: int) -> dict:
     if precision == "autocast":  # fp32 parameters, bf16 matmuls under torch.autocast
         config.pop("bf16", None)
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "master":  # bf16 parameters; the optimizer keeps the fp32 master weights
+        if zero != 0:
+            raise SystemExit(f"--precision master runs with ZeRO stage 0 (MasterWeightAdam is the optimizer "
+                             f"DeepSpeed steps); got --zero {zero}")
+        config.pop("bf16", None)
     return config
 
 
@@ -228,7 +233,7 @@ def build_engine(config, args, batch: int, compiled: bool):
     from launch.engine import initialize_engine
 
     model = build_model(config.replace(activation_checkpointing=args.checkpointing), args.device, keep_on_device=True)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    optimizer = build_optimizer(model, args.precision, compiled)
     if compiled:
         model.compile(dynamic=False)
     engine, _, _ = initialize_engine(model, optimizer, deepspeed_config(args.zero, args.precision, batch), model.mesh)
@@ -241,8 +246,19 @@ def build_engine(config, args, batch: int, compiled: bool):
     return engine
 
 
+def build_optimizer(model: torch.nn.Module, precision: str, compiled: bool) -> torch.optim.Optimizer:
+    """AdamW, decay on matrices: torch's fused one, or for ``--precision master`` the one that
+    keeps fp32 master weights of the bf16 parameters (it turns them into bf16)."""
+    hyper = dict(lr=1e-4, betas=(0.9, 0.95))
+    if precision == "master":
+        from launch.master_weights import MasterWeightAdam
+
+        return MasterWeightAdam(param_groups(model, 0.01), decoupled_weight_decay=True, compile=compiled, **hyper)
+    return torch.optim.AdamW(param_groups(model, 0.01), fused=True, **hyper)
+
+
 def input_dtype(args) -> torch.dtype:
-    return torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return torch.float32 if args.precision == "autocast" else torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -417,7 +433,8 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     if hasattr(source, "wait_ms"):
         row["data_wait_ms"] = statistics.median(source.wait_ms)
     if args.profile and device == "cuda":
-        row["profile"] = profile_steps(engine, loss_fn, source, args.profile_rows)
+        row["profile"] = profile_steps(engine, loss_fn, source, args.profile_rows,
+                                       args.profile_out / f"kernels-b{batch}.json" if args.profile_out else None)
     source.close()
     del engine, source, loss_fn
     gc.collect()
@@ -455,8 +472,9 @@ def kernel_kind(name: str) -> str:
     return "other aten element-wise"
 
 
-def profile_steps(engine, loss_fn, source, rows: int, steps: int = 3) -> str:
-    """The kernel table of ``steps`` steps, and the device time per step by kind of kernel."""
+def profile_steps(engine, loss_fn, source, rows: int, out: Path | None = None, steps: int = 3) -> str:
+    """The kernel table of ``steps`` steps, and the device time per step by kind of kernel;
+    with ``out``, every kernel (full name, calls and ms per step) as JSON there."""
     from torch.profiler import ProfilerActivity, profile
 
     timers = []
@@ -467,6 +485,14 @@ def profile_steps(engine, loss_fn, source, rows: int, steps: int = 3) -> str:
             timers.append(timer)
         torch.cuda.synchronize()
     events = prof.key_averages()
+    if out is not None:
+        kernels = [dict(name=event.key, kind=kernel_kind(event.key), calls_per_step=event.count / steps,
+                        ms_per_step=event.self_device_time_total / 1e3 / steps) for event in events
+                   if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0
+                   and not getattr(event, "is_user_annotation", False)]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(sorted(kernels, key=lambda k: -k["ms_per_step"]), indent=1))
+        print(f"kernel list written to {out}", flush=True)
     kinds: dict[str, float] = {}
     for event in events:
         if (event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0
@@ -621,9 +647,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=("off", "on"))
     parser.add_argument("--data", nargs="+", default=["memory"], choices=("memory", "zarr"))
     parser.add_argument("--zero", type=int, default=1, choices=(0, 1, 2), help="configs/deepspeed/zero<N>.json")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast"),
-                        help="bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer); "
-                             "autocast: fp32 weights under torch.autocast(bf16)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast", "master"),
+                        help="bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in its optimizer); "
+                             "autocast: fp32 weights under torch.autocast(bf16); master: bf16 weights, fp32 "
+                             "master weights in launch.master_weights.MasterWeightAdam (ZeRO-0)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
     parser.add_argument("--reduce-one-replica", action="store_true",
                         help="let DeepSpeed reduce gradients with one replica too (its default; launch.engine "
@@ -652,6 +679,8 @@ def parse_args(argv=None):
     parser.add_argument("--store-grid", default=None, help="NLATxNLON (default: the preset's grid)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
     parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument("--profile-out", type=Path, default=None,
+                        help="with --profile: write every kernel (name, calls, ms per step) to DIR/kernels-b<batch>.json")
     parser.add_argument("--in-process", action="store_true",
                         help="run all cases in this process (default on cuda: one child process per case, "
                              "because a DeepSpeed engine does not give all its device memory back)")

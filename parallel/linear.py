@@ -94,7 +94,9 @@ class ChannelLinear(ShardedModule):
             y = F.linear(gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group), weight)
         if self.bias is None:
             return y
-        return y + gather_from_group(self.bias, 0, self.bias_sizes, self.mesh.domain_group).to(x.dtype)
+        # in the product's dtype (bf16 under autocast, as nn.Linear's bias): an fp32 bias would
+        # promote every activation after it to fp32 and double the element-wise traffic
+        return y + gather_from_group(self.bias, 0, self.bias_sizes, self.mesh.domain_group).to(y.dtype)
 
     def reset_parameters(self, seed: int, prefix: str) -> None:
         self.init_uniform(seed, prefix, self.inputs.size)
@@ -176,7 +178,7 @@ class TokenLinear(ShardedModule):
         partial = mix_tokens(self.weight.to(x.dtype), x)  # (batch, piece t of every output tile, channels)
         y = reduce_scatter_to_group(partial, 1, self.piece_sizes, self.mesh.domain_group)
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)[:, None]
+            y = y + self.bias.to(y.dtype)[:, None]
         # piece t of this tile's tokens, every channel -> every token of this tile, channel slice t
         return all_to_all(y, -1, channels, 1, self.tile_piece_sizes, self.mesh.tensor_group)
 
@@ -185,7 +187,7 @@ class TokenLinear(ShardedModule):
         weight = weight.index_select(0, self.tile_order).to(x.dtype)  # rows of every output tile, in tile order
         y = reduce_scatter_to_group(mix_tokens(weight, x), 1, self.outputs.sizes, self.mesh.domain_group)
         if self.bias is not None:
-            y = y + gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group).to(x.dtype)[:, None]
+            y = y + gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group).to(y.dtype)[:, None]
         return y
 
     def reset_parameters(self, seed: int, prefix: str) -> None:

@@ -8,6 +8,7 @@ description; no layer keeps its own list.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -136,13 +137,15 @@ def global_grad_norm(model: nn.Module, mesh, norm_type: float = 2.0) -> torch.Te
     Every parameter element lives on exactly one rank of the model group (see
     :class:`ShardSpec`), so the local sums of ``|g|^p`` add up over that group with no double
     counting. Gradients are assumed averaged over the replica group already. The local norm
-    is one multi-tensor kernel (``torch.nn.utils.get_total_norm``) in the gradients' dtype;
-    nothing waits for the host.
+    is one multi-tensor kernel accumulating in float32 whatever the gradients' dtype (bf16
+    gradients read half the bytes, the norm stays exact to float32); nothing waits for the host.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    local = torch.nn.utils.get_total_norm(grads, norm_type, foreach=True)
+    dtype = functools.reduce(torch.promote_types, {grad.dtype for grad in grads}, torch.float32)
+    norms = torch._foreach_norm(grads, norm_type, dtype=dtype)
+    local = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     group = None if mesh is None else mesh.model_group
     if group is None:
         return local

@@ -202,3 +202,20 @@ def test_bfloat16_autocast_forward_and_backward_are_finite():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     error = ((out.float() - reference).norm() / reference.norm()).item()
     assert error < 0.05, f"relative difference to float32 {error:.2e}"
+
+
+def test_autocast_keeps_activations_in_bfloat16_like_nn_linear():
+    """Under autocast the layers' float32 biases must not promote their bf16 products back to
+    float32 (``nn.Linear`` casts its bias too): float32 activations double every element-wise
+    pass of the step (``benchmarks/GPU.md``, fifth round)."""
+    config = preset("demo")
+    model = WeatherMixer(config, seed=6)
+    dtypes = {}
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") or name in ("embed", "recover", "final_norm", "residual_linear"):
+            module.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*inputs(config, batch=1))
+    assert "blocks.0.token_mlp.fc1" in dtypes and "blocks.0.channel_mlp.fc2" in dtypes
+    promoted = {name: dtype for name, dtype in dtypes.items() if dtype != torch.bfloat16}
+    assert not promoted, f"layers whose output left bf16 under autocast: {promoted}"
