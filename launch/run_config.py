@@ -85,6 +85,10 @@ class OptimizerSection(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)
+    # bf16 parameters whose float32 master weights and moments the optimizer keeps and updates
+    # in one pass (launch.master_weights): no weight casts, the fastest one-GPU step
+    # (benchmarks/GPU.md). Runs with DeepSpeed in float32 at ZeRO stage 0 (configs/deepspeed/fp32.json)
+    master_weights: bool = False
 
 
 class ScheduleSection(Section):
@@ -159,6 +163,8 @@ class RunConfig(Section):
             self.mesh.build()
         except (ConfigError, ValueError) as error:
             raise ValueError(str(error)) from None
+        if self.optimizer.master_weights:
+            self._check_master_weights(self.deepspeed_config())
         if self.data.worker_kind == "process" and self.data.prefetch < self.training.micro_batch + self.data.workers:
             raise ValueError(f"data.prefetch = {self.data.prefetch} with data.worker_kind = 'process': a micro-batch "
                              f"holds {self.training.micro_batch} of the prefetched samples' slots until it is on the "
@@ -166,6 +172,19 @@ class RunConfig(Section):
                              f"data.prefetch >= training.micro_batch + data.workers = "
                              f"{self.training.micro_batch + self.data.workers}")
         return self
+
+    def _check_master_weights(self, config: dict[str, Any]) -> None:
+        """optimizer.master_weights owns the precision: DeepSpeed must neither cast the model nor
+        wrap the optimizer (its own bf16/fp16 optimizers, autocast, ZeRO partitions)."""
+        clashes = [f"{key}.enabled" for key in ("bf16", "bfloat16", "fp16", "torch_autocast")
+                   if config.get(key, {}).get("enabled", False)]
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if stage != 0:
+            clashes.append(f"zero_optimization.stage = {stage}")
+        if clashes:
+            raise ValueError(f"optimizer.master_weights = true keeps the bf16 parameters' float32 master weights "
+                             f"itself, but the DeepSpeed config {self.deepspeed} sets {', '.join(clashes)}; use "
+                             f"deepspeed: configs/deepspeed/fp32.json (ZeRO stage 0, no bf16 section)")
 
     def deepspeed_config(self) -> dict[str, Any]:
         """The DeepSpeed JSON with batch sizes and clipping taken from this run."""
@@ -181,6 +200,8 @@ class RunConfig(Section):
         config["gradient_accumulation_steps"] = self.training.gradient_accumulation
         config.pop("train_batch_size", None)
         config.setdefault("zero_allow_untested_optimizer", True)  # our torch Adam with per-group learning rates
+        if self.optimizer.master_weights:  # average the replicas' bf16 gradients in float32
+            config.setdefault("communication_data_type", "fp32")
         return config
 
     def to_dict(self) -> dict[str, Any]:

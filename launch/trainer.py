@@ -9,6 +9,9 @@ Who owns what:
   gradient clipping (every parameter is flagged ``tensor_model_parallel``, so each element
   counts once in the norm; where the engine steps the torch optimizer itself, ZeRO-0 without
   DeepSpeed's bf16, the clipping runs inside the fused optimizer step: ``launch.engine``);
+  with ``optimizer.master_weights`` the optimizer owns the precision instead: bf16 parameters
+  and their float32 master weights in :class:`launch.master_weights.MasterWeightAdam`
+  (ZeRO-0, DeepSpeed in float32: the fastest one-GPU step, ``benchmarks/GPU.md``);
 * the **tile reader** (``data``) gives each rank only its tile and channel slice; every
   rank of one replica reads the same time index at the same step.
 
@@ -46,6 +49,7 @@ from data.schema import HEADLINE_CHANNELS
 from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atomic_write_bytes, atomic_write_text,
                                consolidate, latest_checkpoint, read_meta, save_consolidated)
 from launch.engine import initialize_engine
+from launch.master_weights import MasterWeightAdam
 from launch.run_config import RunConfig
 from launch.tiles import RankInputs, config_for_store, store_attrs
 from parallel.mesh import ProcessMesh
@@ -110,9 +114,13 @@ class Trainer:
         block_params = [p for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES)]
         edge_params = [p for n, p in model.named_parameters() if n.startswith(EMBEDDING_PREFIXES)]
         o = run.optimizer
-        optimizer = torch.optim.Adam([{"params": block_params, "lr": o.lr}, {"params": edge_params,
-                                      "lr": o.embedding_lr}], lr=o.lr, betas=o.betas, eps=o.eps,
-                                     weight_decay=o.weight_decay, fused=True)
+        groups = [{"params": block_params, "lr": o.lr}, {"params": edge_params, "lr": o.embedding_lr}]
+        if o.master_weights:  # the parameters become bf16, the optimizer keeps their float32 values
+            optimizer = MasterWeightAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                         compile=run.training.compile)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                         fused=True)
         s = run.schedule
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
             step, run.training.steps, s.warmup_steps, s.decay, s.min_lr_ratio))
@@ -124,7 +132,7 @@ class Trainer:
         self._autocast = functools.partial(autocast_if_enabled, self.engine)
         # one graph per rollout length and one for the loss; validation and export stay eager
         self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
-        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or o.master_weights else torch.float32
 
         # loss: cell-area weights of the stored rows (padded rows weigh nothing), channel weights
         rank = self.mesh.tensor_rank
@@ -310,7 +318,10 @@ class Trainer:
 
         out = {}
         for name, param in self.model.named_parameters():
-            full = safe_get_full_fp32_param(param)
+            if isinstance(self.optimizer, MasterWeightAdam):
+                full = self.optimizer.master(param)
+            else:
+                full = safe_get_full_fp32_param(param)
             out[name] = (param.detach() if full is None else full).float()
         return out
 
@@ -385,8 +396,11 @@ class Trainer:
         from deepspeed.utils import safe_set_full_fp32_param
 
         for name, param in self.model.named_parameters():
-            if hasattr(param, "_hp_mapping"):
-                safe_set_full_fp32_param(param, param.shard.take(full.state_dict[name]).to(self.device).float())
+            value = param.shard.take(full.state_dict[name]).to(self.device).float()
+            if isinstance(self.optimizer, MasterWeightAdam):
+                self.optimizer.set_master(param, value)
+            elif hasattr(param, "_hp_mapping"):
+                safe_set_full_fp32_param(param, value)
 
     # ---------------------------------------------------------------- plumbing
     def _store_latitudes(self, store: str) -> np.ndarray:

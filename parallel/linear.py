@@ -1,4 +1,4 @@
-"""The Jigsaw linear layers: channel mixing and token mixing on ``(batch, tokens, channels)``.
+"""The Jigsaw linear layers: channel mixing and token mixing on ``(tokens, batch, channels)``.
 
 A rank ``(i, j)`` (domain i, tensor j) holds the activation block ``X[tokens of tile i,
 channels of slice j]`` and one block of every weight; no rank holds a full weight.
@@ -103,15 +103,16 @@ class ChannelLinear(ShardedModule):
 
 
 def mix_tokens(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight @ x[b]`` for every sample ``b``: ``(out, in) x (batch, in, channels) -> (batch, out, channels)``.
+    """``weight @ x``: ``(out, in) x (in, batch, channels) -> (out, batch, channels)``.
 
-    One matrix product per sample on its contiguous ``(tokens, channels)`` block, and in
-    backward likewise (weight gradient summed over the samples). ``torch.matmul`` would
-    broadcast the weight by transposing the activations and its result into ``(batch x
-    channels, tokens)`` matrices: a transposing copy per call, and transposed layouts that
-    spread into the neighbouring fused kernels (``benchmarks/GPU.md``).
+    Tokens lead the activations' layout, so the samples of a batch sit side by side in each
+    token's row: the whole batch is one ``(in, batch x channels)`` matrix and the mixing one
+    matrix product, in backward too (the weight gradient contracts over batch x channels in the
+    same product, no per-sample products to sum, no copies). With the batch leading, each
+    sample needs its own product and their outputs a stacking copy (``benchmarks/GPU.md``).
     """
-    return torch.stack([weight @ sample for sample in x.unbind(0)])
+    tokens, batch, channels = x.shape
+    return (weight @ x.reshape(tokens, batch * channels)).reshape(weight.shape[0], batch, channels)
 
 
 def token_mixing_moves_weight(batch: int, inputs: Partition, outputs: Partition, channels: list[int],
@@ -130,7 +131,7 @@ def token_mixing_moves_weight(batch: int, inputs: Partition, outputs: Partition,
 
 
 class TokenLinear(ShardedModule):
-    """Linear map of the token dimension (dim 1); input and output tokens split over domain.
+    """Linear map of the token dimension (dim 0); input and output tokens split over domain.
 
     Rank (i, j) holds the weight columns of tile i's input tokens and, of every output tile,
     the j-th piece of its tokens (no rank holds another's block). Per call, the cheaper of two
@@ -175,19 +176,20 @@ class TokenLinear(ShardedModule):
 
     def _move_activations(self, x: torch.Tensor, channels: list[int]) -> torch.Tensor:
         x = gather_from_group(x, -1, channels, self.mesh.tensor_group)  # this tile's tokens, every channel
-        partial = mix_tokens(self.weight.to(x.dtype), x)  # (batch, piece t of every output tile, channels)
-        y = reduce_scatter_to_group(partial, 1, self.piece_sizes, self.mesh.domain_group)
+        partial = mix_tokens(self.weight.to(x.dtype), x)  # (piece t of every output tile, batch, channels)
+        y = reduce_scatter_to_group(partial, 0, self.piece_sizes, self.mesh.domain_group)
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)[:, None]
+            y = y + self.bias.to(y.dtype)[:, None, None]
         # piece t of this tile's tokens, every channel -> every token of this tile, channel slice t
-        return all_to_all(y, -1, channels, 1, self.tile_piece_sizes, self.mesh.tensor_group)
+        return all_to_all(y, -1, channels, 0, self.tile_piece_sizes, self.mesh.tensor_group)
 
     def _move_weight(self, x: torch.Tensor) -> torch.Tensor:
         weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.tensor_group)
         weight = weight.index_select(0, self.tile_order).to(x.dtype)  # rows of every output tile, in tile order
-        y = reduce_scatter_to_group(mix_tokens(weight, x), 1, self.outputs.sizes, self.mesh.domain_group)
+        y = reduce_scatter_to_group(mix_tokens(weight, x), 0, self.outputs.sizes, self.mesh.domain_group)
         if self.bias is not None:
-            y = y + gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group).to(y.dtype)[:, None]
+            bias = gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group)
+            y = y + bias.to(y.dtype)[:, None, None]
         return y
 
     def reset_parameters(self, seed: int, prefix: str) -> None:

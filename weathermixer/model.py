@@ -15,7 +15,9 @@ per channel ((patch - 1) x out_channels more parameters: 4,071 of 1.06 B).
 Every layer comes from ``parallel.LayerFactory``: on the serial mesh the model is plain
 PyTorch; on a mesh, each rank holds its domain tile of the tokens and its tensor slice of
 the channels, and computes exactly what the serial model computes for them. Inputs and
-outputs are the rank's tile: ``(batch, tile_lat, tile_lon, channels of its slice)``.
+outputs are the rank's tile: ``(batch, tile_lat, tile_lon, channels of its slice)``; inside,
+activations are ``(tokens, batch, channels)``: tokens lead, so the token mixing is one matrix
+product for the whole batch (``parallel.linear.mix_tokens``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class MixerBlock(nn.Module):
                                layers.channel_linear(channel_hidden, hidden), layers.dropout(config.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.token_mlp(self.token_norm(x))  # TokenLinear mixes dim 1 (tokens)
+        x = x + self.token_mlp(self.token_norm(x))  # TokenLinear mixes dim 0 (tokens)
         return x + self.channel_mlp(self.channel_norm(x))
 
 
@@ -98,21 +100,23 @@ class WeatherMixer(nn.Module):
 
     # patches ---------------------------------------------------------------------------
     def patchify(self, grid: torch.Tensor) -> torch.Tensor:
-        """``(B, lat, lon, C)`` -> ``(B, tokens, rows * cols * C)``, tokens row-major in the tile."""
+        """``(B, lat, lon, C)`` -> ``(tokens, B, rows * cols * C)``, tokens row-major in the tile."""
         b, lat, lon, c = grid.shape
         rows, cols = self.config.patch
-        x = grid.reshape(b, lat // rows, rows, lon // cols, cols, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, (lat // rows) * (lon // cols), rows * cols * c)
+        x = grid.reshape(b, lat // rows, rows, lon // cols, cols, c).permute(1, 3, 0, 2, 4, 5)
+        return x.reshape((lat // rows) * (lon // cols), b, rows * cols * c)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        b = tokens.shape[0]
+        """``(tokens, B, rows * cols * C)`` -> ``(B, lat, lon, C)``."""
+        b = tokens.shape[1]
         rows, cols = self.config.patch
         lat, lon = self.tile_shape
-        x = tokens.reshape(b, lat // rows, lon // cols, rows, cols, -1).permute(0, 1, 3, 2, 4, 5)
+        x = tokens.reshape(lat // rows, lon // cols, b, rows, cols, -1).permute(2, 0, 3, 1, 4, 5)
         return x.reshape(b, lat, lon, -1)
 
     # the three stages ------------------------------------------------------------------
     def encode(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor) -> torch.Tensor:
+        """The rank's tile of grids -> its embedded tokens ``(tokens, batch, hidden channels of its slice)``."""
         self._check_input(state, static, forcings)
         static = static.expand(state.shape[0], *static.shape[-3:]).to(state.dtype)
         grid = torch.cat([state, static, forcings.to(state.dtype)], dim=-1)

@@ -147,6 +147,29 @@ def test_autocast_run_follows_the_float32_run_in_bfloat16(store, compiled_run, t
     assert len(autocast) == STEPS and 3e-5 < max(differences) < 3e-2, (differences, autocast, fp32)
 
 
+def test_master_weight_run_follows_float32_and_resumes_bitwise(store, serial_run, tmp_path):
+    """``optimizer.master_weights``: bf16 parameters, float32 master weights in the optimizer, two
+    replicas (their bf16 gradients averaged in float32). The losses follow the float32 run's by
+    bf16 rounding; a run stopped after step 2 and resumed gives the same losses bitwise (the
+    master weights and moments come back in float32); the consolidated weights are the float32
+    masters, not their bf16 rounding."""
+    values = run_values(store, tmp_path / "straight", training={"micro_batch": 1}, optimizer={"master_weights": True},
+                        deepspeed="configs/deepspeed/fp32.json", deepspeed_overrides={})
+    launch(2, values)
+    straight, fp32 = losses(tmp_path / "straight"), losses(serial_run)
+    differences = [abs(a - b) / abs(b) for a, b in zip(straight, fp32)]
+    assert len(straight) == STEPS and 3e-5 < max(differences) < 3e-2, (differences, straight, fp32)
+    weights = load_consolidated(tmp_path / "straight" / "model.pt").state_dict
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights.values())  # not bf16 values
+
+    resumed = run_values(store, tmp_path / "resumed", training={"micro_batch": 1}, optimizer={"master_weights": True},
+                         deepspeed="configs/deepspeed/fp32.json", deepspeed_overrides={})
+    launch(2, resumed, "--stop-after", "2")
+    launch(2, resumed)
+    assert losses(tmp_path / "resumed") == straight
+
+
 @pytest.fixture(scope="module")
 def model_parallel_run(store, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("mesh")
@@ -236,6 +259,10 @@ def test_config_errors_name_the_key(store, tmp_path):
         load_run_config(values={**base, "data": {**base["data"], "worker_kind": "fiber"}})
     with pytest.raises(RunConfigError, match=r"set data\.prefetch >= training\.micro_batch \+ data\.workers = 4"):
         load_run_config(values={**base, "data": {**base["data"], "worker_kind": "process", "workers": 2, "prefetch": 3}})
+    with pytest.raises(RunConfigError, match=r"optimizer\.master_weights = true .* sets bf16\.enabled, "
+                                              r"zero_optimization\.stage = 1; use deepspeed: configs/deepspeed/fp32\.json"):
+        load_run_config(values={**base, "optimizer": {"master_weights": True}, "deepspeed": "configs/deepspeed/zero1.json",
+                                "deepspeed_overrides": {}})
     with pytest.raises(RunConfigError, match="KEY=VALUE"):
         load_run_config(values=base, overrides=["optimizer.lr"])
     assert load_run_config(values=base, overrides=["optimizer.lr=3e-4"]).optimizer.lr == 3e-4

@@ -57,9 +57,9 @@ class PatchRecovery(nn.Module):
 
 
 def token_block(layers, tokens, channels):
-    """How a rank takes its block of a global ``(batch, tokens, channels)`` tensor."""
+    """How a rank takes its block of a global ``(tokens, batch, channels)`` tensor."""
     d, t = layers.mesh.domain_rank, layers.mesh.tensor_rank
-    return lambda x: x[:, tokens.indices[d]][..., channels.indices[t]]
+    return lambda x: x[tokens.indices[d]][..., channels.indices[t]]
 
 
 def grid_block(layers, channels):
@@ -69,7 +69,8 @@ def grid_block(layers, channels):
 
 
 def build_case(name: str, layers: LayerFactory):
-    """``(module, take input block, take output block, global input shape, global output shape)``.
+    """``(module, take input block, take output block, global input shape, global output shape)``;
+    token activations are ``(tokens, batch, channels)``, grids ``(batch, lat, lon, channels)``.
 
     ``name/schedule`` forces a token linear's schedule ("weight" or "activations" move).
     """
@@ -87,33 +88,33 @@ def _build_case(name: str, layers: LayerFactory):
     if name == "channel-widen":  # gathers the input over tensor
         module = layers.channel_linear(hidden, wider)
         return module, token_block(layers, tokens, hidden), token_block(layers, tokens, wider), \
-            (n, HIDDEN), (n, WIDER)
+            (n, BATCH, HIDDEN), (n, BATCH, WIDER)
     if name == "channel-narrow":  # reduce-scatters the output over tensor
         module = layers.channel_linear(wider, hidden)
         return module, token_block(layers, tokens, wider), token_block(layers, tokens, hidden), \
-            (n, WIDER), (n, HIDDEN)
+            (n, BATCH, WIDER), (n, BATCH, HIDDEN)
     if name == "token-to-features":
         module = layers.token_linear(tokens, features, hidden)
         return module, token_block(layers, tokens, hidden), token_block(layers, features, hidden), \
-            (n, HIDDEN), (TOKEN_HIDDEN, HIDDEN)
+            (n, BATCH, HIDDEN), (TOKEN_HIDDEN, BATCH, HIDDEN)
     if name == "features-to-token":
         module = layers.token_linear(features, tokens, hidden)
         return module, token_block(layers, features, hidden), token_block(layers, tokens, hidden), \
-            (TOKEN_HIDDEN, HIDDEN), (n, HIDDEN)
+            (TOKEN_HIDDEN, BATCH, HIDDEN), (n, BATCH, HIDDEN)
     if name == "layer-norm":
         module = layers.layer_norm(hidden)
         return module, token_block(layers, tokens, hidden), token_block(layers, tokens, hidden), \
-            (n, HIDDEN), (n, HIDDEN)
+            (n, BATCH, HIDDEN), (n, BATCH, HIDDEN)
     if name == "patch-embedding":
         module = PatchEmbedding(layers)
         lat, lon = TOKEN_GRID[0] * PATCH[0], TOKEN_GRID[1] * PATCH[1]
         return module, grid_block(layers, module.inputs), token_block(layers, tokens, hidden), \
-            (lat, lon, STATE + STATIC), (n, HIDDEN)
+            (BATCH, lat, lon, STATE + STATIC), (n, BATCH, HIDDEN)
     if name == "patch-recovery":
         module = PatchRecovery(layers)
         lat, lon = TOKEN_GRID[0] * PATCH[0], TOKEN_GRID[1] * PATCH[1]
         return module, token_block(layers, tokens, module.inputs), grid_block(layers, module.outputs), \
-            (n, 2 * HIDDEN), (lat, lon, OUT)
+            (n, BATCH, 2 * HIDDEN), (BATCH, lat, lon, OUT)
     raise KeyError(name)
 
 
@@ -136,8 +137,8 @@ def check_layers(rank, world_size, meshes, dtypes):
                 with torch.no_grad():  # random values everywhere, LayerNorm affine included
                     for param in serial.parameters():
                         param.copy_(torch.randn(param.shape, generator=generator, dtype=dtype))
-                x = torch.randn(BATCH, *in_shape, generator=generator, dtype=dtype, requires_grad=True)
-                weights = torch.randn(BATCH, *out_shape, generator=generator, dtype=dtype)
+                x = torch.randn(in_shape, generator=generator, dtype=dtype, requires_grad=True)
+                weights = torch.randn(out_shape, generator=generator, dtype=dtype)
                 expected = serial(x)
                 (expected * weights).sum().backward()
 
@@ -231,13 +232,13 @@ def test_serial_layers_are_plain_pytorch():
     layers = LayerFactory(None, TOKEN_GRID, PATCH)
     n = TOKEN_GRID[0] * TOKEN_GRID[1]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, n, HIDDEN, generator=generator, dtype=torch.float64)
+    x = torch.randn(n, BATCH, HIDDEN, generator=generator, dtype=torch.float64)
     for module, reference, apply in [
         (layers.channel_linear(layers.channels(HIDDEN), layers.channels(WIDER)), nn.Linear(HIDDEN, WIDER),
          lambda f: f(x)),
         (layers.token_linear(layers.tokens, layers.token_features(TOKEN_HIDDEN), layers.channels(HIDDEN)),
          nn.Linear(n, TOKEN_HIDDEN),
-         lambda f: f(x.transpose(1, 2)).transpose(1, 2) if isinstance(f, nn.Linear) else f(x)),
+         lambda f: f(x.movedim(0, -1)).movedim(-1, 0) if isinstance(f, nn.Linear) else f(x)),
         (layers.layer_norm(layers.channels(HIDDEN)), nn.LayerNorm(HIDDEN), lambda f: f(x)),
     ]:
         reference = reference.double()

@@ -20,7 +20,7 @@ def test_every_preset_has_the_right_shapes_on_meta(name):
         embedded = model.encode(state, static, forcings)
         out = model(state, static, forcings)
     assert model.tile_shape == (config.model_lat, config.model_lon)
-    assert tuple(embedded.shape) == (2, config.n_tokens, config.hidden)
+    assert tuple(embedded.shape) == (config.n_tokens, 2, config.hidden)  # tokens lead
     assert tuple(out.shape) == (2, config.model_lat, config.model_lon, config.out_channels)
     assert out.device.type == "meta"
 
