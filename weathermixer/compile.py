@@ -13,10 +13,12 @@ Both are measured on one H100 (``benchmarks/GPU.md``):
   multiple of 128 bytes (4320 bf16 channels: 8640 -> 8704 bytes); aten's dropout kernel then sees a
   non-contiguous tensor and takes its slow element-by-element path (3.7 against 1.6 ms a step at
   micro-batch 1; the step 315.5 -> 308.0 ms at micro-batch 4, 90.5 -> 89.4 ms at micro-batch 1).
-* ``triton.multi_kernel`` on: each reduction over rows wider than a persistent kernel holds (the
-  LayerNorms over 4320 channels) is compiled both persistent and looped, and the faster is chosen
-  on the GPU at the first calls (296.5 -> 291.7 ms at micro-batch 4, 81.9 -> 80.9 ms at 1). No
-  effect on CPUs.
+
+Measured and not set here: ``triton.multi_kernel = 1`` (each reduction compiled both persistent
+and looped, the faster chosen on the GPU) gave 296.5 -> 291.7 ms at micro-batch 4 and 81.9 ->
+80.9 ms at 1 when set by ``benchmarks/train_step.py --inductor triton.multi_kernel=1``, but set
+here the first compiled step failed on the GPU inside inductor (``TypeError`` at its
+``_hash_lock``); not analysed yet (``benchmarks/GPU.md``, fifth round).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ def configure_inductor() -> None:
     inductor.triton.mix_order_reduction = False
     inductor.fallback_random = True
     inductor.comprehensive_padding = False
-    inductor.triton.multi_kernel = 1
 
 
 def compiled(function, **options):
