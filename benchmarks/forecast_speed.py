@@ -54,11 +54,7 @@ def main(argv=None) -> None:
     for compiled in [c == "on" for c in args.compile]:
         model = base.to(device, dtype).eval()
         if compiled:
-            # the rollout calls self.forward step by step (past the module hooks), which
-            # nn.Module.compile() does not reach: compile the step itself
-            from weathermixer.compile import compiled as compile_function
-
-            model.forward = compile_function(model.forward)
+            model.compile_step()
         times = []
         with torch.inference_mode():
             for k in range(args.repeats + 1):

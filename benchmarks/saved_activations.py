@@ -9,7 +9,8 @@ saved tensor is linear in the token count: token-MLP hidden sizes are fractions 
 
     python benchmarks/saved_activations.py --presets jigsaw-1b jigsaw-1.4b jigsaw-2.6b jigsaw-3.2b
 
-Parameters in bf16 as under DeepSpeed bf16 (autocast keeps the same bf16 activations).
+Parameters in bf16 as under DeepSpeed bf16 or ``optimizer.master_weights`` (autocast keeps the same
+bf16 activations since the layers cast their biases to the products' dtype).
 """
 
 from __future__ import annotations

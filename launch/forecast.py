@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--batch-size", type=int, default=1, help="init times rolled out together")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model step (torch.compile): ~2x faster rollouts on a GPU after the first")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         device = init_distributed(args.device, args.local_rank)
         output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, domain=args.domain,
                               tensor=args.tensor, device=device, dtype=DTYPES[args.dtype],
-                              batch_size=args.batch_size, overwrite=args.overwrite)
+                              batch_size=args.batch_size, overwrite=args.overwrite, compile=args.compile)
     except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError) as error:
         print(f"forecast: error: {error}", file=sys.stderr)
         return 1

@@ -285,11 +285,13 @@ def _check_checkpoint(metadata: dict, checkpoint: str) -> None:
 def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, init: str, steps: int, *,
                  domain: tuple[int, int] = (1, 1), tensor: int = 1, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 1, overwrite: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, compile: bool = False) -> Path:
     """Forecast ``steps`` steps from every init time of ``init``; every rank calls this.
 
     Runs on the mesh ``domain x tensor`` (data = whatever the world size leaves; replicas
-    share the init times out). Returns the path of the complete forecast store.
+    share the init times out). ``compile``: the model step through ``torch.compile`` (the
+    first init time pays the compilation, later ones run ~2x faster on a GPU). Returns the
+    path of the complete forecast store.
     """
     checkpoint, store, output = str(checkpoint), str(store), Path(output)
     if steps < 1 or batch_size < 1:
@@ -317,6 +319,8 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     model = WeatherMixer(config, mesh)
     load_full_state(model, consolidated.state_dict)
     model.to(device=device, dtype=dtype).eval()
+    if compile:
+        model.compile_step()
     inputs = RankInputs(store, model)
     times = parse_init_times(init, inputs.reader.times, step_hours, store)
     step = np.timedelta64(step_hours, "h")

@@ -160,6 +160,17 @@ def test_bfloat16_forecast_is_close_to_float32(case, tmp_path):
         assert 0 < error < 0.1 * spread, name  # bfloat16 rounds (error > 0) but stays close
 
 
+def test_compiled_forecast_equals_eager(case, tmp_path):
+    """``--compile`` compiles the step the rollout calls (module-level compile would not reach it)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    path = run_forecast(case["checkpoint"], case["store"], tmp_path / "compiled.zarr", INIT, STEPS,
+                        dtype=torch.float64, progress=False, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the step did go through torch.compile
+    _assert_same_forecast(path, case["serial"])
+
+
 # ------------------------------------------------------------------ meshes
 # (domain, tensor) on 4 ranks; a model group of 2 leaves 2 replicas that share the init times out
 MESHES = [((2, 1), 2), ((1, 2), 1), ((1, 1), 2)]
