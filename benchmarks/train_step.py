@@ -9,6 +9,7 @@ forward FLOPs (a training step = 3 x forward), MFU against an 8192^3 bf16 matmul
 the same process, and peak device memory.
 
     python benchmarks/train_step.py --batch 1 4 --compile off on --data memory
+    python benchmarks/train_step.py --batch 1 4 --compile on --data memory --zero 0 --precision master   # fastest on one GPU
     python benchmarks/train_step.py --make-store /tmp/era5.zarr --store-times 16   # synthetic 0.25 deg store
     python benchmarks/train_step.py --batch 1 4 --compile on --data zarr --store /tmp/era5.zarr --readers 8 --reader-kind process
     python benchmarks/train_step.py --device cpu --preset tiny --batch 1 2 --compile off on --data memory zarr
