@@ -141,7 +141,7 @@ class MasterWeightAdam(torch.optim.Optimizer):
             else:
                 lr.fill_(group["lr"])
             beta1, beta2 = group["betas"]
-            self._update([p for p in params], [p.grad for p in params], [s["master"] for s in state],
+            self._update(params, [p.grad for p in params], [s["master"] for s in state],
                          [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
                          torch.clamp(steps, min=1.0), lr, grad_scale, found_inf, beta1, beta2, group["eps"],
                          group["weight_decay"], group["decoupled_weight_decay"])
