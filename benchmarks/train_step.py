@@ -493,7 +493,9 @@ def profile_steps(engine, loss_fn, source, rows: int, out: Path | None = None, s
                    and not getattr(event, "is_user_annotation", False)]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(sorted(kernels, key=lambda k: -k["ms_per_step"]), indent=1))
-        print(f"kernel list written to {out}", flush=True)
+        trace = out.with_name(out.stem.replace("kernels", "trace") + ".json")
+        prof.export_chrome_trace(str(trace))
+        print(f"kernel list written to {out}, timeline to {trace}", flush=True)
     kinds: dict[str, float] = {}
     for event in events:
         if (event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0
@@ -681,7 +683,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 3 steps per case")
     parser.add_argument("--profile-rows", type=int, default=30)
     parser.add_argument("--profile-out", type=Path, default=None,
-                        help="with --profile: write every kernel (name, calls, ms per step) to DIR/kernels-b<batch>.json")
+                        help="with --profile: write every kernel (name, calls, ms per step) to DIR/kernels-b<batch>.json "
+                             "and the profiled steps' timeline (Chrome trace) to DIR/trace-b<batch>.json")
     parser.add_argument("--in-process", action="store_true",
                         help="run all cases in this process (default on cuda: one child process per case, "
                              "because a DeepSpeed engine does not give all its device memory back)")

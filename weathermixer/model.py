@@ -140,10 +140,16 @@ class WeatherMixer(nn.Module):
             x = self.final_norm(x + embedded)
         else:
             x = torch.cat([self.final_norm(x), embedded], dim=-1)
-        out = self.unpatchify(self.recover(x))
+        out = self.recover(x)  # (tokens, batch, patch x output channels)
         if self.config.residual == "add":
-            return state + out
-        return self.residual_linear(self.residual_norm(torch.cat([self.out_norm(out), state], dim=-1)))
+            return state + self.unpatchify(out)
+        # the per-grid-point layers run where the recovery leaves the points, (tokens, batch, patch,
+        # channels): no layout change inside their reductions; one copy to the grid at the end
+        tokens, batch = out.shape[:2]
+        out = out.reshape(tokens, batch, self.config.patch_size, -1)
+        state = self.patchify(state).reshape(tokens, batch, self.config.patch_size, -1)
+        y = self.residual_linear(self.residual_norm(torch.cat([self.out_norm(out), state], dim=-1)))
+        return self.unpatchify(y.flatten(2))
 
     def compile_step(self) -> "WeatherMixer":
         """Compile the one-step ``forward`` that :meth:`rollout` calls (``nn.Module.compile``

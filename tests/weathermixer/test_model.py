@@ -134,6 +134,23 @@ def test_decoder_variants_use_the_embedding_as_declared(decoder):
     assert torch.equal(changed, same) == (not config.decoder_skip)
 
 
+def test_decoder_maps_every_grid_point_of_the_recovered_grid():
+    # the per-grid-point layers run on (tokens, batch, patch, channels); the reference runs them on
+    # the grid, as the architecture states them (2 x 4 patches: rows and columns must not mix)
+    config = preset("tiny", lat=8, patch=(2, 4), in_channels=3, out_channels=3)
+    model = WeatherMixer(config, seed=6)
+    state, static, forcings = inputs(config, batch=3)
+    embedded = model.encode(state, static, forcings)
+    x = model.process(embedded)
+    with torch.no_grad():
+        grid = model.unpatchify(model.recover(torch.cat([model.final_norm(x), embedded], dim=-1)))
+        expected = model.residual_linear(model.residual_norm(torch.cat([model.out_norm(grid), state], dim=-1)))
+        torch.testing.assert_close(model.decode(x, embedded, state), expected, rtol=1e-6, atol=1e-6)
+        # and the points are really moved: a wrong order of the patch's points would differ
+        assert not torch.allclose(model.residual_linear(model.residual_norm(torch.cat(
+            [model.out_norm(grid.flip(2)), state], dim=-1))), expected)
+
+
 def test_checkpointing_keeps_outputs_and_gradients_with_dropout():
     results = []
     for checkpointing in (False, True):
