@@ -74,10 +74,14 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     With ZeRO stage 0, no DeepSpeed fp16/bf16 optimizer, gradient clipping on and a fused
     torch optimizer, the clipping moves into the optimizer step (``engine.clip_in_step``,
     else None); with one replica, the engine's no-op gradient reduction is switched off.
+    DeepSpeed's throughput timer is off unless the config's ``timers`` section turns it on: it
+    synchronises the device in every forward and step, so the GPU idles while the host launches
+    the next step (~1 ms a step of ``jigsaw-1b`` on one H100, ``benchmarks/GPU.md``).
     """
     import deepspeed
 
     config = copy.deepcopy(config)
+    config.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     deepspeed_precision = any(config.get(key, {}).get("enabled", False) for key in ("bf16", "bfloat16", "fp16"))
     autocast = config.get("torch_autocast", {})

@@ -3,7 +3,7 @@
 Clipping inside the fused optimizer step must equal ``clip_grad_norm_`` followed by the
 step, skip the update on a non-finite norm, and leave DeepSpeed's own handling in place
 where DeepSpeed owns the optimizer (bf16, ZeRO 1-2); the one-replica gradient reduction is
-off only where it is a no-op.
+off only where it is a no-op; DeepSpeed's device-synchronising throughput timer is off.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def engine_worker(rank, world_size, stage, extra, dtype=torch.float64):
                    steps == [int(engine_optimizer.state[p]["step"]) for p in model.parameters()],
                    float(engine.clip_in_step.last_norm))
     return dict(clip_in_step=engine.clip_in_step is not None, reduces=engine.enable_backward_allreduce,
+                throughput_timer=engine.tput_timer.config.enabled,
                 error=error, norms=norms, reference_norms=reference_norms, skipped=skipped,
                 parameters=[p.detach().double().numpy() for p in model.parameters()])  # by value
 
@@ -95,9 +96,15 @@ def zero0_run() -> dict:
 
 def test_clipping_in_the_fused_step_equals_clip_grad_norm_then_step(zero0_run):
     assert zero0_run["clip_in_step"] and not zero0_run["reduces"], zero0_run
+    assert not zero0_run["throughput_timer"]  # it would synchronise the device every step
     assert min(zero0_run["reference_norms"]) > MAX_NORM, f"no step clipped: {zero0_run['reference_norms']}"
     assert zero0_run["norms"] == pytest.approx(zero0_run["reference_norms"], rel=1e-5)
     assert zero0_run["error"] < 1e-6, zero0_run  # the clip factor reaches the kernel in float32
+
+
+def test_deepspeeds_synchronising_throughput_timer_is_off_unless_the_config_asks():
+    (result,) = spawn(engine_worker, 1, 0, {"timers": {"throughput": {"enabled": True}}})
+    assert result["throughput_timer"] and result["clip_in_step"], result
 
 
 def test_a_non_finite_gradient_norm_skips_the_update(zero0_run):
