@@ -664,6 +664,9 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config settings, e.g. triton.persistent_reductions=False")
+    parser.add_argument("--persistent", type=int, nargs=2, default=None, metavar=("INNER", "OTHER"),
+                        help="persistent reductions up to INNER contiguous / OTHER other elements "
+                             "(weathermixer.compile.persistent_reductions_up_to)")
     parser.add_argument("--rng", default="aten", choices=("aten", "inductor"),
                         help="random numbers in compiled graphs: aten's kernels (the eager masks; the default of "
                              "weathermixer.compile) or inductor's philox fused into the consumers' kernels")
@@ -729,6 +732,10 @@ def main(argv=None) -> list[dict]:
         for part in path:
             owner = getattr(owner, part)
         setattr(owner, name, json.loads(value.lower()) if value.lower() in ("true", "false") else json.loads(value))
+    if args.persistent:
+        from weathermixer.compile import persistent_reductions_up_to
+
+        persistent_reductions_up_to(*args.persistent)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)

@@ -39,3 +39,25 @@ def compiled(function, **options):
     """``torch.compile(function)`` with :func:`configure_inductor` applied; static shapes."""
     configure_inductor()
     return torch.compile(function, dynamic=False, **options)
+
+
+def persistent_reductions_up_to(inner: int, other: int) -> None:
+    """Experiment: compile reductions of up to ``inner`` contiguous elements (a LayerNorm over
+    the hidden channels) or ``other`` elements otherwise as persistent kernels (one pass, the
+    row in registers) instead of inductor's limits (1024 and 64). Process-wide."""
+    from torch._inductor import config as inductor
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Choices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            if not inductor.triton.persistent_reductions or cooperative_reduction:
+                return False
+            limit = inner if features.get_reduction_hint() == ReductionHint.INNER else other
+            return V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
+
+    V.set_choices_handler(Choices())
