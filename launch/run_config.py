@@ -138,6 +138,9 @@ class CheckpointSection(Section):
 
 
 class LoggingSection(Section):
+    # also the most steps between two waits of the host for the device: the trainer reads (and
+    # checks) the losses and agrees on a SIGINT/SIGTERM stop only at steps that log, validate,
+    # checkpoint or end the run, so a stop request takes effect within `every` steps
     every: int = Field(10, ge=1)
     validate_every: int = Field(100, ge=1)
     validation_samples: int = Field(8, ge=1)

@@ -19,10 +19,16 @@ One training step = ``gradient_accumulation`` micro-batches of ``micro_batch`` s
 each rolled out ``rollout_steps(step)`` steps (autoregressive or latent) against the
 following states, loss :class:`weathermixer.loss.WeightedMSE`.
 
-Stop and resume: SIGINT/SIGTERM set a flag that all ranks agree on after the current step;
-they then write a checkpoint and exit. A run started with an existing ``checkpoint.dir``
-resumes from its latest complete checkpoint: weights, optimizer, schedule, sampler
-position and every RNG state, so the continued losses equal the uninterrupted run's.
+Settle steps: the host waits for the device only at steps that log, validate, checkpoint, stop
+(``stop_after``) or end the run; there it reads the losses of all steps since the previous one at
+once and checks them (:meth:`Trainer._settle`). Between them it queues the next steps without
+waiting, so the device does not idle while the host launches work.
+
+Stop and resume: SIGINT/SIGTERM set a flag that all ranks agree on at the next settle step
+(within ``logging.every`` steps); they then write a checkpoint and exit. A run started with an
+existing ``checkpoint.dir`` resumes from its latest complete checkpoint: weights, optimizer,
+schedule, sampler position and every RNG state, so the continued losses equal the
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -164,7 +170,11 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def train(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``training.steps``; ``stop_after`` steps of this invocation end it early with a
-        checkpoint (for jobs shorter than the run)."""
+        checkpoint (for jobs shorter than the run).
+
+        The host reads device values only at settle steps (log, validate, checkpoint, stop_after,
+        last step): each step's loss stays on the device until then. A SIGINT/SIGTERM therefore
+        takes effect at the next settle step, within ``logging.every`` steps."""
         run, t = self.run, self.run.training
         first_step = self.step
         self._install_signal_handlers()
@@ -172,6 +182,7 @@ class Trainer:
         progress = self._progress_bar()
         last: dict[str, Any] = {}
         window_start, window_steps = time.perf_counter(), 0
+        pending_losses: dict[int, torch.Tensor] = {}  # step -> its loss on the device, since the last settle step
         with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
                                                run.data.workers) as prefetcher:
             self._prefetcher = prefetcher  # one for the run: reader processes start once, not per epoch
@@ -186,11 +197,19 @@ class Trainer:
                     losses = [self._micro_step(batch, lead) for batch in batches]
                     self.step += 1
                     window_steps += 1
-                    loss = self._replica_mean(float(np.mean(losses)))
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"step {self.step}: the training loss is {loss}; lower "
-                                                 f"optimizer.lr or check the store's statistics")
-                    if self.step % run.logging.every == 0 or self.step == t.steps:
+                    pending_losses[self.step] = torch.stack(losses).double().mean()
+                    if progress is not None:
+                        progress.update(1)
+                    log_now = self.step % run.logging.every == 0 or self.step == t.steps
+                    validate_now = self.validation_indices is not None and self.step % run.logging.validate_every == 0
+                    checkpoint_now = self.step % run.checkpoint.every == 0 or self.step == t.steps
+                    stop_after_reached = (stop_after is not None and self.step - first_step >= stop_after
+                                          and self.step < t.steps)
+                    if not (log_now or validate_now or checkpoint_now or stop_after_reached):
+                        continue  # not a settle step: queue the next step without waiting for the device
+                    loss = self._settle(pending_losses)
+                    pending_losses = {}
+                    if log_now:
                         elapsed = time.perf_counter() - window_start
                         flops = training_flops(self.config, lead, mode=run.training.rollout_mode)
                         last = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
@@ -200,13 +219,11 @@ class Trainer:
                         self._log(last)
                         window_start, window_steps = time.perf_counter(), 0
                     if progress is not None:
-                        progress.update(1)
                         progress.set_postfix(loss=f"{loss:.4f}", rollout=lead, refresh=False)
-                    if self.validation_indices is not None and self.step % run.logging.validate_every == 0:
+                    if validate_now:
                         self._log(self.validate())
-                    stop = self._agree_to_stop() or (stop_after is not None and self.step - first_step >= stop_after
-                                                     and self.step < t.steps)
-                    if self.step % run.checkpoint.every == 0 or self.step == t.steps or stop:
+                    stop = self._agree_to_stop() or stop_after_reached
+                    if checkpoint_now or stop:
                         self.save_checkpoint(consumed=prefetcher.delivered)
                     if stop:
                         self._say(f"stopped at step {self.step}; checkpoint written to {self.checkpoint_dir}; "
@@ -236,14 +253,15 @@ class Trainer:
         prefetcher.release(*samples)  # the copies are enqueued: the reader may reuse the samples' memory
         return batch
 
-    def _micro_step(self, batch, lead: int) -> float:
+    def _micro_step(self, batch, lead: int) -> torch.Tensor:
+        """One micro-batch forward, backward and engine step; the loss stays on the device (no wait)."""
         state, static, forcings, targets = batch
         with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
             prediction = self._rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
         loss = self._loss(prediction, targets[:, :lead])
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach())
+        return loss.detach()
 
     # ---------------------------------------------------------------- validation
     def _validation_indices(self) -> np.ndarray | None:
@@ -415,17 +433,29 @@ class Trainer:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, request_stop)
 
-    def _replica_mean(self, value: float) -> float:
-        """Mean over the replicas (each saw other samples); the model group already agrees."""
+    def _settle(self, pending_losses: dict[int, torch.Tensor]) -> float:
+        """The replica-mean loss of the latest pending step, after checking every pending step's.
+
+        One all-reduce and one device->host copy for all steps since the last settle step (the
+        only place the loop waits for the device). The mean is over the replicas (each saw other
+        samples; the model group already agrees), so every rank sees the same values and all
+        raise together, before this step validates or writes a checkpoint."""
+        losses = torch.stack(list(pending_losses.values()))
         group = self.mesh.replica_group
-        if group is None:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=group)
-        return float(total.item()) / self.mesh.replicas
+        if group is not None:
+            dist.all_reduce(losses, group=group)
+            losses /= self.mesh.replicas
+        values = losses.tolist()
+        for step, loss in zip(pending_losses, values):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the training loss is {loss}; lower optimizer.lr or check "
+                                         f"the store's statistics")
+        return values[-1]
 
     def _agree_to_stop(self) -> bool:
-        """True on every rank when any rank was asked to stop (one tiny all-reduce per step)."""
+        """True on every rank when any rank was asked to stop. Called at settle steps only (every
+        rank reaches the same ones, so the all-reduce matches): the host waits for the device only
+        there, so a stop request takes effect within ``logging.every`` steps."""
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag)
         return bool(flag.item() > 0)

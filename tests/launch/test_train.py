@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,6 +242,23 @@ def test_mesh_that_does_not_match_the_world_size_fails_before_any_work(store, tm
     assert result.returncode != 0
     assert "world size is 1" in result.stdout + result.stderr or "world size 1" in result.stdout + result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_the_run_before_any_checkpoint(store, tmp_path):
+    """The losses are read and checked at settle steps only (here every 3rd step, which also
+    checkpoints): an lr of 1e30 blows the weights up in step 1's update, so step 2's loss is
+    non-finite; the check at step 3 names step 2 and raises before step 3's checkpoint."""
+    values = run_values(store, tmp_path, optimizer={"lr": 1e30, "embedding_lr": 1e30},
+                        logging={"every": 3, "validate_every": 100000, "tensorboard": False},
+                        checkpoint={"dir": str(tmp_path), "every": 3})
+    result = launch(1, values, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert re.search(r"FloatingPointError: step 2: the training loss is (nan|-?inf); lower optimizer\.lr", output), \
+        output[-3000:]
+    written = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")]
+    assert not [step for step in written if step >= 2], written
+    assert not (tmp_path / "model.pt").exists()
 
 
 def test_config_errors_name_the_key(store, tmp_path):
