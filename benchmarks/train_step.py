@@ -27,10 +27,8 @@ import itertools
 import json
 import math
 import os
-import queue
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -296,73 +294,37 @@ class MemoryBatches:
 
 
 class ZarrBatches:
-    """Batches through ``TileReader`` and a prefetcher (``readers`` threads, or processes that
-    fill shared page-locked slots, reading ahead in order) and a batching thread that moves each
-    batch to the device on its own stream: samples are read into page-locked channel-first
-    float32 memory, cross as they are, and the device stacks, casts and exposes the
-    channel-last view (``launch.tiles.RankInputs``), so reading, the transfer and the step all
-    overlap."""
+    """Batches as the trainer gets them: ``TileReader`` samples read ahead by a prefetcher
+    (``readers`` threads, or processes that fill shared page-locked slots) and moved to the
+    device one micro-batch ahead on a side stream (``launch.device_batches.DeviceBatches``):
+    samples cross in their channel-first float32 memory and the device stacks, normalises,
+    casts and exposes the channel-last view (``launch.tiles.RankInputs``), so reading, the
+    transfer and the step overlap."""
 
     def __init__(self, store: str, model: WeatherMixer, batch: int, device: str, dtype: torch.dtype,
                  readers: int, kind: str = "thread"):
         from data.process_prefetch import PREFETCHERS
         from data.sampler import valid_time_indices
+        from launch.device_batches import DeviceBatches
         from launch.tiles import RankInputs
 
-        self.device, self.dtype, self.batch = device, dtype, batch
-        self.inputs = RankInputs(store, model, pin_memory=device == "cuda")
-        self.static = self.inputs.reader.static().to(device, dtype)
-        indices = valid_time_indices(self.inputs.reader.times, 1)
+        inputs = RankInputs(store, model, pin_memory=device == "cuda")
+        indices = valid_time_indices(inputs.reader.times, 1)
         rng = np.random.default_rng(0)
         order = itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))
-        self.prefetcher = PREFETCHERS[kind](self.inputs.reader, (int(i) for i in order), lead_steps=1,
-                                            depth=2 * readers + batch, workers=readers)
-        self.stream = torch.cuda.Stream() if device == "cuda" else None
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.stop = threading.Event()
+        self.prefetcher = PREFETCHERS[kind](inputs.reader, (), lead_steps=1, depth=2 * readers + batch,
+                                            workers=readers)
+        self.batches = DeviceBatches(self.prefetcher, inputs, batch, device, dtype)
+        self.batches.start_epoch(int(i) for i in order)
         self.wait_ms: list[float] = []
-        self.thread = threading.Thread(target=self._fill, daemon=True, name="batcher")
-        self.thread.start()
-
-    def _fill(self) -> None:
-        while not self.stop.is_set():
-            samples = [next(self.prefetcher) for _ in range(self.batch)]
-            if self.stream is not None:
-                with torch.cuda.stream(self.stream):
-                    state, _, forcings, target = self.inputs.batch(samples, self.device, self.dtype)
-                    self.prefetcher.release(*samples)  # after the copies on this stream
-                    done = torch.cuda.Event()
-                    done.record(self.stream)
-            else:
-                (state, _, forcings, target), done = self.inputs.batch(samples, self.device, self.dtype), None
-                self.prefetcher.release(*samples)
-            item = ((state, forcings[:, 0], target[:, 0]), done)  # lead 1: the input and one target time
-            while not self.stop.is_set():
-                try:
-                    self.queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
 
     def next(self):
         t0 = time.perf_counter()
-        (state, forcings, target), done = self.queue.get()
-        self.wait_ms.append((time.perf_counter() - t0) * 1e3)
-        if done is not None:
-            current = torch.cuda.current_stream()
-            current.wait_event(done)
-            for tensor in (state, forcings, target):
-                tensor.record_stream(current)
-        return state, self.static, forcings, target
+        state, static, forcings, target = self.batches.next()
+        self.wait_ms.append((time.perf_counter() - t0) * 1e3)  # the host's: the next batch's reading and staging
+        return state, static, forcings[:, 0], target[:, 0]  # lead 1: the input and one target time
 
     def close(self) -> None:
-        self.stop.set()
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                break
-        self.thread.join(timeout=30)
         self.prefetcher.close()
 
 

@@ -68,6 +68,7 @@ class RankInputs:
                                  channels=model.state_channels.indices[rank].tolist(),
                                  static_channels=layers.channels(config.static_channels).indices[rank].tolist(),
                                  model_lat=config.model_lat, pin_memory=pin_memory, normalize=False)
+        self._static_cache: tuple[tuple, torch.Tensor] | None = None
 
     def batch(self, samples: list[Sample], device: torch.device | str, dtype: torch.dtype = torch.float32):
         """``(state, static, forcings, targets)`` for the model from a list of samples.
@@ -78,10 +79,19 @@ class RankInputs:
         """
         state = self._normalized([s.inputs for s in samples], device, dtype)
         targets = self._normalized([s.targets for s in samples], device, dtype)
-        forcings = torch.stack([s.forcings[..., self.forcing_index] for s in samples]).to(device, dtype,
-                                                                                        non_blocking=True)
-        static = samples[0].static.to(device, dtype, non_blocking=True)
-        return state, static, forcings, targets
+        # each sample's time features cross from the reader's (pinned) memory and this rank's
+        # slice is taken on the device: a host-side stack would be pageable memory, whose copy
+        # makes the host wait for the device
+        forcings = torch.stack([s.forcings.to(device, non_blocking=True) for s in samples])
+        forcings = forcings.index_select(-1, self.forcing_index.to(forcings.device)).to(dtype)
+        return state, self._static_on(samples[0].static, device, dtype), forcings, targets
+
+    def _static_on(self, static: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """The static fields on ``device`` in ``dtype``, copied once (the same for every sample)."""
+        key = (static.data_ptr(), str(torch.device(device)), dtype)
+        if self._static_cache is None or self._static_cache[0] != key:
+            self._static_cache = (key, static.to(device, dtype))
+        return self._static_cache[1]
 
     def forcings(self, times: np.ndarray) -> torch.Tensor:
         """Time features of this tile at ``times``: ``(len(times), tile_lat, tile_lon, local forcings)``."""

@@ -48,12 +48,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.prefetch import ReadAhead
 from data.process_prefetch import PREFETCHERS
 from data.sampler import ReplicaSampler, valid_time_indices
 from data.schema import HEADLINE_CHANNELS
 from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atomic_write_bytes, atomic_write_text,
                                consolidate, latest_checkpoint, read_meta, save_consolidated)
+from launch.device_batches import DeviceBatches
 from launch.engine import initialize_engine
 from launch.master_weights import MasterWeightAdam
 from launch.run_config import RunConfig
@@ -186,11 +186,13 @@ class Trainer:
         with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
                                                run.data.workers) as prefetcher:
             self._prefetcher = prefetcher  # one for the run: reader processes start once, not per epoch
+            # the next micro-batch crosses to the device while the current one computes
+            device_batches = DeviceBatches(prefetcher, self.inputs, t.micro_batch, self.device, self.dtype)
             while self.step < t.steps:
                 self.sampler.set_epoch(self.epoch)
-                prefetcher.reset(iter(self.sampler))
+                device_batches.start_epoch(iter(self.sampler))
                 while self.step < t.steps:
-                    batches = [self._next_batch(prefetcher) for _ in range(t.gradient_accumulation)]
+                    batches = [device_batches.next() for _ in range(t.gradient_accumulation)]
                     if any(b is None for b in batches):
                         break  # epoch exhausted; the partial step is dropped and the next epoch begins
                     lead = t.rollout_steps(self.step)
@@ -224,7 +226,7 @@ class Trainer:
                         self._log(self.validate())
                     stop = self._agree_to_stop() or stop_after_reached
                     if checkpoint_now or stop:
-                        self.save_checkpoint(consumed=prefetcher.delivered)
+                        self.save_checkpoint(consumed=device_batches.taken)
                     if stop:
                         self._say(f"stopped at step {self.step}; checkpoint written to {self.checkpoint_dir}; "
                                   f"the same command resumes from it")
@@ -240,18 +242,6 @@ class Trainer:
         self._say(f"trained {self.step} steps; checkpoints in {self.checkpoint_dir}, consolidated model "
                   f"{model_file}, metrics {self.run_dir / 'metrics.jsonl'}")
         return last
-
-    def _next_batch(self, prefetcher: ReadAhead):
-        samples = []
-        for _ in range(self.run.training.micro_batch):
-            try:
-                samples.append(next(prefetcher))
-            except StopIteration:
-                prefetcher.release(*samples)
-                return None
-        batch = self.inputs.batch(samples, self.device, self.dtype)
-        prefetcher.release(*samples)  # the copies are enqueued: the reader may reuse the samples' memory
-        return batch
 
     def _micro_step(self, batch, lead: int) -> torch.Tensor:
         """One micro-batch forward, backward and engine step; the loss stays on the device (no wait)."""

@@ -1,0 +1,74 @@
+"""Micro-batches on the device one ahead of the step, their copies overlapped with compute.
+
+A batch copied on the compute stream waits for the step before it and the next step waits
+for the copy: at 0.25 deg one whole-grid sample is ~0.6 GB of float32 fields, ~20 ms of a
+~80 ms ``jigsaw-1b`` step on one H100 (``benchmarks/GPU.md``). :class:`DeviceBatches` takes
+the next micro-batch's samples from the prefetcher and enqueues their host-to-device copies
+(and the normalisation, ``launch.tiles.RankInputs.batch``) on a side stream *before* the
+current micro-batch's step is launched, so the transfer runs while the device computes; the
+compute stream waits only for that batch's own copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from data.prefetch import ReadAhead
+from launch.tiles import RankInputs
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # state, static, forcings, targets
+
+
+class DeviceBatches:
+    """``next()``: the next micro-batch of ``micro_batch`` samples on ``device``, or None at the
+    end of the epoch (a partial micro-batch is dropped). ``taken``: samples handed out this
+    epoch (the sampler position a checkpoint records; the one staged ahead is not counted)."""
+
+    def __init__(self, prefetcher: ReadAhead, inputs: RankInputs, micro_batch: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        self.prefetcher, self.inputs, self.micro_batch = prefetcher, inputs, micro_batch
+        self.device, self.dtype = torch.device(device), dtype
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.taken = 0
+        self._staged: tuple[Batch, torch.cuda.Event | None] | None = None
+
+    def start_epoch(self, time_indices: Iterable[int]) -> None:
+        """Go on with ``time_indices`` (the prefetcher's readers stay) and stage the first micro-batch."""
+        self.prefetcher.reset(time_indices)
+        self.taken = 0
+        self._staged = self._stage()
+
+    def next(self) -> Batch | None:
+        staged = self._staged
+        if staged is None:
+            return None
+        self._staged = self._stage()  # the following copies go first: they overlap this batch's step
+        batch, copied = staged
+        if copied is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)
+            for tensor in batch:  # allocated on the side stream, used (and freed) on this one
+                tensor.record_stream(current)
+        self.taken += self.micro_batch
+        return batch
+
+    def _stage(self) -> tuple[Batch, torch.cuda.Event | None] | None:
+        samples = []
+        for _ in range(self.micro_batch):
+            try:
+                samples.append(next(self.prefetcher))
+            except StopIteration:
+                self.prefetcher.release(*samples)
+                return None
+        if self.stream is None:
+            batch = self.inputs.batch(samples, self.device, self.dtype)
+            self.prefetcher.release(*samples)
+            return batch, None
+        with torch.cuda.stream(self.stream):
+            batch = self.inputs.batch(samples, self.device, self.dtype)
+            self.prefetcher.release(*samples)  # slots reused once this stream has passed the copies
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return batch, copied
