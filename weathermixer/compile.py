@@ -1,6 +1,6 @@
 """How the training step is compiled: ``torch.compile`` with the inductor settings it needs.
 
-Both are measured on one H100 (``benchmarks/GPU.md``):
+Each is measured on one H100 or H200 (``benchmarks/GPU.md``):
 
 * ``triton.mix_order_reduction`` off: inductor fuses each LayerNorm backward (a reduction
   over channels per token) with its weight and bias gradients (reductions over tokens) and
@@ -13,12 +13,20 @@ Both are measured on one H100 (``benchmarks/GPU.md``):
   multiple of 128 bytes (4320 bf16 channels: 8640 -> 8704 bytes); aten's dropout kernel then sees a
   non-contiguous tensor and takes its slow element-by-element path (3.7 against 1.6 ms a step at
   micro-batch 1; the step 315.5 -> 308.0 ms at micro-batch 4, 90.5 -> 89.4 ms at micro-batch 1).
+* Persistent reductions (the row in registers, one pass) for the LayerNorms: inductor makes a
+  reduction persistent up to 1024 contiguous elements (64 otherwise), so the LayerNorms over
+  ``jigsaw-1b``'s 4320 hidden channels and the decoder's over 69-138 channels per grid point
+  were looped, two passes over the row. Up to 8192 / 256 (:func:`persistent_reductions_up_to`,
+  through inductor's ``InductorChoices`` hook): 300.0 -> 295.2 ms a step at micro-batch 4 and
+  79.8 -> 79.3 ms at 1 on one H200 (one call, each in its own process).
 
-Measured and not set here: ``triton.multi_kernel = 1`` (each reduction compiled both persistent
-and looped, the faster chosen on the GPU) gave 296.5 -> 291.7 ms at micro-batch 4 and 81.9 ->
-80.9 ms at 1 when set by ``benchmarks/train_step.py --inductor triton.multi_kernel=1``, but set
-here the first compiled step failed on the GPU inside inductor (``TypeError`` at its
-``_hash_lock``); not analysed yet (``benchmarks/GPU.md``, fifth round).
+Measured and not set here: ``triton.multi_kernel = 1`` (each reduction compiled both
+persistent and looped, the faster chosen by timing them on the GPU) gave the same at micro-batch
+4 and ~0.8 ms more at 1, but its choice is made by timing in each process, so two runs (a run
+and its resumption) may reduce in different orders; with a warm inductor cache torch 2.11 also
+fails in it (``TypeError`` at a kernel's ``_hash_lock`` while reading its cached choice; the
+environment variable ``TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1`` avoids that). A fixed rule
+gives the same kernels in every process (``benchmarks/GPU.md``, sixth round).
 """
 
 from __future__ import annotations
