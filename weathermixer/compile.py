@@ -31,6 +31,8 @@ gives the same kernels in every process (``benchmarks/GPU.md``, sixth round).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -39,8 +41,11 @@ import torch
 PERSISTENT_INNER, PERSISTENT_OTHER = 8192, 256
 
 
+@functools.cache
 def configure_inductor() -> None:
-    """Set the inductor options above (process-wide; call before the first compiled call)."""
+    """Set the inductor options above, once per process (before the first compiled call): a
+    setting changed after it (an experiment, ``benchmarks/train_step.py --inductor``) stays
+    through every later :func:`compiled`."""
     import torch._inductor.config as inductor
 
     inductor.triton.mix_order_reduction = False
