@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
+from launch.profiling import parse_step_window  # noqa: E402
 from launch.run_config import RunConfigError, load_run_config  # noqa: E402
 
 
@@ -26,13 +27,18 @@ def main(argv: list[str] | None = None) -> dict:
                         "any mesh) instead of a fresh initialisation")
     parser.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and exit after this many "
                         "steps of this invocation (for job time limits); the same command resumes")
+    parser.add_argument("--profile", metavar="FIRST:LAST", help="record steps FIRST..LAST on every rank: "
+                        "<checkpoint.dir>/profile/rank<r>.json (timeline) and rank<r>.txt (table)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         run = load_run_config(args.config, args.set)
-    except RunConfigError as error:
+        profile = parse_step_window(args.profile) if args.profile else None
+    except (RunConfigError, ValueError) as error:
         parser.error(str(error))
+    if profile and profile[1] > run.training.steps:
+        parser.error(f"--profile {args.profile}: the run has {run.training.steps} steps (training.steps)")
 
     import torch.distributed as dist
 
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         except MeshError as error:
             raise SystemExit(f"launch/train.py: {error}") from None
         trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet)
-        result = trainer.train(stop_after=args.stop_after)
+        result = trainer.train(stop_after=args.stop_after, profile=profile)
         dist.barrier()
         return result
     finally:

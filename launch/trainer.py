@@ -56,6 +56,7 @@ from launch.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, atom
 from launch.device_batches import DeviceBatches
 from launch.engine import initialize_engine
 from launch.master_weights import MasterWeightAdam
+from launch.profiling import StepProfiler
 from launch.run_config import RunConfig
 from launch.tiles import RankInputs, config_for_store, store_attrs
 from parallel.mesh import ProcessMesh
@@ -168,9 +169,10 @@ class Trainer:
         self._resume()
 
     # ---------------------------------------------------------------- the loop
-    def train(self, stop_after: int | None = None) -> dict[str, Any]:
+    def train(self, stop_after: int | None = None, profile: tuple[int, int] | None = None) -> dict[str, Any]:
         """Train to ``training.steps``; ``stop_after`` steps of this invocation end it early with a
-        checkpoint (for jobs shorter than the run).
+        checkpoint (for jobs shorter than the run); ``profile=(first, last)`` records those steps
+        (:mod:`launch.profiling`).
 
         The host reads device values only at settle steps (log, validate, checkpoint, stop_after,
         last step): each step's loss stays on the device until then. A SIGINT/SIGTERM therefore
@@ -183,6 +185,7 @@ class Trainer:
         last: dict[str, Any] = {}
         window_start, window_steps = time.perf_counter(), 0
         pending_losses: dict[int, torch.Tensor] = {}  # step -> its loss on the device, since the last settle step
+        profiler = StepProfiler(*profile, self.run_dir / "profile", self.rank, self.device) if profile else None
         with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
                                                run.data.workers) as prefetcher:
             self._prefetcher = prefetcher  # one for the run: reader processes start once, not per epoch
@@ -192,6 +195,8 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch)
                 device_batches.start_epoch(iter(self.sampler))
                 while self.step < t.steps:
+                    if profiler is not None:
+                        profiler.step_begins(self.step + 1)
                     batches = [device_batches.next() for _ in range(t.gradient_accumulation)]
                     if any(b is None for b in batches):
                         break  # epoch exhausted; the partial step is dropped and the next epoch begins
@@ -200,6 +205,9 @@ class Trainer:
                     self.step += 1
                     window_steps += 1
                     pending_losses[self.step] = torch.stack(losses).double().mean()
+                    if profiler is not None and (written := profiler.step_ends(self.step)):
+                        self._say(f"profile of steps {profiler.first}..{profiler.last} written to {written[0]} "
+                                  f"(timeline) and {written[1]} (table)")
                     if progress is not None:
                         progress.update(1)
                     log_now = self.step % run.logging.every == 0 or self.step == t.steps

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from launch.checkpoint import load_consolidated
+from launch.profiling import parse_step_window
 from launch.run_config import RunConfigError, load_run_config
 from launch.tiles import RankInputs
 from parallel.sharding import load_full_state
@@ -259,6 +260,30 @@ def test_non_finite_loss_stops_the_run_before_any_checkpoint(store, tmp_path):
     written = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")]
     assert not [step for step in written if step >= 2], written
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_profile_writes_the_timeline_and_table_of_the_window(store, tmp_path):
+    launch(1, run_values(store, tmp_path, training={"steps": 3}), "--profile", "2:3")
+    timeline = json.loads((tmp_path / "profile" / "rank0.json").read_text())
+    names = {event.get("name") for event in timeline["traceEvents"]}
+    assert any(name and name.startswith("aten::") for name in names), sorted(names)[:20]
+    assert (tmp_path / "profile" / "rank0.txt").read_text().startswith("steps 2..3 (2) on rank 0")
+
+
+def test_a_profile_window_past_the_last_step_is_refused(store, tmp_path, capsys):
+    from launch.train import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_values(store, tmp_path)))
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--profile", f"{STEPS}:{STEPS + 1}"])
+    assert f"the run has {STEPS} steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window", ["3:2", "0:1", "2", "a:b"])
+def test_a_bad_profile_window_names_the_expected_form(window):
+    with pytest.raises(ValueError, match="expected FIRST:LAST"):
+        parse_step_window(window)
 
 
 def test_config_errors_name_the_key(store, tmp_path):
