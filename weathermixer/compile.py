@@ -63,21 +63,27 @@ def compiled(function, **options):
 def persistent_reductions_up_to(inner: int, other: int) -> None:
     """Compile reductions of up to ``inner`` contiguous elements (a LayerNorm over the hidden
     channels) or ``other`` elements otherwise as persistent kernels (one pass, the row in
-    registers) instead of inductor's limits (1024 and 64); process-wide, through inductor's
-    heuristics hook (``InductorChoices``). A fixed rule: the same kernels in every process."""
+    registers) instead of inductor's limits (1024 and 64); process-wide. A fixed rule: the same
+    kernels in every process.
+
+    Inductor keeps its heuristics object (``InductorChoices``) per thread, and the backward graph
+    is compiled on the autograd engine's device thread, not the caller's: the rule is installed
+    as inductor's factory for every thread (``inductor_choices_class``, whose ``uuid`` also keys
+    inductor's compile cache, so a cached graph compiled under other limits is not reused), and
+    for the calling thread."""
     from torch._inductor import config as inductor
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
+    from torch._inductor import virtualized
 
-    class Choices(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
-            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
-                return True
-            if not inductor.triton.persistent_reductions or cooperative_reduction:
-                return False
-            limit = inner if features.get_reduction_hint() == ReductionHint.INNER else other
-            return V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
+    from weathermixer.inductor_choices import PersistentReductions
 
-    V.set_choices_handler(Choices())
+    make = functools.partial(PersistentReductions, inner, other)
+    if hasattr(inductor, "inductor_choices_class"):
+        inductor.inductor_choices_class = make
+    else:  # torch without the factory setting: every thread's first use creates ours
+        def first_use():
+            choices = make()
+            virtualized._choices._set_handler(choices)
+            return choices
+
+        virtualized._choices._default = first_use
+    virtualized.V.set_choices_handler(make())

@@ -18,3 +18,26 @@ def test_a_setting_changed_after_configure_inductor_stays_through_later_compiles
         assert inductor.fallback_random is False
     finally:
         inductor.fallback_random = True
+
+
+def test_the_persistent_reduction_rule_reaches_every_thread_and_keys_the_compile_cache():
+    # the backward graph is compiled on autograd's device thread, not the caller's: inductor's
+    # heuristics object is per thread, so a rule set for the calling thread alone missed it
+    # (autograd runs its device threads in a copy of the caller's context variables, as here)
+    import contextvars
+    import threading
+
+    from torch._inductor.virtualized import V
+
+    from weathermixer.compile import PERSISTENT_INNER, PERSISTENT_OTHER
+    from weathermixer.inductor_choices import PersistentReductions
+
+    configure_inductor()
+    seen = []
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(lambda: seen.append(V.choices),))
+    thread.start()
+    thread.join()
+    for choices in (V.choices, seen[0]):
+        assert isinstance(choices, PersistentReductions)
+        assert (choices.inner, choices.other) == (PERSISTENT_INNER, PERSISTENT_OTHER)
+    assert choices.uuid() in str(inductor.save_config_portable())
