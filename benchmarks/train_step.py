@@ -330,11 +330,14 @@ class ZarrBatches:
 
 # ------------------------------------------------------------------------------ the benchmark
 def train_step(engine, loss_fn, state, static, forcings, target) -> torch.Tensor:
+    cudagraphs = torch._inductor.config.triton.cudagraphs
+    if cudagraphs:  # --cudagraphs: a new step, whose replays may overwrite the last step's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     prediction = engine(state, static, forcings)
     loss = loss_fn(prediction, target)
     engine.backward(loss)
     engine.step()
-    return loss
+    return loss.detach().clone() if cudagraphs else loss
 
 
 def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, flops_per_sample: float) -> dict:
@@ -381,7 +384,7 @@ def run_case(base, args, batch: int, compiled: bool, data: str, ceiling: float, 
     # data-parallel replicas would multiply this; on one device samples/s = batch / step
     tflops = 3 * flops_per_sample * batch / (median * 1e-3) / 1e12
     row = dict(batch=batch, compiled=compiled, data=data, zero=args.zero, precision=args.precision,
-               dropout=base.config.dropout, rng=args.rng, inductor=args.inductor,
+               dropout=base.config.dropout, rng=args.rng, inductor=args.inductor, cudagraphs=args.cudagraphs,
                reduce_one_replica=args.reduce_one_replica, deepspeed_clipping=args.deepspeed_clipping,
                eager_loss=args.eager_loss,
                checkpointing=args.checkpointing, ms=median, ms_p10=float(np.percentile(step_ms, 10)),
@@ -632,6 +635,9 @@ def parse_args(argv=None):
     parser.add_argument("--rng", default="aten", choices=("aten", "inductor"),
                         help="random numbers in compiled graphs: aten's kernels (the eager masks; the default of "
                              "weathermixer.compile) or inductor's philox fused into the consumers' kernels")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="inductor's CUDA graphs (triton.cudagraphs) for the compiled graphs: each step's "
+                             "kernels replayed from a recorded graph instead of launched one by one")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")
     parser.add_argument("--store", default=None, help="zarr store for --data zarr")
@@ -687,6 +693,7 @@ def main(argv=None) -> list[dict]:
 
     configure_inductor()  # the trainer's settings; --rng and --inductor change them for experiments
     torch._inductor.config.fallback_random = args.rng == "aten"
+    torch._inductor.config.triton.cudagraphs = args.cudagraphs
     for setting in args.inductor:
         key, _, value = setting.partition("=")
         owner = torch._inductor.config

@@ -185,6 +185,9 @@ class TileReader:
         self.static_names = [self.attrs.static_channels[i] for i in self.static_indices]
         self._mean = np.asarray([self.attrs.mean[i] for i in self.channel_indices], dtype=np.float32)
         self._inv_std = np.asarray([1.0 / self.attrs.std[i] for i in self.channel_indices], dtype=np.float32)
+        # normalize_into's offset: -mean / std, rounded once
+        self._shift = np.asarray([-self.attrs.mean[i] / self.attrs.std[i] for i in self.channel_indices],
+                                 dtype=np.float32)
 
         self._reads = _plan_reads(group, self.attrs, self.channel_indices, self.store)
         self.alignment = _alignment(self._reads, self._rows, self._columns)
@@ -264,14 +267,20 @@ class TileReader:
         return Sample(inputs=self._tensor(fields[0]), targets=self._tensor(fields[1:]), static=self._static,
                       forcings=self._tensor(forcings), time=self.times[int(time_index)], time_index=int(time_index))
 
-    def normalize_(self, fields: torch.Tensor) -> torch.Tensor:
+    def normalize_into(self, fields: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Normalise raw ``inputs`` or ``targets`` (``(..., lat, lon, C)``, any device and memory
-        layout) in place, as the reader does with ``normalize`` on; padded rows stay zero."""
-        mean = torch.from_numpy(self._mean).to(fields.device, non_blocking=True)
-        inv_std = torch.from_numpy(self._inv_std).to(fields.device, non_blocking=True)
-        stored = fields[..., :self._stored_rows, :, :]
-        stored.sub_(mean).mul_(inv_std)
-        return fields
+        layout) into ``out`` (the same shape and device; any floating dtype and layout; ``fields``
+        itself for in place) in one pass, ``fields / std - mean / std``, as the reader does with
+        ``normalize`` on to within float32 rounding; padded rows of ``out`` are zero. Returns ``out``.
+
+        One pass matters on the GPU: a 0.25 deg sample is ~0.3 GB of float32 fields, and the
+        subtraction, the multiplication and the cast to bfloat16 as three passes move ~1.6 GB."""
+        scale = torch.from_numpy(self._inv_std).to(fields.device, non_blocking=True)
+        shift = torch.from_numpy(self._shift).to(fields.device, non_blocking=True)
+        rows = self._stored_rows
+        torch.addcmul(shift, fields[..., :rows, :, :], scale, out=out[..., :rows, :, :])
+        out[..., rows:, :, :] = 0
+        return out
 
     def __repr__(self) -> str:
         return (f"TileReader({self.store!r}, lat_range={self.lat_range}, lon_range={self.lon_range}, "

@@ -104,8 +104,11 @@ class RankInputs:
 
 
     def _normalized(self, tensors: list[torch.Tensor], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-        """Raw channel-last samples stacked on ``device`` (each crosses in its channel-first
-        memory), normalised in float32, then cast to ``dtype``."""
-        channel_first = [t.movedim(-1, -3).to(device, non_blocking=True) for t in tensors]
-        fields = torch.stack(channel_first).movedim(-3, -1)
-        return self.reader.normalize_(fields).to(dtype)
+        """Raw channel-last samples normalised into one ``dtype`` batch on ``device``: each sample
+        crosses in its channel-first memory and is normalised and cast in one pass into its place
+        in the batch (channel-first memory, a channel-last view)."""
+        channel_first = tensors[0].movedim(-1, -3)
+        out = torch.empty((len(tensors), *channel_first.shape), dtype=dtype, device=device).movedim(-3, -1)
+        for sample, place in zip(tensors, out):
+            self.reader.normalize_into(sample.movedim(-1, -3).to(device, non_blocking=True).movedim(-3, -1), place)
+        return out

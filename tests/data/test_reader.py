@@ -296,8 +296,9 @@ def test_irregular_time_axis_is_refused(tmp_path):
 
 
 def test_raw_samples_normalised_by_the_caller_equal_normalised_samples(tmp_path):
-    """``normalize=False`` + ``normalize_`` (what the training inputs do on the GPU) gives the
-    reader's own normalisation, padded rows included, on either memory layout."""
+    """``normalize=False`` + ``normalize_into`` (what the training inputs do on the GPU) gives the
+    reader's own normalisation, padded rows included, on either memory layout, in place or into
+    another tensor of another dtype."""
     path = write_store(tmp_path / "s.zarr", n_lat=7, spatial_chunks=(4, 6))
     options = dict(lat_range=(4, 8), lon_range=(0, 6), model_lat=8)
     normalised = TileReader(path, **options).sample(2, 1)
@@ -305,7 +306,12 @@ def test_raw_samples_normalised_by_the_caller_equal_normalised_samples(tmp_path)
     raw = raw_reader.sample(2, 1)
     assert not torch.allclose(raw.inputs, normalised.inputs)
     for mine, expected in ((raw.inputs, normalised.inputs), (raw.targets, normalised.targets)):
+        # fields / std - mean / std against (fields - mean) / std: two float32 roundings of |fields| / std
+        atol = 4 * torch.finfo(torch.float32).eps * float((mine.abs() * torch.from_numpy(raw_reader._inv_std)).max())
         contiguous = mine.contiguous()  # channel-last memory as well as the reader's channel-first views
         for fields in (mine.clone(), contiguous):
-            torch.testing.assert_close(raw_reader.normalize_(fields), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(raw_reader.normalize_into(fields, fields), expected, rtol=1e-6, atol=atol)
+            into = torch.full_like(fields, float("nan"), dtype=torch.float64)  # padded rows must be written
+            assert raw_reader.normalize_into(mine, into) is into
+            torch.testing.assert_close(into, expected.double(), rtol=1e-6, atol=atol)
         assert torch.count_nonzero(mine[..., 3, :, :]) == 0
