@@ -8,7 +8,8 @@ Each is measured on one H100 or H200 (``benchmarks/GPU.md``):
   4 (``jigsaw-1b``: 397 ms per step on, 351 ms off; micro-batch 1 unchanged).
 * ``fallback_random`` on: random numbers (dropout masks) come from aten's kernels, the same
   numbers as eager mode, so a compiled run trains exactly the network an eager run does
-  (inductor's own philox fused into the kernels was no faster within the noise).
+  (inductor's own philox fused into the kernels is slower: 81.0 against 79.7 ms a step at
+  micro-batch 1, 298 against 291 ms at 4).
 * ``comprehensive_padding`` off: inductor pads the row stride of tensors whose rows are not a
   multiple of 128 bytes (4320 bf16 channels: 8640 -> 8704 bytes); aten's dropout kernel then sees a
   non-contiguous tensor and takes its slow element-by-element path (3.7 against 1.6 ms a step at
@@ -18,7 +19,9 @@ Each is measured on one H100 or H200 (``benchmarks/GPU.md``):
   ``jigsaw-1b``'s 4320 hidden channels and the decoder's over 69-138 channels per grid point
   were looped, two passes over the row. Up to 8192 / 256 (:func:`persistent_reductions_up_to`,
   through inductor's ``InductorChoices`` hook): 300.0 -> 295.2 ms a step at micro-batch 4 and
-  79.8 -> 79.3 ms at 1 on one H200 (one call, each in its own process).
+  79.8 -> 79.3 ms at 1 on one H200 (one call, each in its own process). The rule is installed for
+  every thread, since the backward graph is compiled on autograd's device thread (the LayerNorm
+  backward kernels: persistent since; no further measurable time).
 
 Measured and not set here: ``triton.multi_kernel = 1`` (each reduction compiled both
 persistent and looped, the faster chosen by timing them on the GPU) gave the same at micro-batch
