@@ -75,18 +75,10 @@ def persistent_reductions_up_to(inner: int, other: int) -> None:
     inductor's compile cache, so a cached graph compiled under other limits is not reused), and
     for the calling thread."""
     from torch._inductor import config as inductor
-    from torch._inductor import virtualized
+    from torch._inductor.virtualized import V
 
     from weathermixer.inductor_choices import PersistentReductions
 
     make = functools.partial(PersistentReductions, inner, other)
-    if hasattr(inductor, "inductor_choices_class"):
-        inductor.inductor_choices_class = make
-    else:  # torch without the factory setting: every thread's first use creates ours
-        def first_use():
-            choices = make()
-            virtualized._choices._set_handler(choices)
-            return choices
-
-        virtualized._choices._default = first_use
-    virtualized.V.set_choices_handler(make())
+    inductor.inductor_choices_class = make
+    V.set_choices_handler(make())  # the calling thread may have made inductor's default already
