@@ -1,6 +1,6 @@
 """Forecast throughput: seconds for one autoregressive rollout on one device, bf16, no grad.
 
-    python benchmarks/forecast_speed.py --preset jigsaw-1b --steps 40 --compile off on
+    python -m benchmarks.forecast_speed --preset jigsaw-1b --steps 40 --compile off on
 
 Weights in bf16 (``model.to(torch.bfloat16)``), ``torch.inference_mode``, batch 1, the
 10-day (40 x 6 h) rollout of ``WeatherMixer.rollout(mode="autoregressive")`` on random
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.train_step import analytic_forward_flops, build_model, matmul_ceiling  # noqa: E402
-from weathermixer.config import PRESETS, preset  # noqa: E402
+from benchmarks.train_step import analytic_forward_flops, build_model, matmul_ceiling
+from weathermixer.config import PRESETS, preset
 
 
 def main(argv=None) -> None:
@@ -54,7 +51,7 @@ def main(argv=None) -> None:
     for compiled in [c == "on" for c in args.compile]:
         model = base.to(device, dtype).eval()
         if compiled:
-            model.compile_step()
+            compile_step(model)
         times = []
         with torch.inference_mode():
             for k in range(args.repeats + 1):

@@ -8,26 +8,23 @@ CPU, one training step of a small model is run and the formulas are checked agai
 the ranks hold and what the collectives moved. Finally the formulas are evaluated (no run)
 for the paper-sized presets.
 
-    python benchmarks/parallel_layout.py                       # measure `demo`, evaluate jigsaw-1b / 2.6b
-    python benchmarks/parallel_layout.py --preset tiny --batch 1 --large jigsaw-1b
+    python -m benchmarks.parallel_layout                       # measure `demo`, evaluate jigsaw-1b / 2.6b
+    python -m benchmarks.parallel_layout --preset tiny --batch 1 --large jigsaw-1b
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from parallel.linear import token_mixing_moves_weight  # noqa: E402
-from parallel.tiling import DomainTiling, Partition, balanced_sizes  # noqa: E402
-from weathermixer.config import PRESETS, ModelConfig, preset  # noqa: E402
+from parallel.linear import token_mixing_moves_weight
+from parallel.tiling import DomainTiling, Partition, balanced_sizes
+from weathermixer.config import PRESETS, ModelConfig, preset
 
 MEASURED_MESHES = {1: [((1, 1), 1)],
                    2: [((1, 1), 2), ((2, 1), 1), ((1, 2), 1)],

@@ -8,9 +8,9 @@ readers (user and system; this process for threads, the reader processes for pro
 faults per sample and the cores they kept busy. With a GPU present the samples land in
 page-locked memory, as in training.
 
-    python benchmarks/reader_throughput.py --store /tmp/era5.zarr --threads 1 4 8 --processes 4 8
+    python -m benchmarks.reader_throughput --store /tmp/era5.zarr --threads 1 4 8 --processes 4 8
 
-The store is written first (``train_step.make_store``, 0.25 deg ERA5-shaped, 69 channels)
+The store is written first (``data.synthetic.write_synthetic_store``, 0.25 deg ERA5-shaped, 69 channels)
 when it does not exist; ``--store-grid`` and ``--chunk-grid`` choose its shape and chunking.
 """
 
@@ -20,20 +20,18 @@ import argparse
 import multiprocessing
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS.parent))
-sys.path.insert(0, str(BENCHMARKS))
 
-import torch  # noqa: E402
+import torch
 
-from data.process_prefetch import PREFETCHERS  # noqa: E402
-from data.reader import TileReader  # noqa: E402
-from data.sampler import valid_time_indices  # noqa: E402
-from launch.tiles import store_attrs  # noqa: E402
+from data.process_prefetch import PREFETCHERS
+from benchmarks.step_setup import ERA5_LEVELS
+from data.reader import TileReader
+from data.synthetic import write_synthetic_store
+from data.sampler import valid_time_indices
+from launch.runtime.rank_inputs import store_attrs
 
 
 def usage(pids: list[int]) -> tuple[float, float, int]:
@@ -94,12 +92,12 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=6, help="timed samples per thread or process")
     args = parser.parse_args(argv)
     if not args.store.exists():
-        import train_step
+        from benchmarks import train_step
 
         grid = tuple(int(v) for v in args.store_grid.lower().split("x"))
         chunk_grid = tuple(int(v) for v in args.chunk_grid.lower().split("x"))
         t0 = time.perf_counter()
-        train_step.make_store(args.store, grid, train_step.ERA5_LEVELS, args.times, tile_grid=chunk_grid)
+        write_synthetic_store(args.store, grid, ERA5_LEVELS, args.times, tile_grid=chunk_grid)
         print(f"wrote {args.store} in {time.perf_counter() - t0:.0f} s", flush=True)
     pin = torch.cuda.is_available()
     model_lat = args.model_lat or None

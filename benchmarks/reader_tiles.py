@@ -8,7 +8,7 @@ own bytes (uncompressed, from the chunk geometry, and the compressed chunk files
 and the read time per sample per rank, against the naive approach (open the dataset with
 xarray, read the whole sample, slice the tile).
 
-    python benchmarks/reader_tiles.py --store /tmp/era5-tiles.zarr
+    python -m benchmarks.reader_tiles --store /tmp/era5-tiles.zarr
 """
 
 from __future__ import annotations
@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS.parent))
-sys.path.insert(0, str(BENCHMARKS))
 
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+import numpy as np
+import xarray as xr
 
-import train_step  # noqa: E402
-from data.reader import TileReader  # noqa: E402
-from parallel.tiling import balanced_bounds  # noqa: E402
+from benchmarks.step_setup import ERA5_LEVELS
+from data.synthetic import write_synthetic_store
+from data.reader import TileReader
+from parallel.tiling import balanced_bounds
 
 TILE_GRIDS = [(1, 1), (1, 2), (2, 2), (2, 4)]
 MODEL_LAT = 720
@@ -83,7 +80,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.store.exists():
         t0 = time.perf_counter()
-        train_step.make_store(args.store, (721, 1440), train_step.ERA5_LEVELS, args.times, tile_grid=TILE_GRIDS[-1])
+        write_synthetic_store(args.store, (721, 1440), ERA5_LEVELS, args.times, tile_grid=TILE_GRIDS[-1])
         print(f"wrote {args.store} in {time.perf_counter() - t0:.0f} s (chunks for a "
               f"{TILE_GRIDS[-1][0]}x{TILE_GRIDS[-1][1]} tile grid)", flush=True)
     print(f"\n{args.store}: samples of input + 1 target (2 time steps), one thread per rank, median of "

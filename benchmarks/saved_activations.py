@@ -7,7 +7,7 @@ the activations a compiled training step holds per sample at the start of backwa
 model is traced on a grid of ``--rows`` latitude rows and scaled to the full grid (every
 saved tensor is linear in the token count: token-MLP hidden sizes are fractions of it).
 
-    python benchmarks/saved_activations.py --presets jigsaw-1b jigsaw-1.4b jigsaw-2.6b jigsaw-3.2b
+    python -m benchmarks.saved_activations --presets jigsaw-1b jigsaw-1.4b jigsaw-2.6b jigsaw-3.2b
 
 Parameters in bf16 as under DeepSpeed bf16 or ``optimizer.master_weights`` (autocast keeps the same
 bf16 activations since the layers cast their biases to the products' dtype).
@@ -16,19 +16,16 @@ bf16 activations since the layers cast their biases to the products' dtype).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from functorch.compile import min_cut_rematerialization_partition  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from torch._inductor.decomposition import select_decomp_table  # noqa: E402
+import torch
+from functorch.compile import min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+from torch._inductor.decomposition import select_decomp_table
 
-from weathermixer.compile import configure_inductor  # noqa: E402
-from weathermixer.config import PRESETS  # noqa: E402
-from weathermixer.model import WeatherMixer  # noqa: E402
+from launch.runtime.compile import configure_inductor
+from weathermixer.config import PRESETS
+from weathermixer.model import WeatherMixer
 
 
 def saved_bytes(config, rows: int) -> tuple[int, int]:

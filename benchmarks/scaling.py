@@ -1,7 +1,7 @@
 """Multi-GPU scaling of the WeatherMixer training step: one process mesh per launch.
 
 Each launch builds the model on a (data, domain tile grid, tensor) mesh, trains
-``--steps`` timed steps (the step, loss and inputs of ``train_step.py`` on the mesh) with random
+``--steps`` timed steps (the trainer's own step, :mod:`benchmarks.step_setup`, on the mesh) with random
 in-memory batches or through each rank's zarr tile reader, and appends one JSON row:
 ms/step (the slowest rank's median, CUDA events), samples/s, TFLOP/s per GPU (model FLOP
 formula), MFU against an 8192^3 bf16 matmul timed on every GPU in the same run, peak memory
@@ -11,9 +11,9 @@ collectives measured on this mesh's groups. ``--report`` prints the table with s
 efficiencies against the one-GPU row, and projects the communication to larger meshes.
 
     bash benchmarks/scaling.sh 4 jigsaw-1b                     # every mesh of 1..4 GPUs
-    deepspeed --num_gpus 4 benchmarks/scaling.py --mesh 1,2x2,1 --batch 1 --json rows.jsonl
-    python benchmarks/scaling.py --report rows.jsonl
-    deepspeed --num_gpus 2 benchmarks/scaling.py --device cpu --preset tiny --mesh 1,1x2,1  # CPU check
+    deepspeed --num_gpus 4 --module benchmarks.scaling --mesh 1,2x2,1 --batch 1 --json rows.jsonl
+    python -m benchmarks.scaling --report rows.jsonl
+    deepspeed --num_gpus 2 --module benchmarks.scaling --device cpu --preset tiny --mesh 1,1x2,1  # CPU check
 
 Mesh: ``DATA,LATxLON,TENSOR`` (data replicas, domain tile grid, tensor parts). NVLink
 multicast stays off (``NCCL_NVLS_ENABLE=0``, set here unless the caller set it).
@@ -26,27 +26,20 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS.parent))
-sys.path.insert(0, str(BENCHMARKS))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-import train_step  # noqa: E402
-from parallel_layout import Plan, all_reduce  # noqa: E402
-from launch.engine import initialize_engine  # noqa: E402
-from parallel.mesh import MeshConfig, ProcessMesh  # noqa: E402
-from parallel.rng import seed_dropout  # noqa: E402
-from weathermixer.compile import compiled, configure_inductor  # noqa: E402
-from weathermixer.config import PRESETS, preset  # noqa: E402
-from weathermixer.counts import forward_flops  # noqa: E402
-from weathermixer.model import WeatherMixer  # noqa: E402
+from benchmarks.step_setup import batch_source, benchmark_run, build_step
+from benchmarks.timing import Timer, matmul_ceiling, synchronize
+from benchmarks.parallel_layout import Plan, all_reduce
+from parallel.mesh import MeshConfig, ProcessMesh
+from weathermixer.config import PRESETS
+from weathermixer.counts import forward_flops
 
 ELEMENT_BYTES = 2  # bf16 activations and weights on the wire
 
@@ -92,7 +85,7 @@ def collective_bandwidth(kind: str, group, device: torch.device, part_bytes: int
     return sent / seconds
 
 
-def communication_model(model: WeatherMixer, batch: int, model_bw: float, replica_bw: float) -> dict:
+def communication_model(model, batch: int, model_bw: float, replica_bw: float) -> dict:
     """Bytes this rank sends per step (forward + backward in the model group; gradients over the
     replicas) and the time they take at the measured bandwidths."""
     mesh, config = model.mesh, model.config
@@ -107,64 +100,42 @@ def communication_model(model: WeatherMixer, batch: int, model_bw: float, replic
 
 # ------------------------------------------------------------------------------ one launch
 def run(args) -> dict | None:
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    train_step.init_distributed(args.device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh_config = parse_mesh(args.mesh)
-    mesh = ProcessMesh.build(mesh_config, device.type)
-    config = preset(args.preset)
-    if args.data == "zarr":
-        from launch.tiles import config_for_store
+    from launch.runtime.distributed import init_distributed
 
-        config = config_for_store(config, args.store)
+    device = init_distributed(args.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = ProcessMesh.build(parse_mesh(args.mesh), device.type)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{args.preset} on {mesh.describe()}, {world} {device.type} processes, micro-batch {args.batch} "
         f"per replica, {args.data} inputs", flush=True)
-
-    ceiling = train_step.matmul_ceiling(device.type, 8192 if device.type == "cuda" else 256)
+    ceiling = matmul_ceiling(device.type, 8192 if device.type == "cuda" else 256)
     t0 = time.perf_counter()
-    with torch.device(device):
-        model = WeatherMixer(config, mesh)
-    seed_dropout(0, mesh.data_rank, mesh.sample_rank, mesh.model_rank)
+    run_config = benchmark_run(args.preset, args.batch, args.zero, "bf16", args.compile == "on", args.device,
+                               store=args.store if args.data == "zarr" else None, readers=args.readers)
+    step = build_step(run_config, mesh, device)
+    model, config = step.model, step.model.config
     say(f"built in {time.perf_counter() - t0:.0f} s; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"parameters on rank 0", flush=True)
-    if args.compile == "on":
-        configure_inductor()
-        model.compile(dynamic=False)
-    optimizer = torch.optim.AdamW(train_step.param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    engine, _, _ = initialize_engine(model, optimizer, train_step.deepspeed_config(args.zero, "bf16", args.batch),
-                                     mesh)
-    loss_fn = train_step.build_loss(model, device)
-    if args.compile == "on":
-        loss_fn = compiled(loss_fn)
-    dtype = torch.bfloat16
-    if args.data == "memory":
-        source = train_step.MemoryBatches(model, args.batch, device, dtype, seed=1000 * rank)
-    else:
-        source = train_step.ZarrBatches(args.store, model, args.batch, device.type, dtype, args.readers)
-
+    source = batch_source(step, seed=1000 * rank)
     for _ in range(args.warmup):
-        train_step.train_step(engine, loss_fn, *source.next())
-    train_step.synchronize(device.type)
+        step.micro_step(source.next(), 1)
+    synchronize(device.type)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dist.barrier()
     timers = []
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        with train_step.Timer(device.type) as timer:
-            loss = train_step.train_step(engine, loss_fn, *source.next())
+        with Timer(device.type) as timer:
+            loss = step.micro_step(source.next(), 1)
         timers.append(timer)
-    train_step.synchronize(device.type)
+    synchronize(device.type)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     median = statistics.median(timer.ms() for timer in timers)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     source.close()
-    if not math.isfinite(float(loss.detach())):
-        raise RuntimeError(f"rank {rank}: non-finite loss {float(loss.detach())}")
+    if not math.isfinite(float(loss)):
+        raise RuntimeError(f"rank {rank}: non-finite loss {float(loss)}")
 
     model_bw = collective_bandwidth("gather", mesh.model_group, device)
     replica_bw = collective_bandwidth("reduce", mesh.replica_group, device)
@@ -251,8 +222,9 @@ def main(argv=None) -> None:
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"row appended to {args.json}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    from launch.runtime.distributed import shutdown_distributed
+
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ for n in 1 2 4 8; do
   for mesh in ${meshes[$n]}; do
     for data in memory ${store:+zarr}; do
       port=$((port + 1))
-      deepspeed --num_gpus "$n" --master_port "$port" benchmarks/scaling.py --preset "$preset" --mesh "$mesh" \
+      deepspeed --num_gpus "$n" --master_port "$port" --module benchmarks.scaling --preset "$preset" --mesh "$mesh" \
         --data "$data" ${store:+--store "$store"} --json "$rows" "${@:4}" \
         || echo "mesh $mesh on $n GPUs ($data inputs) failed; continuing"
     done
   done
 done
-python benchmarks/scaling.py --report "$rows"
+python -m benchmarks.scaling --report "$rows"
 echo "rows in $rows"

@@ -50,6 +50,7 @@ from data.combine import Combined, Selection, combine_inputs
 from data.normalize import InputError
 from data.schema import Channel, StoreAttrs, StoreError, field_encoding, model_channel_order
 from data.stats import MissingField, channel_statistics, static_statistics
+from parallel.tiling import store_tile_chunks  # geometry only
 
 NAN_POLICIES = ("fail", "fill")
 BATCH_BYTES = 256 * 2**20  # default batch: about this much uncompressed data per region write
@@ -118,18 +119,11 @@ def describe_missing(missing: Sequence[MissingField]) -> str:
 
 
 def spatial_chunks(grid: tuple[int, int], tile_grid: tuple[int, int]) -> tuple[int, int]:
-    """One chunk per tile: ``n // tiles`` latitude rows, ``ceil(n / tiles)`` longitude points.
-
-    Latitude rounds down because models crop the rows that do not divide (the default grid
-    policy: 721 rows -> 720, tiles of 360 / 180 / 90 rows); the leftover rows form a last,
-    short chunk that no tile reads. Rounding up (361) would make every tile after the first
-    straddle two chunks and read half as much again. Longitude is never cropped.
-    """
-    for axis, n, tiles in zip(("latitude", "longitude"), grid, tile_grid):
-        if not 1 <= tiles <= n:
-            raise PreprocessError(f"tile grid {tile_grid[0]}x{tile_grid[1]}: {tiles} tiles along {axis}, "
-                                  f"expected 1..{n} (the grid has {n} {axis} points)")
-    return grid[0] // tile_grid[0], math.ceil(grid[1] / tile_grid[1])
+    """One chunk per tile of ``tile_grid`` (:func:`parallel.tiling.store_tile_chunks`)."""
+    try:
+        return store_tile_chunks(grid, tile_grid)
+    except ValueError as error:
+        raise PreprocessError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------- progress
@@ -184,6 +178,35 @@ def _missing_from_json(item: dict[str, Any]) -> MissingField:
 
 
 # ------------------------------------------------------------------------------- the run
+def _run_identity(paths, selection: Selection, combined: Combined, *, append: bool, **options) -> dict[str, Any]:
+    """What a run writes, as its progress record keeps it: a rerun resumes only the same run."""
+    times = combined.dataset["time"].values
+    options["tile_grid"] = list(options["tile_grid"])
+    period = options.pop("statistics_period")
+    return {"kind": "append" if append else "create",
+            "inputs": [input_files.identity(path) for path in paths],
+            "selection": _selection_to_json(selection, combined.time_step_hours),
+            "times": [str(times[0]), str(times[-1]), int(times.size)],
+            **options, "statistics_period": list(period) if period else None}
+
+
+def _combine_in_batches(opened, selection: Selection, grid: tuple[int, int], batch_size: int | None,
+                        statistics_batch: int) -> tuple[Combined, int]:
+    """The combined inputs, read in time chunks that never straddle two write batches, and the
+    batch size (given, or about ``BATCH_BYTES`` and at least ``MIN_BATCHES`` batches)."""
+    time_chunk = max(1, READ_BYTES // (4 * grid[0] * grid[1] * max(1, len(selection.levels))))
+    if batch_size is not None:
+        time_chunk = math.gcd(time_chunk, batch_size)  # a read task never straddles two batches
+    combined = combine_inputs(opened, selection, time_chunk=time_chunk)
+    if batch_size is not None:
+        return combined, batch_size
+    batch_size = min(statistics_batch, math.ceil(combined.dataset.sizes["time"] / MIN_BATCHES))
+    if time_chunk > batch_size:  # chunk again (lazily, metadata only) so a read task serves one batch
+        time_chunk = batch_size
+        combined = combine_inputs(opened, selection, time_chunk=time_chunk)
+    return combined, batch_size // time_chunk * time_chunk
+
+
 def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Selection, *,
                tile_grid: tuple[int, int] = (1, 1), statistics_period: tuple[str, str] | None = None,
                member: int | None = None, on_nan: str = "fail", append: bool = False, overwrite: bool = False,
@@ -234,30 +257,13 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
     bytes_per_time = 4 * len(channels) * grid[0] * grid[1]
     statistics_batch = max(1, BATCH_BYTES // bytes_per_time)  # batches of the statistics never need to resume
-    time_chunk = max(1, READ_BYTES // (4 * grid[0] * grid[1] * max(1, len(selection.levels))))
-    if batch_size is not None:
-        time_chunk = math.gcd(time_chunk, batch_size)  # a read task never straddles two batches
-    combined = combine_inputs(opened, selection, time_chunk=time_chunk)
+    combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
     dataset = combined.dataset
     chunks = spatial_chunks(grid, tile_grid)
-    if batch_size is None:
-        batch_size = min(statistics_batch, math.ceil(dataset.sizes["time"] / MIN_BATCHES))
-        if time_chunk > batch_size:  # chunk again (lazily, metadata only) so a read task serves one batch
-            time_chunk = batch_size
-            combined = combine_inputs(opened, selection, time_chunk=time_chunk)
-            dataset = combined.dataset
-        batch_size = batch_size // time_chunk * time_chunk
 
-    times = dataset["time"].values
-    run = {
-        "kind": "append" if append else "create",
-        "inputs": [input_files.identity(path) for path in paths],
-        "selection": _selection_to_json(selection, combined.time_step_hours),
-        "times": [str(times[0]), str(times[-1]), int(times.size)],
-        "member": member, "on_nan": on_nan, "tile_grid": list(tile_grid), "batch_size": batch_size,
-        "statistics_period": list(statistics_period) if statistics_period else None,
-        "recompute_statistics": recompute_statistics,
-    }
+    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=on_nan, tile_grid=tile_grid,
+                        batch_size=batch_size, statistics_period=statistics_period,
+                        recompute_statistics=recompute_statistics)
     if existing is not None:
         _check_append(existing, dataset, channels, selection, combined.time_step_hours, tile_grid, output)
         _check_append_statistics(existing, statistics_period, recompute_statistics)

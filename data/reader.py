@@ -177,18 +177,7 @@ class TileReader:
         self.latitudes = latitudes[self._rows]  # stored rows of the tile only
         self.longitudes = longitudes[self._columns]
 
-        self.channel_indices = _check_indices(channels, len(self.attrs.channels), "channels",
-                                              f"channels of {self.store}")
-        self.static_indices = _check_indices(static_channels, len(self.attrs.static_channels), "static_channels",
-                                             f"static channels of {self.store}")
-        self.channel_names = [self.attrs.channels[i].name for i in self.channel_indices]
-        self.static_names = [self.attrs.static_channels[i] for i in self.static_indices]
-        self._mean = np.asarray([self.attrs.mean[i] for i in self.channel_indices], dtype=np.float32)
-        self._inv_std = np.asarray([1.0 / self.attrs.std[i] for i in self.channel_indices], dtype=np.float32)
-        # normalize_into's offset: -mean / std, rounded once
-        self._shift = np.asarray([-self.attrs.mean[i] / self.attrs.std[i] for i in self.channel_indices],
-                                 dtype=np.float32)
-
+        self._select_channels(channels, static_channels)
         self._reads = _plan_reads(group, self.attrs, self.channel_indices, self.store)
         self.alignment = _alignment(self._reads, self._rows, self._columns)
         if not self.alignment.aligned:
@@ -200,6 +189,20 @@ class TileReader:
                 f"chunks of the model grid's tile size for this domain decomposition.",
                 ChunkAlignmentWarning, stacklevel=2)
         self._static = self._read_static(group)
+
+    def _select_channels(self, channels: Sequence[int] | None, static_channels: Sequence[int] | None) -> None:
+        """The channels this reader reads, their names and normalisation constants."""
+        self.channel_indices = _check_indices(channels, len(self.attrs.channels), "channels",
+                                              f"channels of {self.store}")
+        self.static_indices = _check_indices(static_channels, len(self.attrs.static_channels), "static_channels",
+                                             f"static channels of {self.store}")
+        self.channel_names = [self.attrs.channels[i].name for i in self.channel_indices]
+        self.static_names = [self.attrs.static_channels[i] for i in self.static_indices]
+        self._mean = np.asarray([self.attrs.mean[i] for i in self.channel_indices], dtype=np.float32)
+        self._inv_std = np.asarray([1.0 / self.attrs.std[i] for i in self.channel_indices], dtype=np.float32)
+        # normalize_into's offset: -mean / std, rounded once
+        self._shift = np.asarray([-self.attrs.mean[i] / self.attrs.std[i] for i in self.channel_indices],
+                                 dtype=np.float32)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -252,11 +255,18 @@ class TileReader:
                                      f"shape {shape}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
             fields[:, :, self._stored_rows:] = 0
         self._read_fields(slice(time_index, last + 1), fields)
-        features = forcings.numpy()
-        features[:, self._stored_rows:] = 0
-        for k, time in enumerate(window):
-            features[k, :self._stored_rows] = time_features(time, self.longitudes, self._stored_rows)
+        self.time_features(window, out=forcings.numpy())
         return self.as_sample((fields, forcings), time_index)
+
+    def time_features(self, times: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The time features of this tile at ``times``: float32 ``(len(times), tile lat, tile lon, F)``
+        (into ``out`` when given); padded rows zero."""
+        if out is None:
+            out = np.empty((len(times), self.tile_shape[0], len(self.longitudes), N_TIME_FEATURES), np.float32)
+        out[:, self._stored_rows:] = 0
+        for k, time in enumerate(times):
+            out[k, :self._stored_rows] = time_features(time, self.longitudes, self._stored_rows)
+        return out
 
     def as_sample(self, out: tuple[torch.Tensor, torch.Tensor], time_index: int) -> Sample:
         """The :class:`Sample` of memory ``out`` = ``(fields, forcings)`` that :meth:`sample` filled

@@ -22,6 +22,9 @@ upper-air variables by variable and ascending level.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,3 +140,11 @@ class StoreAttrs:
     @property
     def channel_names(self) -> list[str]:
         return [c.name for c in self.channels]
+
+    def fingerprint(self) -> str:
+        """Hash of what a model trained on the store depends on: channels, static fields,
+        statistics, time step (checkpoints record it; resuming on another store is refused)."""
+        content = json.dumps({"channels": [c.to_json() for c in self.channels], "static": list(self.static_channels),
+                              "mean": self.mean, "std": self.std, "static_mean": self.static_mean,
+                              "static_std": self.static_std, "step": self.time_step_hours}, sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()[:16]

@@ -36,14 +36,15 @@ Dynamics (every field at step ``i`` depends only on the seed, the date and ``i``
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import netCDF4
 import numpy as np
 import pandas as pd
 
-from data.schema import STATIC, SURFACE, UPPER_AIR
+from data.schema import STATIC, SURFACE, UPPER_AIR, StoreAttrs, field_encoding, model_channel_order
+from parallel.tiling import store_tile_chunks  # geometry only
 
 EARTH_RADIUS = 6.371e6  # m
 EARTH_ROTATION = 7.292e-5  # rad s**-1
@@ -257,6 +258,77 @@ def generate(output_dir: str | Path, *, grid: tuple[int, int] = (33, 64), levels
             report(path)
         written += paths
     return written
+
+
+def write_fields_store(path: str | Path, dataset, static: Sequence[str], *, spatial_chunks: tuple[int, int],
+                       tile_grid: tuple[int, int], compressed: bool = True, complete: bool = True,
+                       time_step_hours: int = 6) -> Path:
+    """Write ``dataset`` (surface ``(time, latitude, longitude)``, upper-air ``(time, level, ...)``
+    and ``static`` ``(latitude, longitude)`` fields with WeatherBench2-style coordinates) as a store
+    of the contract in :mod:`data.schema`: per-channel statistics over all times, root attributes,
+    chunks ``time=1, level=1`` and ``spatial_chunks``. For tests and benchmarks; real files go
+    through :mod:`data.preprocess`."""
+    surface = [n for n, v in dataset.data_vars.items() if v.dims == ("time", "latitude", "longitude")]
+    upper_air = [n for n, v in dataset.data_vars.items() if "level" in v.dims]
+    levels = [int(level) for level in dataset["level"].values] if upper_air else []
+    channels = model_channel_order(surface, upper_air, levels)
+    mean, std = [], []
+    for channel in channels:
+        values = dataset[channel.variable]
+        if channel.level is not None:
+            values = values.sel(level=channel.level)
+        mean.append(float(values.mean()))
+        std.append(float(values.std()))
+    times = dataset["time"].values
+    dataset.attrs = StoreAttrs(
+        channels=channels, static_channels=list(static), time_step_hours=time_step_hours, tile_grid=tuple(tile_grid),
+        mean=mean, std=std, tendency_std=[1.0] * len(channels),
+        static_mean=[float(dataset[name].mean()) for name in static],
+        static_std=[float(dataset[name].std()) for name in static],
+        statistics_period=(str(times[0])[:10], str(times[-1])[:10]), complete=complete).to_json()
+    encoding = {name: field_encoding(variable.dims, spatial_chunks, compressed)
+                for name, variable in dataset.data_vars.items()}
+    dataset.to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding, mode="w")
+    return Path(path)
+
+
+def write_synthetic_store(path: str | Path, grid: tuple[int, int], levels: Sequence[int], n_times: int, *,
+                          tile_grid: tuple[int, int] = (1, 1), compressed: bool = True) -> Path:
+    """A store of :class:`SyntheticEarth` fields every 6 h from 2020-01-01, written directly
+    (:func:`write_fields_store`, no netCDF files in between): for benchmarks at 0.25 deg."""
+    import xarray as xr
+
+    n_lat, n_lon = grid
+    levels = sorted(levels)
+    times = pd.date_range("2020-01-01", periods=n_times, freq="6h")
+    earth = SyntheticEarth(n_lat, n_lon, seed=0)
+    noise = {(name, level): earth.noise_coefficients(name, level, n_times, 6)
+             for name in (*UPPER_AIR, *SURFACE) for level in (levels if name in UPPER_AIR else [0])}
+    upper = {name: np.empty((n_times, len(levels), n_lat, n_lon), np.float32) for name in UPPER_AIR}
+    surface = {name: np.empty((n_times, n_lat, n_lon), np.float32) for name in SURFACE}
+    for i, time in enumerate(times):
+        for j, level in enumerate(levels):
+            for name, values in earth.upper_air(time, level, {n: noise[n, level][i] for n in UPPER_AIR}).items():
+                upper[name][i, j] = values
+        for name, values in earth.surface(time, {n: noise[n, 0][i] for n in SURFACE}).items():
+            surface[name][i] = values
+    flip = slice(None, None, -1)  # synthetic latitudes run 90 -> -90; the store ascends
+    data_vars = {name: (("time", "level", "latitude", "longitude"), values[:, :, flip],
+                        {"long_name": UPPER_AIR[name][0], "units": UPPER_AIR[name][1]})
+                 for name, values in upper.items()}
+    data_vars.update({name: (("time", "latitude", "longitude"), values[:, flip],
+                             {"long_name": SURFACE[name][0], "units": SURFACE[name][1]})
+                      for name, values in surface.items()})
+    static = {"lsm": earth.lsm, "orography": earth.orography}
+    data_vars.update({name: (("latitude", "longitude"), values[flip],
+                             {"long_name": STATIC[name][0], "units": STATIC[name][1]})
+                      for name, values in static.items()})
+    dataset = xr.Dataset(data_vars, coords={
+        "time": times.values, "level": np.asarray(levels, dtype=np.int64),
+        "latitude": ("latitude", earth.latitude[flip].copy(), {"units": "degrees_north"}),
+        "longitude": ("longitude", earth.longitude, {"units": "degrees_east"})})
+    return write_fields_store(path, dataset, list(static), spatial_chunks=store_tile_chunks(grid, tile_grid),
+                              tile_grid=tile_grid, compressed=compressed)
 
 
 def _grid(text: str) -> tuple[int, int]:

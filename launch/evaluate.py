@@ -23,10 +23,10 @@ import xarray as xr  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.schema import HEADLINE_CHANNELS, StoreError  # noqa: E402
-from launch.checkpoint import atomic_write_text  # noqa: E402
-from launch.forecasting import ForecastError, open_forecast  # noqa: E402
-from launch.plots import plot_map, plot_rmse  # noqa: E402
-from launch.scoring import ScoredChannel, ScoringError, parse_period, score_forecast, score_table  # noqa: E402
+from launch.runtime.atomic import atomic_write_text  # noqa: E402
+from data.forecast_store import ForecastError, open_forecast  # noqa: E402
+from launch.inference.plots import plot_map, plot_rmse  # noqa: E402
+from launch.inference.scoring import ScoredChannel, ScoringError, parse_period, score_forecast, score_table  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,13 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from data.schema import StoreError  # noqa: E402
-from launch.checkpoint import CheckpointError  # noqa: E402
-from launch.engine import release_shared_memory  # noqa: E402
-from launch.forecasting import ForecastError, run_forecast  # noqa: E402
-from parallel.mesh import MeshError  # noqa: E402
+from launch.training.checkpoint_format import CheckpointError  # noqa: E402
+from launch.runtime.distributed import DeviceError, init_distributed, shutdown_distributed  # noqa: E402
+from launch.inference.forecaster import ForecastError, run_forecast  # noqa: E402
+from parallel.mesh import MeshConfig, MeshError  # noqa: E402
 from parallel.sharding import ShardingError  # noqa: E402
 from weathermixer.config import ConfigError  # noqa: E402
 
@@ -60,34 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def init_distributed(device: str, local_rank: int | None) -> torch.device:
-    """Start torch.distributed from the launcher's environment; the device of this process."""
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ForecastError("--device cuda: no CUDA device is available; use --device cpu")
-        torch.cuda.set_device(local_rank)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        device = init_distributed(args.device, args.local_rank)
-        output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, domain=args.domain,
-                              tensor=args.tensor, device=device, dtype=DTYPES[args.dtype],
+        device = init_distributed(args.device, deepspeed=False)
+        mesh = MeshConfig(domain=args.domain, tensor=args.tensor)
+        output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, mesh=mesh, device=device, dtype=DTYPES[args.dtype],
                               batch_size=args.batch_size, overwrite=args.overwrite, compile=args.compile)
-    except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError) as error:
+    except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError, DeviceError) as error:
         print(f"forecast: error: {error}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        release_shared_memory()
-    if not dist.is_initialized() and int(os.environ.get("RANK", 0)) == 0:
+        shutdown_distributed()
+    if int(os.environ.get("RANK", 0)) == 0:
         print(f"forecast written to {output}")
     return 0
 

@@ -12,76 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Literal
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:  # runnable as a script from a checkout, without installation
     sys.path.insert(0, str(REPOSITORY))
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator  # noqa: E402
 
-from data.combine import Selection  # noqa: E402
 from data.normalize import InputError  # noqa: E402
 from data.preprocess import NAN_POLICIES, PreprocessError, preprocess  # noqa: E402
-from data.schema import STATIC, SURFACE, UPPER_AIR, StoreError  # noqa: E402
-
-
-class DataConfig(BaseModel):
-    """``configs/data/*.yaml``: what the store holds and how it is written."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    surface: list[str] = list(SURFACE)
-    upper_air: list[str] = list(UPPER_AIR)
-    static: list[str] = ["lsm", "orography"]
-    levels: list[int] = []
-    start: str | None = None  # first time (ISO date or date-time), default the inputs' first
-    end: str | None = None  # last time, inclusive; a bare date means its last time step
-    time_step_hours: int | None = None  # default the inputs' step; a multiple of it subsamples
-    statistics_period: tuple[str, str] | None = None  # first and last day, inclusive
-    tile_grid: tuple[int, int] = (1, 1)
-    member: int | None = None
-    on_nan: Literal["fail", "fill"] = "fail"
-    batch_size: int | None = None
-
-    @field_validator("surface", "upper_air", "static")
-    @classmethod
-    def _known_names(cls, names: list[str], info) -> list[str]:
-        known = {"surface": SURFACE, "upper_air": UPPER_AIR, "static": STATIC}[info.field_name]
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise ValueError(f"unknown {info.field_name} variables {unknown}; expected names from {list(known)}")
-        return names
-
-    def selection(self) -> Selection:
-        if self.upper_air and not self.levels:
-            raise ValueError(f"upper-air variables {self.upper_air} need pressure levels: set 'levels' or --levels")
-        end = self.end
-        if end is not None and len(end) <= 10:  # a date: include all of its time steps
-            end = str(np.datetime64(end, "D") + np.timedelta64(1, "D") - np.timedelta64(1, "ns"))
-        return Selection(surface=self.surface, upper_air=self.upper_air, static=self.static, levels=self.levels,
-                         start=None if self.start is None else np.datetime64(self.start, "ns"),
-                         end=None if end is None else np.datetime64(end, "ns"),
-                         time_step_hours=self.time_step_hours)
-
-
-def load_config(path: Path | None, overrides: dict) -> DataConfig:
-    values = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise SystemExit(f"error: --config {path}: {error}") from None
-        if not isinstance(values, dict):
-            raise SystemExit(f"error: --config {path}: expected a mapping of keys to values, got {type(values).__name__}")
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    try:
-        return DataConfig(**values)
-    except ValidationError as error:
-        problems = "; ".join(f"key {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise SystemExit(f"error: {'--config ' + str(path) if path else 'options'}: {problems}") from None
+from data.preprocess_config import DataConfigError, load_data_config  # noqa: E402
+from data.schema import StoreError  # noqa: E402
 
 
 def _names(text: str) -> list[str]:
@@ -146,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {key: getattr(args, key) for key in ("surface", "upper_air", "static", "levels", "start", "end",
                                                       "time_step_hours", "member", "statistics_period",
                                                       "tile_grid", "on_nan", "batch_size")}
-    config = load_config(args.config, overrides)
+    try:
+        config = load_data_config(args.config, overrides)
+    except DataConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     try:
         summary = preprocess(args.inputs, args.output, config.selection(), tile_grid=config.tile_grid,
                              statistics_period=config.statistics_period, member=config.member,

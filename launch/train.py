@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from launch.profiling import parse_step_window  # noqa: E402
-from launch.run_config import RunConfigError, load_run_config  # noqa: E402
+from launch.training.config import RunConfigError, load_run_config  # noqa: E402
+from launch.training.profiling import parse_step_window  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,25 +42,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch.distributed as dist
 
-    from launch.engine import release_shared_memory
-    from launch.trainer import Trainer, init_distributed
+    from launch.runtime.distributed import init_distributed, shutdown_distributed
+    from launch.training.loop import Trainer
     from parallel.mesh import MeshError
 
     device = init_distributed(run.training.device)
     try:
         try:
-            run.mesh.build().resolve(dist.get_world_size())
+            run.mesh.resolve(dist.get_world_size())
         except MeshError as error:
             raise SystemExit(f"launch/train.py: {error}") from None
         trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet)
-        result = trainer.train(stop_after=args.stop_after, profile=profile)
-        dist.barrier()
-        return result
+        return trainer.train(stop_after=args.stop_after, profile=profile)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        release_shared_memory()
-
+        shutdown_distributed()
 
 if __name__ == "__main__":
     main()

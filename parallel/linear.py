@@ -38,6 +38,17 @@ def split_over(indices: torch.Tensor, parts: int, part: int) -> tuple[torch.Tens
     return indices[start:stop], balanced_sizes(len(indices), parts)
 
 
+@torch.no_grad()
+def init_uniform_shard(param: nn.Parameter, seed: int, name: str, fan_in: int) -> None:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as ``nn.Linear`` does, keyed by the parameter's
+    global ``name``; every element's value depends on its global position only, so all meshes
+    start from the serial model."""
+    bound = 1 / math.sqrt(fan_in)
+    spec = param.shard
+    values = uniform_at(seed, "init", name, index=spec.index, global_shape=spec.global_shape, device=param.device)
+    param.copy_(values * 2 * bound - bound)
+
+
 class ShardedModule(nn.Module):
     """Base for layers whose parameters are sharded: creates and initialises them per shard."""
 
@@ -46,21 +57,33 @@ class ShardedModule(nn.Module):
         self.mesh = mesh
 
     def _parameter(self, spec: ShardSpec) -> nn.Parameter:
-        return sharded_parameter(spec, model_parallel=self.mesh.config.model_size > 1)
+        return sharded_parameter(spec)
 
     @torch.no_grad()
     def init_uniform(self, seed: int, prefix: str, fan_in: int) -> None:
-        """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as ``nn.Linear`` does; every element's value
-        depends on its global position only, so all meshes start from the serial model."""
-        bound = 1 / math.sqrt(fan_in)
         for name, param in self.named_parameters(recurse=False):
-            spec = param.shard
-            values = uniform_at(seed, "init", f"{prefix}.{name}", index=spec.index, global_shape=spec.global_shape,
-                                device=param.device)
-            param.copy_(values * 2 * bound - bound)
+            init_uniform_shard(param, seed, f"{prefix}.{name}", fan_in)
 
 
-class ChannelLinear(ShardedModule):
+class ShardedLinear(ShardedModule):
+    """Base of the linear layers: a weight and an optional bias, each one block per rank.
+
+    The layers' forwards take the blocks from :meth:`local_weights`, so a layer whose blocks
+    are computed (a variational layer samples them from a mean and a scale sharded alike)
+    overrides where the blocks come from and reuses the collectives unchanged.
+    """
+
+    def _create_weights(self, weight: ShardSpec, bias: ShardSpec | None) -> None:
+        """Create the parameters of this rank's weight and bias blocks."""
+        self.weight = self._parameter(weight)
+        self.bias = None if bias is None else self._parameter(bias)
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's weight and bias blocks for the next forward."""
+        return self.weight, self.bias
+
+
+class ChannelLinear(ShardedLinear):
     """Linear map of the last (channel) dimension; input and output channels split over tensor.
 
     The activation moves over tensor either as the input (all-gather, then this slice's
@@ -82,21 +105,22 @@ class ChannelLinear(ShardedModule):
         else:  # weight rows: this slice's outputs; columns: every input
             rows, self.row_sizes = split_over(outputs.indices[t], domains, d)
             columns = inputs.gathered_order
-        self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (rows, columns)))
         bias_rows, self.bias_sizes = split_over(outputs.indices[t], domains, d)
-        self.bias = self._parameter(ShardSpec((outputs.size,), (bias_rows,))) if bias else None
+        self._create_weights(ShardSpec((outputs.size, inputs.size), (rows, columns)),
+                             ShardSpec((outputs.size,), (bias_rows,)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.domain_group).to(x.dtype)
+        weight, bias = self.local_weights()
+        weight = gather_from_group(weight, 0, self.row_sizes, self.mesh.domain_group).to(x.dtype)
         if self.reduce_outputs:
             y = reduce_scatter_to_group(F.linear(x, weight), -1, self.outputs.sizes, self.mesh.tensor_group)
         else:
             y = F.linear(gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group), weight)
-        if self.bias is None:
+        if bias is None:
             return y
         # in the product's dtype (bf16 under autocast, as nn.Linear's bias): an fp32 bias would
         # promote every activation after it to fp32 and double the element-wise traffic
-        return y + gather_from_group(self.bias, 0, self.bias_sizes, self.mesh.domain_group).to(y.dtype)
+        return y + gather_from_group(bias, 0, self.bias_sizes, self.mesh.domain_group).to(y.dtype)
 
     def reset_parameters(self, seed: int, prefix: str) -> None:
         self.init_uniform(seed, prefix, self.inputs.size)
@@ -130,7 +154,7 @@ def token_mixing_moves_weight(batch: int, inputs: Partition, outputs: Partition,
     return weight < activations
 
 
-class TokenLinear(ShardedModule):
+class TokenLinear(ShardedLinear):
     """Linear map of the token dimension (dim 0); input and output tokens split over domain.
 
     Rank (i, j) holds the weight columns of tile i's input tokens and, of every output tile,
@@ -160,8 +184,8 @@ class TokenLinear(ShardedModule):
         position = torch.empty(outputs.size, dtype=torch.long)
         position[gathered] = torch.arange(outputs.size)
         self.register_buffer("tile_order", position[outputs.gathered_order], persistent=False)  # moves with .to()
-        self.weight = self._parameter(ShardSpec((outputs.size, inputs.size), (torch.cat(pieces), inputs.indices[d])))
-        self.bias = self._parameter(ShardSpec((outputs.size,), (pieces[d],))) if bias else None
+        self._create_weights(ShardSpec((outputs.size, inputs.size), (torch.cat(pieces), inputs.indices[d])),
+                             ShardSpec((outputs.size,), (pieces[d],)) if bias else None)
         self.schedule: str | None = None  # None: the cheaper; "weight" or "activations" to force one (tests)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,23 +196,27 @@ class TokenLinear(ShardedModule):
         config = self.mesh.config
         moves_weight = self.schedule == "weight" or (self.schedule is None and token_mixing_moves_weight(
             x.shape[0], self.inputs, self.outputs, channels, config.domain_size, config.tensor))
-        return self._move_weight(x) if moves_weight else self._move_activations(x, channels)
+        weight, bias = self.local_weights()
+        if moves_weight:
+            return self._move_weight(x, weight, bias)
+        return self._move_activations(x, weight, bias, channels)
 
-    def _move_activations(self, x: torch.Tensor, channels: list[int]) -> torch.Tensor:
+    def _move_activations(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          channels: list[int]) -> torch.Tensor:
         x = gather_from_group(x, -1, channels, self.mesh.tensor_group)  # this tile's tokens, every channel
-        partial = mix_tokens(self.weight.to(x.dtype), x)  # (piece t of every output tile, batch, channels)
+        partial = mix_tokens(weight.to(x.dtype), x)  # (piece t of every output tile, batch, channels)
         y = reduce_scatter_to_group(partial, 0, self.piece_sizes, self.mesh.domain_group)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)[:, None, None]
+        if bias is not None:
+            y = y + bias.to(y.dtype)[:, None, None]
         # piece t of this tile's tokens, every channel -> every token of this tile, channel slice t
         return all_to_all(y, -1, channels, 0, self.tile_piece_sizes, self.mesh.tensor_group)
 
-    def _move_weight(self, x: torch.Tensor) -> torch.Tensor:
-        weight = gather_from_group(self.weight, 0, self.row_sizes, self.mesh.tensor_group)
+    def _move_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = gather_from_group(weight, 0, self.row_sizes, self.mesh.tensor_group)
         weight = weight.index_select(0, self.tile_order).to(x.dtype)  # rows of every output tile, in tile order
         y = reduce_scatter_to_group(mix_tokens(weight, x), 0, self.outputs.sizes, self.mesh.domain_group)
-        if self.bias is not None:
-            bias = gather_from_group(self.bias, 0, self.tile_piece_sizes, self.mesh.tensor_group)
+        if bias is not None:
+            bias = gather_from_group(bias, 0, self.tile_piece_sizes, self.mesh.tensor_group)
             y = y + bias.to(y.dtype)[:, None, None]
         return y
 

@@ -57,6 +57,10 @@ class MeshConfig:
     def model_size(self) -> int:
         return self.domain_size * self.tensor
 
+    def to_json(self) -> dict:
+        return {"data": self.data, "sample": self.sample, "domain": list(self.domain), "tensor": self.tensor,
+                "model_size": self.model_size}
+
     def resolve(self, world_size: int) -> "MeshConfig":
         """This mesh with ``data`` filled in, checked against ``world_size``."""
         per_data = self.sample * self.model_size
@@ -157,56 +161,3 @@ def _subgroup(rank_lists: list[list[int]]):
         if dist.get_rank() in ranks:
             mine = group
     return mine
-
-
-class DeepSpeedMPU:
-    """The ``mpu`` object ``deepspeed.initialize`` takes: model = domain x tensor, data = replica.
-
-    DeepSpeed all-reduces gradient norms over the model-parallel group and counts a
-    parameter on every model-parallel rank when ``param.tensor_model_parallel`` is set; our
-    parameters are all sharded over the whole model group, so every one carries the flag.
-    DeepSpeed's "tensor" model parallelism is therefore our whole model group, and there is
-    no pipeline axis.
-    """
-
-    def __init__(self, mesh: ProcessMesh):
-        if "model" not in mesh.groups:
-            raise MeshError("DeepSpeedMPU needs a mesh built over torch.distributed (ProcessMesh.build); "
-                            "the serial mesh has no process groups: pass mpu=None to deepspeed.initialize")
-        self.mesh = mesh
-
-    def get_model_parallel_group(self):
-        return self.mesh.groups["model"]
-
-    def get_model_parallel_rank(self) -> int:
-        return self.mesh.model_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.mesh.config.model_size
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        """Global rank of model rank 0 in this rank's model group."""
-        return dist.get_global_rank(self.mesh.groups["model"], 0)
-
-    def get_data_parallel_group(self):
-        return self.mesh.groups["replica"]
-
-    def get_data_parallel_rank(self) -> int:
-        return self.mesh.replica_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.mesh.replicas
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.mesh.groups["replica"])
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
-
-    # DeepSpeed also asks for these names in some code paths
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size

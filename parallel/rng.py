@@ -7,18 +7,20 @@ sample ranks and shards, and the same on every rerun, with no state to carry bet
 
 Dropout draws from torch's default generators, seeded per rank by :func:`seed_dropout`
 from ``(seed, "dropout", data rank, sample rank, model rank)``: a layer that takes no
-generator argument compiles into the surrounding graph (``weathermixer.compile`` keeps aten's
+generator argument compiles into the surrounding graph (``launch.runtime.compile`` keeps aten's
 random kernels there, so compiled and eager runs draw the same masks), and
 ``torch.utils.checkpoint`` replays it by restoring those generators. Nothing else in a training step draws from them; checkpoints save their state.
 
 Initial weights use :func:`uniform_at`: a value per global element, keyed by
 ``("init", parameter_name)``, a pure function of the key and the position, so every mesh
-starts from the serial model.
+starts from the serial model. :func:`normal_at` gives standard normal values the same way, for
+the Bayesian layers' weight noise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -69,7 +71,35 @@ def uniform_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: 
     every mesh, so training from scratch on any layout starts from the same model, and no
     rank ever draws (or holds) more than its own shard.
     """
-    key = stream_seed(seed, *keys)
+    return _uniform(stream_seed(seed, *keys), _flat_index(index, global_shape, device))
+
+
+def normal_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
+              device: str | torch.device = "cpu") -> torch.Tensor:
+    """Standard normal float64 values of the elements ``index`` of a tensor of ``global_shape``,
+    each a function of ``(seed, keys, global position)`` alone, like :func:`uniform_at`.
+
+    Why: a Bayesian layer's weight noise must not depend on the mesh. Drawn from a generator
+    per rank, a shard's noise would differ from the serial model's and change with the layout;
+    addressed by element, each rank draws exactly its block of the serial noise, so a Bayesian
+    model on any mesh equals the serial one for the same draw (and no rank draws more).
+
+    Box-Muller on two independent uniforms per element (one key each): ``sqrt(-2 ln u1)
+    cos(2 pi u2)``. The uniforms have 32 bits and never reach 0, so ``|value| <= 6.8``: the
+    tail beyond is lost (probability 1e-11 per element).
+    """
+    flat = _flat_index(index, global_shape, device)
+    radius = torch.sqrt(-2 * torch.log(_uniform(stream_seed(seed, *keys, "normal-radius"), flat)))
+    angle = (2 * math.pi) * _uniform(stream_seed(seed, *keys, "normal-angle"), flat)
+    return radius * torch.cos(angle)
+
+
+def _flat_index(index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
+                device: str | torch.device) -> torch.Tensor:
+    """Row-major position in ``global_shape`` of every element of the block ``index`` selects."""
+    if len(index) != len(global_shape):
+        raise ValueError(f"index has {len(index)} dimensions, global_shape {tuple(global_shape)} has "
+                         f"{len(global_shape)}; expected one index tensor per dimension")
     flat = torch.zeros((), dtype=torch.int64, device=device)
     stride = 1
     for dim in reversed(range(len(global_shape))):
@@ -77,6 +107,11 @@ def uniform_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: 
         shape[dim] = -1
         flat = flat + index[dim].to(device=device, dtype=torch.int64).reshape(shape) * stride
         stride *= global_shape[dim]
+    return flat
+
+
+def _uniform(key: int, flat: torch.Tensor) -> torch.Tensor:
+    """``U(0, 1)`` float64 of a 64-bit key and int64 positions: both 32-bit halves of each are hashed in."""
     high = _hash32(_hash32(flat >> 32) ^ (key >> 32))
     bits = _hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high)
     return (bits.to(torch.float64) + 0.5) / 2**32

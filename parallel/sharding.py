@@ -48,13 +48,10 @@ class ShardSpec:
         return cls(tuple(item["global_shape"]), tuple(torch.tensor(i, dtype=torch.long) for i in item["index"]))
 
 
-def sharded_parameter(spec: ShardSpec, model_parallel: bool, dtype=None, device=None) -> nn.Parameter:
-    """An empty parameter with its sharding metadata and DeepSpeed's model-parallel flag."""
+def sharded_parameter(spec: ShardSpec, dtype=None, device=None) -> nn.Parameter:
+    """An empty parameter carrying its sharding metadata (``param.shard``)."""
     param = nn.Parameter(torch.empty(spec.local_shape, dtype=dtype, device=device))
     param.shard = spec
-    # DeepSpeed counts flagged parameters on every model-parallel rank in the gradient norm;
-    # each element lives on exactly one rank of the model group, so every one is flagged.
-    param.tensor_model_parallel = model_parallel
     return param
 
 
@@ -82,31 +79,6 @@ def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor]) -> No
             raise ShardingError(f"parameter {name}: state has shape {tuple(full.shape)}, the model expects "
                                 f"{spec.global_shape}; was it saved from another model configuration?")
         params[name].copy_(spec.take(full))
-
-
-@torch.no_grad()
-def gather_full_state(model: nn.Module, group=None, dst: int = 0) -> dict[str, torch.Tensor] | None:
-    """Assemble the full state on rank ``dst`` of the model group (None elsewhere).
-
-    Parameters are sent one at a time, so the peak extra memory is one full parameter on
-    ``dst``: use it for small models and tests; large checkpoints are written per rank with
-    their :class:`ShardSpec` and assembled offline by :func:`assemble_full_state`.
-    """
-    full_state = {}
-    size = 1 if group is None else dist.get_world_size(group)
-    rank = 0 if group is None else dist.get_rank(group)
-    for name, param in model.named_parameters():
-        spec: ShardSpec = param.shard
-        if size == 1:
-            full_state[name] = _assemble(spec.global_shape, [(spec, param.detach())], param.dtype)
-            continue
-        shards = [None] * size
-        dist.gather_object((spec.to_json(), param.detach().cpu()), shards if rank == dst else None,
-                           dst=dist.get_global_rank(group, dst), group=group)
-        if rank == dst:
-            full_state[name] = _assemble(spec.global_shape, [(ShardSpec.from_json(s), t) for s, t in shards],
-                                         param.dtype)
-    return full_state if rank == dst else None
 
 
 def assemble_full_state(rank_states: list[dict[str, tuple[dict, torch.Tensor]]]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ uneven splits: there are no per-mesh-shape special cases anywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -121,3 +122,27 @@ class DomainTiling:
             (r0, r1), (c0, c1) = self.tile_token_bounds(tile)
             parts.append((torch.arange(r0, r1)[:, None] * self.token_cols + torch.arange(c0, c1)[None, :]).reshape(-1))
         return Partition(self.token_rows * self.token_cols, tuple(parts))
+
+
+# ---------------------------------------------------------------------------- store chunks
+def store_tile_chunks(grid: tuple[int, int], tile_grid: tuple[int, int]) -> tuple[int, int]:
+    """Spatial chunks of a data store for a domain tile grid: one chunk per tile, ``n // tiles``
+    latitude rows and ``ceil(n / tiles)`` longitude points.
+
+    Latitude rounds down because models crop the rows that do not divide (721 rows -> 720, tiles
+    of 360 / 180 / 90 rows); the leftover rows form a last, short chunk that no tile reads.
+    Rounding up (361) would make every tile after the first straddle two chunks. Longitude is
+    never cropped.
+    """
+    for axis, n, tiles in zip(("latitude", "longitude"), grid, tile_grid):
+        if not 1 <= tiles <= n:
+            raise ValueError(f"tile grid {tile_grid[0]}x{tile_grid[1]}: {tiles} tiles along {axis}, expected "
+                             f"1..{n} (the grid has {n} {axis} points)")
+    return grid[0] // tile_grid[0], -(-grid[1] // tile_grid[1])
+
+
+def chunk_length(bounds: list[tuple[int, int]], size: int) -> int:
+    """The largest chunk length that puts every tile boundary (clipped to ``size``) on a chunk
+    edge, so that ranks writing their tiles never share a chunk."""
+    edges = {min(edge, size) for pair in bounds for edge in pair} - {0}
+    return math.gcd(*edges) if edges else size

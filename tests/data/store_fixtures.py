@@ -17,7 +17,8 @@ import pandas as pd
 import xarray as xr
 import zarr.storage
 
-from data.schema import STATIC, SURFACE, UPPER_AIR, StoreAttrs, field_encoding, model_channel_order
+from data.schema import STATIC, SURFACE, UPPER_AIR
+from data.synthetic import write_fields_store
 
 
 def write_store(path: Path, *, n_times: int = 4, n_lat: int = 8, n_lon: int = 12,
@@ -62,25 +63,8 @@ def write_store(path: Path, *, n_times: int = 4, n_lat: int = 8, n_lon: int = 12
         "latitude": ("latitude", latitudes, {"units": "degrees_north"}),
         "longitude": ("longitude", longitudes, {"units": "degrees_east"})})
 
-    channels = model_channel_order(list(surface), list(upper_air), list(levels))
-    mean, std = [], []
-    for channel in channels:
-        values = dataset[channel.variable]
-        if channel.level is not None:
-            values = values.sel(level=channel.level)
-        mean.append(float(values.mean()))
-        std.append(float(values.std()))
-    dataset.attrs = StoreAttrs(
-        channels=channels, static_channels=list(static), time_step_hours=time_step_hours, tile_grid=tuple(tile_grid),
-        mean=mean, std=std, tendency_std=[1.0] * len(channels),
-        static_mean=[float(dataset[name].mean()) for name in static],
-        static_std=[float(dataset[name].std()) for name in static],
-        statistics_period=(str(times[0])[:10], str(times[-1])[:10]), complete=complete).to_json()
-
-    encoding = {name: field_encoding(variable.dims, spatial_chunks, compressed)
-                for name, variable in dataset.data_vars.items()}
-    dataset.to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding, mode="w")
-    return Path(path)
+    return write_fields_store(path, dataset, list(static), spatial_chunks=spatial_chunks, tile_grid=tile_grid,
+                              compressed=compressed, complete=complete, time_step_hours=time_step_hours)
 
 
 def chunk_keys(variable: str, rows: tuple[int, int], columns: tuple[int, int], spatial_chunks: tuple[int, int],

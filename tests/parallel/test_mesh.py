@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.layers import LayerFactory
-from parallel.mesh import DeepSpeedMPU, MeshConfig, MeshError, ProcessMesh
+from parallel.mesh import MeshConfig, MeshError, ProcessMesh
 from parallel.tiling import DomainTiling
 from tests.distributed import spawn
 
@@ -58,8 +58,6 @@ def test_unstarted_distributed_is_refused():
     assert ProcessMesh.build(MeshConfig()).config.model_size == 1  # serial: no processes needed
     with pytest.raises(MeshError, match="not initialised"):
         ProcessMesh.build(MeshConfig(tensor=2))
-    with pytest.raises(MeshError, match="serial mesh has no process groups"):
-        DeepSpeedMPU(ProcessMesh.serial())
 
 
 @pytest.mark.parametrize("rows,cols,tiles", [(9, 5, (2, 1)), (9, 5, (1, 2)), (9, 5, (4, 2)), (7, 3, (3, 3)),
@@ -90,21 +88,10 @@ def describe_meshes(rank, world_size):
     out = []
     for config in MESHES:
         mesh = ProcessMesh.build(config)
-        mpu = DeepSpeedMPU(mesh)
         out.append(dict(
             coords=(mesh.data_rank, mesh.sample_rank, mesh.domain_rank, mesh.tensor_rank),
             groups={name: dist.get_process_group_ranks(group) for name, group in mesh.groups.items()},
-            model_rank=mesh.model_rank, replica_rank=mesh.replica_rank,
-            mpu=dict(model_group=dist.get_process_group_ranks(mpu.get_model_parallel_group()),
-                     model_rank=mpu.get_model_parallel_rank(), model_size=mpu.get_model_parallel_world_size(),
-                     data_group=dist.get_process_group_ranks(mpu.get_data_parallel_group()),
-                     data_ranks=mpu.get_data_parallel_group_ranks(),
-                     data_rank=mpu.get_data_parallel_rank(), data_size=mpu.get_data_parallel_world_size(),
-                     tensor_rank=mpu.get_tensor_model_parallel_rank(),
-                     tensor_size=mpu.get_tensor_model_parallel_world_size(),
-                     src_rank=mpu.get_tensor_model_parallel_src_rank(),
-                     pipeline=(mpu.get_pipeline_model_parallel_world_size(),
-                               mpu.get_pipeline_model_parallel_rank()))))
+            model_rank=mesh.model_rank, replica_rank=mesh.replica_rank))
     try:
         ProcessMesh.build(MeshConfig(data=3, tensor=2))
         error = None
@@ -131,13 +118,6 @@ def test_groups_on_four_ranks():
                 assert got["groups"][name] == ranks.tolist(), f"{config}: {name} group of rank {rank}"
             model_rank, replica_rank = i * config.tensor + j, d * config.sample + s
             assert (got["model_rank"], got["replica_rank"]) == (model_rank, replica_rank)
-            mpu = got["mpu"]
-            assert mpu["model_group"] == expected["model"].tolist()
-            assert mpu["data_group"] == mpu["data_ranks"] == expected["replica"].tolist()
-            assert (mpu["model_rank"], mpu["model_size"]) == (model_rank, config.model_size)
-            assert (mpu["tensor_rank"], mpu["tensor_size"]) == (model_rank, config.model_size)
-            assert (mpu["data_rank"], mpu["data_size"]) == (replica_rank, config.data * config.sample)
-            assert mpu["src_rank"] == int(expected["model"][0]) and mpu["pipeline"] == (1, 0)
     # the brief's example, spelled out: data=2 x tensor=2 -> model groups {0,1},{2,3}; replica {0,2},{1,3}
     first = [meshes[0] for meshes, _ in results]
     assert [m["groups"]["model"] for m in first] == [[0, 1], [0, 1], [2, 3], [2, 3]]

@@ -4,7 +4,7 @@ A batch copied on the compute stream waits for the step before it and the next s
 for the copy: at 0.25 deg one whole-grid sample is ~0.6 GB of float32 fields, ~20 ms of a
 ~80 ms ``jigsaw-1b`` step on one H100 (``benchmarks/GPU.md``). :class:`DeviceBatches` takes
 the next micro-batch's samples from the prefetcher and enqueues their host-to-device copies
-(and the normalisation, ``launch.tiles.RankInputs.batch``) on a side stream *before* the
+(and the normalisation, ``launch.runtime.rank_inputs.RankInputs.batch``) on a side stream *before* the
 current micro-batch's step is launched, so the transfer runs while the device computes; the
 compute stream waits only for that batch's own copies.
 """
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from data.prefetch import ReadAhead
-from launch.tiles import RankInputs
+from launch.runtime.rank_inputs import RankInputs
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # state, static, forcings, targets
 

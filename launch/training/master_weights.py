@@ -1,6 +1,6 @@
 """Adam / AdamW for bf16 parameters with float32 master weights: one pass per parameter.
 
-Mixed precision the way one GPU runs it fastest (``benchmarks/GPU.md``, fifth round): the model's
+Mixed precision the way one GPU runs it fastest (measurements: ``benchmarks/GPU.md``): the model's
 parameters are bf16 (the matmuls read them directly, no per-step weight casts), the optimizer
 keeps a float32 master copy and float32 moments of each, and its step reads the bf16 gradient
 once, updates master and moments and writes the new bf16 weights in the same pass:
@@ -16,7 +16,7 @@ decoupled weight decay, bias correction), written once as a tensor function: com
 same arithmetic op by op.
 
 Like torch's fused optimizers it takes ``grad_scale`` (the gradient is divided by it: gradient
-clipping, ``launch.engine.ClipInStep``) and ``found_inf`` (non-zero: the step is skipped, also its
+clipping, ``launch.training.engine.ClipInStep``) and ``found_inf`` (non-zero: the step is skipped, also its
 count), so nothing waits for the host. ``state_dict`` holds the float32 master weights and moments
 (torch's ``load_state_dict`` would cast them to the parameters' bf16; :meth:`load_state_dict`
 keeps them float32).
@@ -86,7 +86,7 @@ class MasterWeightAdam(torch.optim.Optimizer):
         self._lr: dict[int, torch.Tensor] = {}
         self._update = adam_update
         if compile:
-            from weathermixer.compile import compiled
+            from launch.runtime.compile import compiled
 
             self._update = compiled(adam_update)
         for param in self._params():

@@ -11,10 +11,10 @@ import xarray as xr
 import zarr
 
 from launch.evaluate import main as evaluate_main
-from launch.forecasting import run_forecast
-from launch.scoring import ScoringError, parse_period, score_forecast
+from launch.inference.forecaster import run_forecast
+from launch.inference.scoring import ScoringError, parse_period, score_forecast
 from tests.data.store_fixtures import write_store
-from tests.launch.test_forecast import make_checkpoint
+from tests.launch.inference.test_forecast import make_checkpoint
 
 torch.set_num_threads(1)  # tiny models: on a shared 2-core machine a second thread only spins
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from launch.master_weights import MasterWeightAdam
+from launch.training.master_weights import MasterWeightAdam
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

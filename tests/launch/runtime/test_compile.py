@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch._inductor.config as inductor
 
-from weathermixer.compile import compiled, configure_inductor
+from launch.runtime.compile import compiled, configure_inductor
 
 
 def test_a_setting_changed_after_configure_inductor_stays_through_later_compiles():
@@ -29,8 +29,8 @@ def test_the_persistent_reduction_rule_reaches_every_thread_and_keys_the_compile
 
     from torch._inductor.virtualized import V
 
-    from weathermixer.compile import PERSISTENT_INNER, PERSISTENT_OTHER
-    from weathermixer.inductor_choices import PersistentReductions
+    from launch.runtime.compile import PERSISTENT_INNER, PERSISTENT_OTHER
+    from launch.runtime.inductor_choices import PersistentReductions
 
     configure_inductor()
     seen = []

@@ -20,14 +20,13 @@ with :func:`parallel.sharding.load_full_state`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launch.runtime.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (part of the format's API)
 from parallel.sharding import assemble_full_state
 from weathermixer.config import ModelConfig
 
@@ -46,26 +45,6 @@ class Consolidated:
     model_config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda file: file.write(text.encode()))
 
 
 def save_consolidated(path: str | Path, model_config: ModelConfig, state_dict: dict[str, torch.Tensor],

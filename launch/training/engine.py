@@ -1,34 +1,27 @@
 """The DeepSpeed engine around a WeatherMixer on its mesh: one builder for training and benchmarks.
 
-``deepspeed.initialize`` with the mesh's groups (``DeepSpeedMPU``: model = domain x tensor,
-data = the replica group), and two corrections where DeepSpeed hands the step to the
-client optimizer (ZeRO stage 0 with fp32 or autocast weights); ZeRO stages 1-2 and
-DeepSpeed's bf16 optimizer keep their own gradient handling. Each is worth ~3-10 ms a step
-for ``jigsaw-1b`` on one H100 (``benchmarks/GPU.md``):
+``deepspeed.initialize`` with the mesh's groups (:class:`DeepSpeedMPU`: model = domain x tensor,
+data = the replica group), and two corrections where DeepSpeed hands the step to the client
+optimizer (ZeRO stage 0 with fp32 or autocast weights); ZeRO stages 1-2 and DeepSpeed's bf16
+optimizer keep their own gradient handling (the gain of each: ``benchmarks/GPU.md``):
 
-* **no gradient reduction when there is one replica.** DeepSpeed's engine reduces the
-  gradients after every backward with its buffered fallback: it flattens them into buckets,
-  scales by 1 / replicas, all-reduces and copies back - four passes over every gradient that
-  leave it unchanged with one replica (one GPU, or a mesh that is all model parallel). The
-  model-parallel gradients are complete after backward (each layer's collectives sum them
-  over its groups), so nothing else needs reducing.
-* **gradient clipping inside the fused optimizer step** (:class:`ClipInStep`). DeepSpeed
-  clips with one norm kernel and one in-place multiply per parameter; torch's fused
-  Adam/AdamW take the clip factor as their ``grad_scale`` (the hook ``GradScaler`` uses) and
-  divide each gradient in the update kernel, so clipping costs one multi-tensor norm. The
-  same ``found_inf`` input skips the update when the norm is not finite.
+* **no gradient reduction when there is one replica**: DeepSpeed's buffered fallback would
+  flatten, scale, all-reduce and copy back every gradient, unchanged. The model-parallel
+  gradients are complete after backward (each layer's collectives sum them over its groups).
+* **gradient clipping inside the fused optimizer step** (:class:`ClipInStep`): torch's fused
+  Adam/AdamW take the clip factor as their ``grad_scale`` and divide each gradient in the
+  update kernel, so clipping costs one multi-tensor norm.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from parallel.mesh import DeepSpeedMPU, ProcessMesh
+from parallel.mesh import MeshError, ProcessMesh
 from parallel.sharding import global_grad_norm
 
 
@@ -76,7 +69,7 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     else None); with one replica, the engine's no-op gradient reduction is switched off.
     DeepSpeed's throughput timer is off unless the config's ``timers`` section turns it on: it
     synchronises the device in every forward and step, so the GPU idles while the host launches
-    the next step (~1 ms a step of ``jigsaw-1b`` on one H100, ``benchmarks/GPU.md``).
+    the next step.
     """
     import deepspeed
 
@@ -91,6 +84,7 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
                     and takes_grad_scale(optimizer))
     if clip_in_step:
         config["gradient_clipping"] = 0.0
+    mark_model_parallel(model, mesh)
     mpu = DeepSpeedMPU(mesh) if "model" in mesh.groups else None  # the serial mesh has no groups
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                               lr_scheduler=lr_scheduler, config=config, mpu=mpu)
@@ -100,15 +94,64 @@ def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     return engine, optimizer, lr_scheduler
 
 
-def release_shared_memory() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce segment from ``/dev/shm``.
+def mark_model_parallel(model: torch.nn.Module, mesh: ProcessMesh) -> None:
+    """Set DeepSpeed's ``tensor_model_parallel`` flag on every sharded parameter.
 
-    On CPU, DeepSpeed's shared-memory collectives give every rank a ~66 MB POSIX shared-memory
-    segment (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlink it:
-    each run would leave its segments in memory until the machine restarts. Call it after the
-    last collective (the ranks mapped each other's segments at start-up; unlinking removes the
-    name only). Nothing to do on GPUs.
+    DeepSpeed counts a flagged parameter on every model-parallel rank in the gradient norm and
+    an unflagged one on model rank 0 only; every element of ours lives on exactly one rank of
+    the model group, so with more than one model rank every parameter is flagged."""
+    for param in model.parameters():
+        param.tensor_model_parallel = mesh.config.model_size > 1
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object ``deepspeed.initialize`` takes: model = domain x tensor, data = replica.
+
+    DeepSpeed all-reduces gradient norms over the model-parallel group and counts a
+    parameter on every model-parallel rank when ``param.tensor_model_parallel`` is set; our
+    parameters are all sharded over the whole model group, so every one carries the flag.
+    DeepSpeed's "tensor" model parallelism is therefore our whole model group, and there is
+    no pipeline axis.
     """
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")])
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+    def __init__(self, mesh: ProcessMesh):
+        if "model" not in mesh.groups:
+            raise MeshError("DeepSpeedMPU needs a mesh built over torch.distributed (ProcessMesh.build); "
+                            "the serial mesh has no process groups: pass mpu=None to deepspeed.initialize")
+        self.mesh = mesh
+
+    def get_model_parallel_group(self):
+        return self.mesh.groups["model"]
+
+    def get_model_parallel_rank(self) -> int:
+        return self.mesh.model_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.mesh.config.model_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of model rank 0 in this rank's model group."""
+        return dist.get_global_rank(self.mesh.groups["model"], 0)
+
+    def get_data_parallel_group(self):
+        return self.mesh.groups["replica"]
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.replica_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.replicas
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.mesh.groups["replica"])
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    # DeepSpeed also asks for these names in some code paths
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size

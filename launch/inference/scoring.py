@@ -28,7 +28,8 @@ import torch
 import xarray as xr
 
 from data.schema import StoreAttrs, StoreError
-from launch.forecasting import DATETIME_PATTERN, SHORT_NAMES, open_forecast, wb2_name
+from data.forecast_store import SHORT_NAMES, open_forecast, wb2_name
+from launch.inference.forecaster import DATETIME_PATTERN
 from weathermixer import metrics
 
 METHODS = ("model", "persistence", "climatology")

@@ -1,4 +1,4 @@
-"""Inductor's heuristics with longer persistent reductions (see :mod:`weathermixer.compile`).
+"""Inductor's heuristics with longer persistent reductions (see :mod:`launch.runtime.compile`).
 
 A module of its own because it imports ``torch._inductor``, which only compiled runs need, and
 because inductor may pickle its settings (this class through a ``functools.partial``)."""

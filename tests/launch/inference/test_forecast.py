@@ -16,10 +16,13 @@ import zarr
 
 from data.schema import StoreAttrs, StoreError
 from data.time_features import time_features
-from launch.checkpoint import load_consolidated, save_consolidated
+from launch.training.checkpoint_format import load_consolidated, save_consolidated
 from launch.forecast import main as forecast_main
-from launch.forecasting import ForecastError, parse_init_times, run_forecast, spatial_chunks
-from launch.tiles import config_for_store
+from data.forecast_store import ForecastError
+from launch.inference.forecaster import parse_init_times, run_forecast
+from parallel.mesh import MeshConfig
+from parallel.tiling import chunk_length
+from launch.runtime.rank_inputs import config_for_store
 from parallel.mesh import MeshError
 from tests.data.store_fixtures import write_store
 from tests.distributed import spawn
@@ -28,7 +31,7 @@ from weathermixer.model import WeatherMixer
 
 torch.set_num_threads(1)  # tiny models: on a shared 2-core machine a second thread only spins
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 INIT = "2020-01-01T06:2020-01-01T18"  # three init times, 6-hourly
 STEPS = 3
 
@@ -180,7 +183,7 @@ def _forecast_on_meshes(rank, world_size, checkpoint, store, root):
     paths = []
     for domain, tensor in MESHES:
         path = Path(root) / f"domain{domain[0]}x{domain[1]}_tensor{tensor}.zarr"
-        paths.append(str(run_forecast(checkpoint, store, path, INIT, STEPS, domain=domain, tensor=tensor,
+        paths.append(str(run_forecast(checkpoint, store, path, INIT, STEPS, mesh=MeshConfig(domain=domain, tensor=tensor),
                                       dtype=torch.float64, progress=False)))
     return paths
 
@@ -225,9 +228,9 @@ def test_init_times_parse_and_must_lie_in_the_store():
 
 
 def test_chunks_divide_every_tile():
-    assert spatial_chunks([(0, 8), (8, 12)], 12) == 4
-    assert spatial_chunks([(0, 360), (360, 720)], 721) == 360  # crop: 721 stored rows, 720 model rows
-    assert spatial_chunks([(0, 9)], 9) == 9
+    assert chunk_length([(0, 8), (8, 12)], 12) == 4
+    assert chunk_length([(0, 360), (360, 720)], 721) == 360  # crop: 721 stored rows, 720 model rows
+    assert chunk_length([(0, 9)], 9) == 9
 
 
 def test_refuses_another_stores_channels_and_grid(case, tmp_path):
@@ -249,7 +252,7 @@ def test_refuses_bad_init_incomplete_store_and_misfit_mesh(case, tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         run_forecast(case["checkpoint"], incomplete, tmp_path / "out.zarr", "2020-01-01T00", 2, progress=False)
     with pytest.raises(MeshError, match="(?i)mesh"):
-        run_forecast(case["checkpoint"], case["store"], tmp_path / "out.zarr", "2020-01-01T00", 2, domain=(2, 1),
+        run_forecast(case["checkpoint"], case["store"], tmp_path / "out.zarr", "2020-01-01T00", 2, mesh=MeshConfig(domain=(2, 1)),
                      progress=False)
     with pytest.raises(ForecastError, match="--overwrite"):
         run_forecast(case["checkpoint"], case["store"], case["serial"], "2020-01-01T00", 2, progress=False)
@@ -264,14 +267,14 @@ def test_cli_reports_errors_without_a_traceback(case, tmp_path, capsys):
 
 
 def _fail_on_rank_one(rank, world_size, checkpoint, store, output):
-    import launch.forecasting
+    import launch.inference.forecaster
 
     if rank == 1:
         def broken(*args, **kwargs):
             raise OSError("disk full")
-        launch.forecasting.write_region = broken
+        launch.inference.forecaster.write_region = broken
     try:
-        run_forecast(checkpoint, store, output, INIT, STEPS, domain=(2, 1), progress=False)
+        run_forecast(checkpoint, store, output, INIT, STEPS, mesh=MeshConfig(domain=(2, 1)), progress=False)
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return "no error"

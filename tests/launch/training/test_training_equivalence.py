@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from parallel.mesh import DeepSpeedMPU, MeshConfig, ProcessMesh
+from launch.training.engine import DeepSpeedMPU, mark_model_parallel
+from parallel.mesh import MeshConfig, ProcessMesh
 from parallel.reduce import average_gradients, global_mean
 from parallel.sharding import global_grad_norm, load_full_state
 from tests.distributed import spawn
@@ -25,7 +26,7 @@ CONFIG = ModelConfig(lat=9, lon=16, in_channels=5, out_channels=5, static_channe
                      patch=(1, 4), hidden=8, depth=2, token_fraction=0.5)
 STEPS, BATCH, LEARNING_RATE, MAX_NORM = 20, 4, 3e-3, 0.5
 MESHES = [MeshConfig(domain=(2, 1), tensor=2), MeshConfig(data=2, tensor=2)]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def batch(step: int):
@@ -70,6 +71,7 @@ def train_parallel(config: MeshConfig, initial: dict[str, torch.Tensor]):
     mesh = ProcessMesh.build(config)
     model = WeatherMixer(CONFIG, mesh).double()
     load_full_state(model, initial)
+    mark_model_parallel(model, mesh)
     mpu = DeepSpeedMPU(mesh)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()

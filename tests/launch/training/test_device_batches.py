@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data.process_prefetch import PREFETCHERS
-from launch.device_batches import DeviceBatches
-from launch.tiles import RankInputs, config_for_store
+from launch.training.device_batches import DeviceBatches
+from launch.runtime.rank_inputs import RankInputs, config_for_store
 from tests.data.store_fixtures import write_store
 from weathermixer.config import preset
 from weathermixer.model import WeatherMixer

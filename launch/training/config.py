@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from parallel.mesh import MeshConfig
 from weathermixer.config import PRESETS, ConfigError, ModelConfig, preset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Section(BaseModel):
@@ -40,16 +40,6 @@ class ModelSection(Section):
     def build(self) -> ModelConfig:
         """The preset with overrides; grid and channel counts are later taken from the store."""
         return preset(self.preset, **{k: tuple(v) if k == "patch" else v for k, v in self.overrides.items()})
-
-
-class MeshSection(Section):
-    data: int | None = None  # None: inferred from the world size
-    sample: int = 1
-    domain: tuple[int, int] = (1, 1)
-    tensor: int = 1
-
-    def build(self) -> MeshConfig:
-        return MeshConfig(data=self.data, sample=self.sample, domain=tuple(self.domain), tensor=self.tensor)
 
 
 class DataSection(Section):
@@ -85,9 +75,8 @@ class OptimizerSection(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)
-    # bf16 parameters whose float32 master weights and moments the optimizer keeps and updates
-    # in one pass (launch.master_weights): no weight casts, the fastest one-GPU step
-    # (benchmarks/GPU.md). Runs with DeepSpeed in float32 at ZeRO stage 0 (configs/deepspeed/fp32.json)
+    # bf16 parameters whose float32 master weights and moments the optimizer keeps and updates in
+    # one pass (launch.training.master_weights); DeepSpeed in float32 at ZeRO stage 0 (fp32.json)
     master_weights: bool = False
 
 
@@ -111,7 +100,7 @@ class TrainingSection(Section):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss_weights: Literal["default", "uniform"] = "default"
-    compile: bool = False  # torch.compile the training rollout: ~1.5x faster steps on a GPU (benchmarks/GPU.md)
+    compile: bool = False  # torch.compile the training rollout and the loss (launch.runtime.compile)
 
     @field_validator("rollout")
     @classmethod
@@ -149,7 +138,7 @@ class LoggingSection(Section):
 
 class RunConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
-    mesh: MeshSection = Field(default_factory=MeshSection)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)  # parallel.mesh's own, validated as it validates
     data: DataSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
@@ -163,7 +152,6 @@ class RunConfig(Section):
     def _buildable(self) -> "RunConfig":
         try:
             self.model.build()
-            self.mesh.build()
         except (ConfigError, ValueError) as error:
             raise ValueError(str(error)) from None
         if self.optimizer.master_weights:

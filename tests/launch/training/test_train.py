@@ -23,17 +23,17 @@ import pytest
 import torch
 import yaml
 
-from launch.checkpoint import load_consolidated
-from launch.profiling import parse_step_window
-from launch.run_config import RunConfigError, load_run_config
-from launch.tiles import RankInputs
+from launch.training.checkpoint_format import load_consolidated
+from launch.training.profiling import parse_step_window
+from launch.training.config import RunConfigError, load_run_config
+from launch.runtime.rank_inputs import RankInputs
 from parallel.sharding import load_full_state
 from tests.data.store_fixtures import write_store
 from tests.distributed import spawn
 from tests.parallel.equivalence import build_mesh, relative_error
 from weathermixer.model import WeatherMixer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = 6
 
 
@@ -315,7 +315,7 @@ def test_config_errors_name_the_key(store, tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_run_configs_load_and_build(path):
     run = load_run_config(path)
-    model, mesh = run.model.build(), run.mesh.build()
+    model, mesh = run.model.build(), run.mesh
     assert model.n_tokens > 0 and mesh.tensor >= 1
     assert run.deepspeed_config()["train_micro_batch_size_per_gpu"] == run.training.micro_batch
 

@@ -45,7 +45,7 @@ def loss_of(model, state, static, forcings, target):
 def engine_worker(rank, world_size, stage, extra, dtype=torch.float64):
     import deepspeed
 
-    from launch.engine import initialize_engine
+    from launch.training.engine import initialize_engine
     from parallel.mesh import MeshConfig, ProcessMesh
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -129,3 +129,51 @@ def test_deepspeed_keeps_its_clipping_where_it_owns_the_optimizer(stage, extra):
     assert not result["clip_in_step"], result
     if stage == 1:  # DeepSpeed's clipping and step equal the plain ones too (its norm is float32)
         assert result["error"] < 1e-5, result
+
+
+# --- DeepSpeed's mpu adapter -------------------------------------------------------------------
+MPU_MESHES = [dict(data=2, tensor=2), dict(data=2, domain=(1, 2)), dict(sample=2, domain=(2, 1)),
+              dict(domain=(2, 1), tensor=2)]
+
+
+def describe_mpu(rank, world_size):
+    import torch.distributed as dist
+
+    from launch.training.engine import DeepSpeedMPU
+    from parallel.mesh import MeshConfig, ProcessMesh
+
+    out = []
+    for options in MPU_MESHES:
+        mesh = ProcessMesh.build(MeshConfig(**options))
+        mpu = DeepSpeedMPU(mesh)
+        out.append(dict(
+            model=dist.get_process_group_ranks(mesh.groups["model"]),
+            replica=dist.get_process_group_ranks(mesh.groups["replica"]),
+            model_rank=mesh.model_rank, replica_rank=mesh.replica_rank, model_size=mesh.config.model_size,
+            replicas=mesh.replicas,
+            mpu_model=dist.get_process_group_ranks(mpu.get_model_parallel_group()),
+            mpu_data=dist.get_process_group_ranks(mpu.get_data_parallel_group()),
+            data_ranks=mpu.get_data_parallel_group_ranks(),
+            ranks=(mpu.get_model_parallel_rank(), mpu.get_tensor_model_parallel_rank(), mpu.get_data_parallel_rank()),
+            sizes=(mpu.get_model_parallel_world_size(), mpu.get_tensor_model_parallel_world_size(),
+                   mpu.get_data_parallel_world_size()),
+            src_rank=mpu.get_tensor_model_parallel_src_rank(),
+            pipeline=(mpu.get_pipeline_model_parallel_world_size(), mpu.get_pipeline_model_parallel_rank())))
+    return out
+
+
+def test_mpu_exposes_the_model_group_as_model_parallel_and_the_replicas_as_data_parallel():
+    for got in (m for meshes in spawn(describe_mpu, 4) for m in meshes):
+        assert got["mpu_model"] == got["model"], got
+        assert got["mpu_data"] == got["data_ranks"] == got["replica"], got
+        assert got["ranks"] == (got["model_rank"], got["model_rank"], got["replica_rank"])
+        assert got["sizes"] == (got["model_size"], got["model_size"], got["replicas"])
+        assert got["src_rank"] == got["model"][0] and got["pipeline"] == (1, 0)
+
+
+def test_mpu_refuses_the_serial_mesh():
+    from launch.training.engine import DeepSpeedMPU
+    from parallel.mesh import MeshError, ProcessMesh
+
+    with pytest.raises(MeshError, match="serial mesh has no process groups"):
+        DeepSpeedMPU(ProcessMesh.serial())

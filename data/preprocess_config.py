@@ -1,0 +1,75 @@
+"""The preprocessing config (``configs/data/*.yaml``): what a store holds and how it is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from data.combine import Selection
+from data.schema import STATIC, SURFACE, UPPER_AIR
+
+
+class DataConfigError(ValueError):
+    """A preprocessing config that cannot work; the message names the file or key."""
+
+
+class DataConfig(BaseModel):
+    """``configs/data/*.yaml``: what the store holds and how it is written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    surface: list[str] = list(SURFACE)
+    upper_air: list[str] = list(UPPER_AIR)
+    static: list[str] = ["lsm", "orography"]
+    levels: list[int] = []
+    start: str | None = None  # first time (ISO date or date-time), default the inputs' first
+    end: str | None = None  # last time, inclusive; a bare date means its last time step
+    time_step_hours: int | None = None  # default the inputs' step; a multiple of it subsamples
+    statistics_period: tuple[str, str] | None = None  # first and last day, inclusive
+    tile_grid: tuple[int, int] = (1, 1)
+    member: int | None = None
+    on_nan: Literal["fail", "fill"] = "fail"
+    batch_size: int | None = None
+
+    @field_validator("surface", "upper_air", "static")
+    @classmethod
+    def _known_names(cls, names: list[str], info) -> list[str]:
+        known = {"surface": SURFACE, "upper_air": UPPER_AIR, "static": STATIC}[info.field_name]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"unknown {info.field_name} variables {unknown}; expected names from {list(known)}")
+        return names
+
+    def selection(self) -> Selection:
+        if self.upper_air and not self.levels:
+            raise ValueError(f"upper-air variables {self.upper_air} need pressure levels: set 'levels' or --levels")
+        end = self.end
+        if end is not None and len(end) <= 10:  # a date: include all of its time steps
+            end = str(np.datetime64(end, "D") + np.timedelta64(1, "D") - np.timedelta64(1, "ns"))
+        return Selection(surface=self.surface, upper_air=self.upper_air, static=self.static, levels=self.levels,
+                         start=None if self.start is None else np.datetime64(self.start, "ns"),
+                         end=None if end is None else np.datetime64(end, "ns"),
+                         time_step_hours=self.time_step_hours)
+
+
+def load_data_config(path: Path | None, overrides: dict) -> DataConfig:
+    """The YAML at ``path`` (optional) with ``overrides`` (None values ignored), validated; raises
+    :class:`DataConfigError` naming the file or key."""
+    values = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise DataConfigError(f"--config {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise DataConfigError(f"--config {path}: expected a mapping of keys to values, got {type(values).__name__}")
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return DataConfig(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"key {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise DataConfigError(f"{'--config ' + str(path) if path else 'options'}: {problems}") from None

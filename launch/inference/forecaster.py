@@ -1,0 +1,247 @@
+"""The forecast loop: a consolidated checkpoint rolled out on any mesh into a WeatherBench2 store.
+
+Every rank of a model replica (domain x tensor) reads only its tile and channel slice of the
+initial state (:class:`launch.runtime.rank_inputs.RankInputs`), rolls the model out
+autoregressively with the time features of each step's input time, de-normalises with the
+checkpoint's statistics and writes its own region of one store (layout:
+:mod:`data.forecast_store`). Replicas (the data axis) share the initialisation times out.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zarr
+from tqdm import tqdm
+
+from data.forecast_store import (ForecastError, ForecastLayout, create_skeleton, mark_complete, partial_path,
+                                 variable_attributes, write_region)
+from data.schema import StoreAttrs, StoreError
+from launch.runtime.compile import compile_step
+from launch.training.checkpoint_format import CheckpointError, Consolidated, load_consolidated
+from launch.runtime.rank_inputs import RankInputs, check_store_matches, store_attrs
+from parallel.mesh import MeshConfig, ProcessMesh
+from parallel.sharding import load_full_state
+from parallel.tiling import chunk_length
+from weathermixer.model import WeatherMixer
+
+# ---------------------------------------------------------------------- init times
+# minutes are optional and matched lazily, so "…T00:12" reads as hour 00 then EVERY_HOURS 12
+DATETIME_PATTERN = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::\d{2})??)?"
+_INIT_SPEC = re.compile(rf"^({DATETIME_PATTERN})(?::({DATETIME_PATTERN}))?(?::(\d+))?$")
+
+
+def parse_init_times(spec: str, store_times: np.ndarray, step_hours: int, store: str) -> np.ndarray:
+    """``START[:END[:EVERY_HOURS]]`` (ISO times, END inclusive, EVERY default the store step)
+    as the initialisation times, each of which must be on the store's time axis."""
+    match = _INIT_SPEC.match(spec.strip())
+    if not match:
+        raise ForecastError(f"--init {spec!r}: expected START[:END[:EVERY_HOURS]] with ISO times, e.g. "
+                            f"2020-01-01T00:2020-01-31T12:12")
+    start = np.datetime64(match.group(1).replace(" ", "T"), "ns")
+    end = np.datetime64(match.group(2).replace(" ", "T"), "ns") if match.group(2) else start
+    every = int(match.group(3)) if match.group(3) else step_hours
+    if end < start or every < 1:
+        raise ForecastError(f"--init {spec!r}: expected END >= START and EVERY_HOURS >= 1")
+    times = np.arange(start, end + np.timedelta64(1, "ns"), np.timedelta64(every, "h")).astype("datetime64[ns]")
+    missing = times[~np.isin(times, store_times)]
+    if missing.size:
+        raise ForecastError(f"--init {spec!r}: init times {[str(t)[:16] for t in missing[:4]]}"
+                            f"{' ...' if missing.size > 4 else ''} are not on the time axis of {store} "
+                            f"({str(store_times[0])[:16]} .. {str(store_times[-1])[:16]} every {step_hours} h); "
+                            f"expected init times inside the store")
+    return times
+
+
+# ---------------------------------------------------------------------- the run
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+WORLD = "world"
+
+
+@contextmanager
+def _on_every_rank(what: str, group=WORLD):
+    """Run the block, then raise on every rank of ``group`` if it failed on any of them.
+
+    A rank that failed alone would otherwise leave the others waiting for it in the next
+    collective. ``group``: :data:`WORLD`, a process group, or None (this rank alone).
+    """
+    error = None
+    try:
+        yield
+    except Exception as failure:
+        error = failure
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    messages = [message]
+    if dist.is_initialized() and group is not None:
+        group = None if group == WORLD else group
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, message, group=group)
+    if error is not None:
+        raise error
+    failed = [text for text in messages if text]
+    if failed:
+        raise ForecastError(f"{what} failed on another rank: {failed[0]}")
+
+
+def _check_checkpoint(metadata: dict, checkpoint: str) -> None:
+    missing = [k for k in ("channels", "static_channels", "time_step_hours", "normalization") if k not in metadata]
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint}: metadata keys {missing} missing; expected a checkpoint "
+                              f"written by launch/train.py")
+    stats = metadata["normalization"]
+    for key in ("mean", "std"):
+        if len(stats.get(key, [])) != len(metadata["channels"]):
+            raise CheckpointError(f"checkpoint {checkpoint}: metadata normalization.{key} has "
+                                  f"{len(stats.get(key, []))} values, expected one per channel "
+                                  f"({len(metadata['channels'])})")
+
+
+@dataclass
+class _Checked:
+    """A checkpoint and a data store that were found to fit each other."""
+
+    consolidated: Consolidated
+    attrs: StoreAttrs
+    grid: tuple[int, int]  # the store's (n_lat, n_lon)
+    step_hours: int
+
+
+def _load_checked(checkpoint: str, store: str) -> _Checked:
+    consolidated = load_consolidated(checkpoint)
+    metadata, config = consolidated.metadata, consolidated.model_config
+    _check_checkpoint(metadata, checkpoint)
+    attrs = check_store_matches(metadata, store)
+    if not attrs.complete:
+        raise StoreError(f"{store}: store is incomplete (root attribute 'complete' is not true): the "
+                         f"preprocessing run that wrote it did not finish")
+    _, n_lat, n_lon = store_attrs(store)
+    if (config.lat, config.lon) != (n_lat, n_lon):
+        raise ForecastError(f"checkpoint {checkpoint} was trained on a {config.lat}x{config.lon} grid, {store} "
+                            f"has {n_lat}x{n_lon} (latitude x longitude); expected the same grid")
+    step_hours = int(metadata["time_step_hours"])
+    if step_hours != attrs.time_step_hours:
+        raise ForecastError(f"checkpoint {checkpoint} steps {step_hours} h, {store} has time_step_hours "
+                            f"{attrs.time_step_hours}; expected the same step")
+    return _Checked(consolidated, attrs, (n_lat, n_lon), step_hours)
+
+
+class _Normalisation:
+    """This rank's channels between the store's statistics (the reader's) and the checkpoint's (the model's)."""
+
+    def __init__(self, metadata: dict, attrs: StoreAttrs, channels: list[int]):
+        self.store_mean, self.store_std = np.asarray(attrs.mean)[channels], np.asarray(attrs.std)[channels]
+        self.mean = np.asarray(metadata["normalization"]["mean"], dtype=np.float64)[channels]
+        self.std = np.asarray(metadata["normalization"]["std"], dtype=np.float64)[channels]
+        self.same = np.array_equal(self.mean, self.store_mean) and np.array_equal(self.std, self.store_std)
+
+    def to_model(self, state: torch.Tensor) -> torch.Tensor:
+        if self.same:
+            return state
+        scale = torch.as_tensor(self.store_std / self.std, device=state.device, dtype=torch.float64)
+        shift = torch.as_tensor((self.store_mean - self.mean) / self.std, device=state.device, dtype=torch.float64)
+        return (state.double() * scale + shift).to(state.dtype)
+
+    def to_physical(self, states: torch.Tensor) -> np.ndarray:
+        return (states.double().cpu().numpy() * self.std + self.mean).astype(np.float32)
+
+
+def _layout(model: WeatherMixer, store: str, attrs: StoreAttrs, n_rows: int) -> ForecastLayout:
+    """The output grid: the model grid's rows that exist in the store (crop drops rows, padding adds none)."""
+    tiling = model.layers.tiling
+    bounds = [tiling.tile_bounds(tile) for tile in range(tiling.n_tiles)]
+    group = zarr.open_group(store, mode="r")
+    longitudes = np.asarray(group["longitude"][:], dtype=np.float64)
+    return ForecastLayout(
+        channels=attrs.channels, levels=sorted({c.level for c in attrs.channels if c.level is not None}),
+        latitudes=np.asarray(group["latitude"][:n_rows], dtype=np.float64), longitudes=longitudes,
+        spatial_chunks=(chunk_length([b[0] for b in bounds], n_rows),
+                        chunk_length([b[1] for b in bounds], len(longitudes))),
+        attributes=variable_attributes(store, attrs.channels))
+
+
+def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, init: str, steps: int, *,
+                 mesh: MeshConfig = MeshConfig(), device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 1, overwrite: bool = False,
+                 progress: bool = True, compile: bool = False) -> Path:
+    """Forecast ``steps`` steps from every init time of ``init``; every rank calls this.
+
+    Runs on ``mesh`` (data = whatever the world size leaves; replicas share the init times out).
+    ``compile``: the model step through ``torch.compile`` (the first init time pays the
+    compilation). Returns the path of the complete forecast store.
+    """
+    checkpoint, store, output = str(checkpoint), str(store), Path(output)
+    if steps < 1 or batch_size < 1:
+        raise ForecastError(f"--steps {steps} / --batch-size {batch_size}: expected positive integers")
+    if output.exists() and not overwrite:
+        raise ForecastError(f"--output {output} exists; pass --overwrite to replace it")
+    checked = _load_checked(checkpoint, store)
+    metadata, config = checked.consolidated.metadata, checked.consolidated.model_config
+    device = torch.device(device)
+    process_mesh = ProcessMesh.build(mesh, device_type=device.type)
+    model = WeatherMixer(config, process_mesh)
+    load_full_state(model, checked.consolidated.state_dict)
+    model.to(device=device, dtype=dtype).eval()
+    if compile:
+        compile_step(model)
+    inputs = RankInputs(store, model)
+    times = parse_init_times(init, inputs.reader.times, checked.step_hours, store)
+    leads = np.arange(steps + 1) * np.timedelta64(checked.step_hours, "h")
+    layout = _layout(model, store, checked.attrs, min(config.model_lat, checked.grid[0]))
+    partial = partial_path(output)
+    with _on_every_rank(f"creating the forecast store {partial}"):
+        if _rank() == 0:
+            create_skeleton(partial, layout, times, leads, {
+                "title": "WeatherMixer forecast", "checkpoint": checkpoint, "checkpoint_step": metadata.get("step"),
+                "store": store, "init": init, "steps": steps, "time_step_hours": checked.step_hours,
+                "channels": [c.to_json() for c in checked.attrs.channels], "mesh": process_mesh.describe(),
+                "dtype": str(dtype), "model_config": config.to_dict()})
+    channels = model.state_channels.indices[process_mesh.tensor_rank].tolist()
+    normalisation = _Normalisation(metadata, checked.attrs, channels)
+    with _on_every_rank(f"writing the forecast into {partial}"):
+        _roll_out(model, inputs, normalisation, layout, partial, times, steps, batch_size, device, dtype, progress)
+    with _on_every_rank(f"completing the forecast store {output}"):
+        if _rank() == 0:
+            mark_complete(partial, output, overwrite)
+    return output
+
+
+def _roll_out(model: WeatherMixer, inputs: RankInputs, normalisation: _Normalisation, layout: ForecastLayout,
+              partial: Path, times: np.ndarray, steps: int, batch_size: int, device: torch.device,
+              dtype: torch.dtype, progress: bool) -> None:
+    """This replica's share of the init times, ``batch_size`` at a time: read, roll out, write.
+
+    Failures are agreed on within the model group around its collectives (the rollout); the
+    caller agrees over all ranks (replicas may have different numbers of batches)."""
+    mesh, n_rows = model.mesh, len(layout.latitudes)
+    (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
+    rows = slice(min(lat0, n_rows), min(lat1, n_rows))
+    channels = model.state_channels.indices[mesh.tensor_rank].tolist()
+    mine = np.array_split(np.arange(len(times)), mesh.replicas)[mesh.replica_rank]
+    time_index = {t: i for i, t in enumerate(inputs.reader.times)}
+    step = np.timedelta64(int(inputs.reader.step_hours), "h")  # the checkpoint's (checked equal)
+    bar = tqdm(total=len(times), desc="forecast", unit="init", disable=not (progress and _rank() == 0))
+    with bar:
+        for first in range(0, len(mine), batch_size):
+            batch = mine[first:first + batch_size]
+            with _on_every_rank("reading the initial states", mesh.model_group):
+                samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
+                state, static, _, _ = inputs.batch(samples, device, dtype)
+                state = normalisation.to_model(state)
+                forcings = torch.stack([inputs.forcings(times[i] + np.arange(steps) * step) for i in batch])
+            with torch.no_grad():
+                forecast = model.rollout(state, static, forcings.to(device, dtype), steps)
+            with _on_every_rank(f"writing the forecast into {partial}", mesh.model_group):
+                if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
+                    states = torch.cat([state[:, None], forecast], dim=1)[:, :, :rows.stop - lat0]
+                    write_region(partial, layout, normalisation.to_physical(states),
+                                 slice(int(batch[0]), int(batch[-1]) + 1), rows, slice(lon0, lon1), channels)
+            bar.update(len(batch) * mesh.replicas)

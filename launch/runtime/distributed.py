@@ -1,0 +1,78 @@
+"""Process-group start-up and shutdown, the one place every entry point and benchmark uses.
+
+Under a launcher (``deepspeed``, ``torchrun``) the rendezvous comes from the environment; a plain
+``python`` process becomes a world of one on a free local port. The backend follows the device:
+NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class DeviceError(ValueError):
+    """A device was asked for that this machine does not have."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (a GPU where there is one), ``cpu`` or ``cuda``: this process's device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device = {device!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", *, deepspeed: bool = True) -> torch.device:
+    """Start torch.distributed for this process and return its device.
+
+    ``deepspeed``: through ``deepspeed.init_distributed`` (training: the engine needs DeepSpeed's
+    communication layer); otherwise torch's own (inference needs no DeepSpeed)."""
+    if "RANK" not in os.environ:  # a plain `python ...`: one process, no launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    resolved = resolve_device(device)
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", resolved.type)
+        import deepspeed as ds  # after DS_ACCELERATOR: it picks its accelerator on import
+
+        ds.init_distributed(dist_backend=backend, verbose=False)
+    elif not dist.is_initialized():
+        dist.init_process_group(backend)
+    return resolved
+
+
+def shutdown_distributed() -> None:
+    """End the process group (after a barrier: a rank leaving early aborts the others at exit)
+    and release DeepSpeed's CPU shared memory."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    release_shared_memory()
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment from ``/dev/shm``.
+
+    On CPU, DeepSpeed's shared-memory collectives give every rank a ~66 MB POSIX shared-memory
+    segment (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlink it.
+    Call it after the last collective (the ranks mapped each other's segments at start-up;
+    unlinking removes the name only). Nothing to do on GPUs.
+    """
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")])
+    (Path("/dev/shm") / name).unlink(missing_ok=True)

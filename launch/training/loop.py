@@ -1,0 +1,244 @@
+"""The training loop: steps, settle steps, epochs, stop and resume.
+
+Who owns what: the **mesh** (``parallel``) the model-parallel groups; **DeepSpeed** the optimizer
+state, mixed precision, gradient averaging over the replica group (data x sample) and ZeRO
+partitioning, and gradient clipping (:mod:`launch.training.engine`); the **tile reader**
+(``data``) each rank's tile and channel slice, the same time index on every rank of a replica.
+The loop calls the components: :class:`~launch.training.step.TrainingStep` (one micro-batch),
+:class:`~launch.training.checkpointer.Checkpointer`, :class:`~launch.training.validation.Validator`
+and :class:`~launch.training.metrics_log.MetricsLog`.
+
+Settle steps: the host waits for the device only at steps that log, validate, checkpoint, stop
+(``stop_after``) or end the run; there it reads the losses of all steps since the previous one at
+once and checks them. Between them it queues the next steps without waiting.
+
+Stop and resume: SIGINT/SIGTERM set a flag that all ranks agree on at the next settle step; they
+then write a checkpoint and exit. A run whose ``checkpoint.dir`` holds a complete checkpoint
+resumes from it: weights, optimizer, schedule, sampler position and every RNG state, so the
+continued losses equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.process_prefetch import PREFETCHERS
+from data.sampler import ReplicaSampler, valid_time_indices
+from launch.runtime.rank_inputs import RankInputs, config_for_store, store_attrs, store_latitudes
+from launch.training.checkpointer import Checkpointer
+from launch.training.config import RunConfig
+from launch.training.device_batches import DeviceBatches
+from launch.training.metrics_log import MetricsLog
+from launch.training.profiling import StepProfiler
+from launch.training.step import TrainingStep, loss_channel_weights
+from launch.training.validation import Validator, validation_indices
+from parallel.mesh import ProcessMesh
+from weathermixer.counts import training_flops
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False):
+        self.run, self.device, self.quiet = run, device, quiet
+        self.rank = dist.get_rank()
+        self.run_dir = Path(run.checkpoint.dir)
+        self.mesh = ProcessMesh.build(run.mesh, device.type)
+        store = run.data.store
+        self.config = config_for_store(run.model.build(), store)
+        self.attrs, _, _ = store_attrs(store)
+        self.step_fn = TrainingStep(run, self.config, self.mesh, device, store_latitudes(store),
+                                    loss_channel_weights(self.attrs, run.training.loss_weights))
+        self.model = self.step_fn.model
+        self.inputs = RankInputs(store, self.model, pin_memory=device.type == "cuda")
+        reader = self.inputs.reader
+        self.lead = run.training.max_rollout
+        self.sampler = ReplicaSampler(
+            valid_time_indices(reader.times, self.lead, *run.data.train, step=np.timedelta64(reader.step_hours, "h")),
+            replica_rank=self.mesh.replica_rank, num_replicas=self.mesh.replicas, seed=run.training.seed)
+        indices = validation_indices(self.inputs, run.data.validation, run.logging.validation_samples)
+        self.validator = None if indices is None else Validator(self.inputs, self.step_fn.loss_fn, self.attrs, indices)
+        self.metrics = MetricsLog(self.run_dir, run.logging.tensorboard, enabled=self.rank == 0)
+        self.checkpoints = Checkpointer(self.run_dir, run.checkpoint.keep, self.step_fn, self.metadata)
+        self.step, self.epoch = 0, 0
+        self._stop_requested = False
+        if init_from is not None:
+            self.checkpoints.load_weights(init_from)
+        self._resume()
+
+    # ---------------------------------------------------------------- the loop
+    def train(self, stop_after: int | None = None, profile: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Train to ``training.steps``; ``stop_after`` steps of this invocation end it early with a
+        checkpoint (for jobs shorter than the run); ``profile=(first, last)`` records those steps."""
+        run, t = self.run, self.run.training
+        self._stop_at = None if stop_after is None else self.step + stop_after
+        self._install_signal_handlers()
+        self._progress = self._progress_bar()
+        self._last: dict[str, Any] = {}
+        self._window = (time.perf_counter(), 0)
+        self._pending: dict[int, torch.Tensor] = {}  # step -> its loss on the device, since the last settle step
+        self._profiler = (StepProfiler(*profile, self.run_dir / "profile", self.rank, self.device)
+                          if profile else None)
+        with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
+                                               run.data.workers) as prefetcher:
+            # one prefetcher for the run; the next micro-batch crosses to the device while one computes
+            batches = DeviceBatches(prefetcher, self.inputs, t.micro_batch, self.device, self.step_fn.dtype)
+            while self.step < t.steps:
+                self.sampler.set_epoch(self.epoch)
+                batches.start_epoch(iter(self.sampler))
+                if self._run_epoch(batches):
+                    return self._last
+                self.epoch += 1
+        return self._finish()
+
+    def _run_epoch(self, batches: DeviceBatches) -> bool:
+        """Steps until the epoch's samples run out or the run ends; True when it stopped early."""
+        t = self.run.training
+        while self.step < t.steps:
+            if self._profiler is not None:
+                self._profiler.step_begins(self.step + 1)
+            micro_batches = [batches.next() for _ in range(t.gradient_accumulation)]
+            if any(b is None for b in micro_batches):
+                return False  # epoch exhausted; the partial step is dropped and the next epoch begins
+            lead = t.rollout_steps(self.step)
+            losses = [self.step_fn.micro_step(batch, lead) for batch in micro_batches]
+            self.step += 1
+            self._window = (self._window[0], self._window[1] + 1)
+            self._pending[self.step] = torch.stack(losses).double().mean()
+            if self._profiler is not None and (written := self._profiler.step_ends(self.step)):
+                self._say(f"profile of steps {self._profiler.first}..{self._profiler.last} written to {written[0]} "
+                          f"(timeline) and {written[1]} (table)")
+            if self._progress is not None:
+                self._progress.update(1)
+            if self._settle_step(lead, consumed=batches.taken):
+                return True
+        return False
+
+    def _settle_step(self, lead: int, consumed: int) -> bool:
+        """At settle steps: check the losses, log, validate, checkpoint; True when the run stops here."""
+        run, t = self.run, self.run.training
+        log_now = self.step % run.logging.every == 0 or self.step == t.steps
+        validate_now = self.validator is not None and self.step % run.logging.validate_every == 0
+        checkpoint_now = self.step % run.checkpoint.every == 0 or self.step == t.steps
+        stop_after_reached = self._stop_at is not None and self.step >= self._stop_at and self.step < t.steps
+        if not (log_now or validate_now or checkpoint_now or stop_after_reached):
+            return False  # queue the next step without waiting for the device
+        loss = self._settle()
+        if log_now:
+            self._log_progress(loss, lead)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{loss:.4f}", rollout=lead, refresh=False)
+        if validate_now:
+            self._validate()
+        stop = self._agree_to_stop() or stop_after_reached
+        if checkpoint_now or stop:
+            self.checkpoints.save({"step": self.step, "epoch": self.epoch,
+                                   "sampler": self.sampler.state_dict(consumed)})
+        if stop:
+            self._say(f"stopped at step {self.step}; checkpoint written to {self.checkpoints.folder}; the same "
+                      f"command resumes from it")
+        return stop
+
+    def _finish(self) -> dict[str, Any]:
+        if self._progress is not None:
+            self._progress.close()
+        if self.validator is not None and self.step % self.run.logging.validate_every != 0:
+            self._validate()
+        model_file = self.checkpoints.export(self.run_dir / "model.pt")
+        self._say(f"trained {self.step} steps; checkpoints in {self.checkpoints.folder}, consolidated model "
+                  f"{model_file}, metrics {self.metrics.path}")
+        return self._last
+
+    def _log_progress(self, loss: float, lead: int) -> None:
+        t = self.run.training
+        start, steps = self._window
+        elapsed = time.perf_counter() - start
+        samples = steps * t.micro_batch * t.gradient_accumulation * self.mesh.replicas
+        flops = training_flops(self.config, lead, mode=t.rollout_mode)
+        self._last = {"step": self.step, "loss": loss, "lr": self.step_fn.scheduler.get_last_lr()[0],
+                      "rollout": lead, "samples_per_s": samples / elapsed,
+                      "tflops_per_rank": samples * flops / elapsed / 1e12 / dist.get_world_size()}
+        self.metrics.write(self._last)
+        self._window = (time.perf_counter(), 0)
+
+    def _validate(self) -> None:
+        self.metrics.write({"step": self.step, **self.validator(self.model, self.step_fn.dtype)})
+
+    # ---------------------------------------------------------------- resume and metadata
+    def _resume(self) -> None:
+        state = self.checkpoints.resume()
+        if state is None:
+            return
+        if "resharded_from" in state:  # another layout: the weights; optimizer and schedule restart
+            self._say(f"loaded the weights of {state['resharded_from']} (trained on mesh {state['mesh']}) into "
+                      f"{self.mesh.describe()}; optimizer state and schedule start afresh")
+            return
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self._say(f"resumed from {state['folder']} at step {self.step}")
+
+    def metadata(self) -> dict[str, Any]:
+        """What makes a checkpoint self-describing (read by forecasting and resuming)."""
+        a = self.attrs
+        return {
+            "model_config": self.config.to_dict(),
+            "mesh": self.mesh.config.to_json(),
+            "channels": [ch.to_json() for ch in a.channels],
+            "static_channels": list(a.static_channels),
+            "time_step_hours": a.time_step_hours,
+            "normalization": {"mean": a.mean, "std": a.std, "static_mean": a.static_mean, "static_std": a.static_std},
+            "store": str(self.run.data.store),
+            "store_fingerprint": a.fingerprint(),
+            "step": self.step,
+            "run_config": self.run.to_dict(),
+        }
+
+    # ---------------------------------------------------------------- plumbing
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, request_stop)
+
+    def _settle(self) -> float:
+        """The replica-mean loss of the latest pending step, after checking every pending step's.
+
+        One all-reduce and one device->host copy for all steps since the last settle step (the
+        only place the loop waits for the device). Every rank sees the same values, so all raise
+        together, before this step validates or writes a checkpoint."""
+        losses = torch.stack(list(self._pending.values()))
+        group = self.mesh.replica_group
+        if group is not None:
+            dist.all_reduce(losses, group=group)
+            losses /= self.mesh.replicas
+        values = losses.tolist()
+        for step, loss in zip(self._pending, values):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the training loss is {loss}; lower optimizer.lr or check "
+                                         f"the store's statistics")
+        self._pending = {}
+        return values[-1]
+
+    def _agree_to_stop(self) -> bool:
+        """True on every rank when any rank was asked to stop (every rank reaches the same settle steps)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _progress_bar(self):
+        if self.rank != 0 or self.quiet:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.run.training.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0 and not self.quiet:
+            print(message, flush=True)
