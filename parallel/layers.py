@@ -13,6 +13,7 @@ from parallel.linear import ChannelLinear, TokenLinear
 from parallel.mesh import MeshError, ProcessMesh
 from parallel.norm import LayerNorm
 from parallel.tiling import DomainTiling, Partition
+from parallel.variational import VariationalChannelLinear, VariationalTokenLinear, WeightNoise
 
 
 class LayerFactory:
@@ -48,6 +49,19 @@ class LayerFactory:
                      bias: bool = True) -> TokenLinear:
         """Mixes the token dimension of activations whose channels are split as ``channels``."""
         return TokenLinear(self.mesh, inputs, outputs, channels, bias)
+
+    def variational_channel_linear(self, inputs: Partition, outputs: Partition, noise: WeightNoise,
+                                   prior_std: float = 1.0, init_sigma: float = 0.01,
+                                   bias: bool = True) -> VariationalChannelLinear:
+        """A channel linear with mean-field Gaussian weights, prior ``N(0, prior_std^2)``; ``noise``
+        is the model's one :class:`~parallel.variational.WeightNoise`."""
+        return VariationalChannelLinear(self.mesh, inputs, outputs, noise, prior_std, init_sigma, bias)
+
+    def variational_token_linear(self, inputs: Partition, outputs: Partition, channels: Partition,
+                                 noise: WeightNoise, prior_std: float = 1.0, init_sigma: float = 0.01,
+                                 bias: bool = True) -> VariationalTokenLinear:
+        """A token linear with mean-field Gaussian weights (see :meth:`variational_channel_linear`)."""
+        return VariationalTokenLinear(self.mesh, inputs, outputs, channels, noise, prior_std, init_sigma, bias)
 
     def layer_norm(self, channels: Partition, eps: float = 1e-5) -> LayerNorm:
         return LayerNorm(self.mesh, channels, eps)

@@ -1,0 +1,183 @@
+"""Mean-field Gaussian (Bayes by backprop) versions of the Jigsaw linear layers.
+
+Every weight and bias element ``w`` has its own Gaussian ``q(w) = N(mu, sigma^2)``, with
+``sigma = softplus(rho)``: positive without a constraint, close to ``exp(rho)`` for small scales
+(steps in ``rho`` change ``sigma`` relative to its size, as a log-sigma parameter would) yet
+only linear for large ``rho``, so one large step cannot blow the scale up exponentially (Blundell
+et al. 2015). ``mu`` and ``rho`` are sharded exactly like the deterministic weight (the same
+:class:`~parallel.sharding.ShardSpec`, one block per rank of the model group, nothing replicated).
+
+A forward samples this rank's block ``w = mu + sigma * eps`` and runs the deterministic layer's
+collectives on it (:meth:`~parallel.linear.ShardedLinear.local_weights`). The noise ``eps`` of
+Monte Carlo sample ``s`` at step ``t`` is :func:`~parallel.rng.normal_at` keyed by ``(seed,
+"weight-noise", t, s, parameter name)`` and addressed by global element: each rank draws
+exactly its block of the serial model's noise, so a Bayesian model on any mesh equals the
+serial one for the same draw. :class:`WeightNoise`, shared by the variational layers of one
+model, says which draw (or the means: ``sigma = 0``) the next forwards use.
+
+The KL divergence to the prior ``N(0, prior_std^2)`` is analytic; each layer sums it over its
+shard and :func:`global_kl_divergence` reduces a model's sum once over the model group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.comm import reduce_from_group
+from parallel.linear import ChannelLinear, ShardedLinear, TokenLinear, init_uniform_shard
+from parallel.mesh import ProcessMesh
+from parallel.rng import normal_at
+from parallel.sharding import ShardSpec
+from parallel.tiling import Partition
+
+
+def _non_negative_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class WeightNoise:
+    """Which weights the variational layers of one model use: a Monte Carlo draw or the means.
+
+    One object is shared by all variational layers of a model, so one call switches them all.
+    The choice holds until the next call, rather than for a ``with`` block: activation
+    checkpointing recomputes a block's forward during backward, and must draw the weights that
+    its forward drew (run each backward before choosing the next draw).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._draw: tuple[int, int] | None = None  # (step, sample)
+        self._mean_weights = False
+
+    def draw(self, step: int, sample: int) -> None:
+        """The next forwards sample Monte Carlo sample ``sample`` of training step ``step``."""
+        if not (_non_negative_int(step) and _non_negative_int(sample)):
+            raise ValueError(f"WeightNoise.draw(step={step!r}, sample={sample!r}): expected two integers >= 0")
+        self._draw, self._mean_weights = (step, sample), False
+
+    def use_mean_weights(self) -> None:
+        """The next forwards use the means (``sigma = 0``): the deterministic forecast."""
+        self._draw, self._mean_weights = None, True
+
+    @property
+    def mean_weights(self) -> bool:
+        return self._mean_weights
+
+    def epsilon(self, name: str, spec: ShardSpec, device: torch.device) -> torch.Tensor:
+        """This rank's block (``spec``) of parameter ``name``'s standard normal noise in the chosen draw."""
+        if self._draw is None:
+            raise RuntimeError(f"no weight draw chosen for {name}: call WeightNoise.draw(step, sample) (training, "
+                               f"ensemble members) or WeightNoise.use_mean_weights() (deterministic forecast) "
+                               f"before the forward")
+        step, sample = self._draw
+        return normal_at(self.seed, "weight-noise", step, sample, name, index=spec.index,
+                         global_shape=spec.global_shape, device=device)
+
+
+def inverse_softplus(sigma: float) -> float:
+    """``rho`` with ``softplus(rho) = sigma``: ``log(expm1(sigma))``, written not to overflow for large sigma."""
+    return sigma + math.log(-math.expm1(-sigma))
+
+
+def gaussian_kl_divergence(mu: torch.Tensor, rho: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """``KL(N(mu, softplus(rho)^2) || N(0, prior_std^2))`` summed over the elements, float32 or wider."""
+    compute = torch.promote_types(mu.dtype, torch.float32)
+    mu, sigma = mu.to(compute), F.softplus(rho.to(compute))
+    ratio = sigma / prior_std
+    return (0.5 * (ratio.square() + (mu / prior_std).square() - 1) - torch.log(ratio)).sum()
+
+
+class MeanFieldGaussian(ShardedLinear):
+    """The variational part of a linear layer: ``weight_mu``, ``weight_rho`` (and ``bias_mu``,
+    ``bias_rho``) in place of ``weight`` (and ``bias``), each pair on the deterministic block.
+
+    Mixed in before a deterministic layer, whose forward then runs on sampled blocks.
+    ``name`` keys the noise (as the parameter names key the initial values): the model's
+    ``reset_parameters`` sets it to the module's path, which every mesh shares.
+    """
+
+    def _create_weights(self, weight: ShardSpec, bias: ShardSpec | None) -> None:
+        self.weight_mu, self.weight_rho = self._parameter(weight), self._parameter(weight)
+        has_bias = bias is not None
+        self.bias_mu = self._parameter(bias) if has_bias else None
+        self.bias_rho = self._parameter(bias) if has_bias else None
+
+    def _set_variational(self, noise: WeightNoise, prior_std: float, init_sigma: float) -> None:
+        for key, value in (("prior_std", prior_std), ("init_sigma", init_sigma)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{type(self).__name__}: {key} = {value!r}; expected a positive finite number "
+                                 f"(a standard deviation)")
+        if not isinstance(noise, WeightNoise):
+            raise TypeError(f"{type(self).__name__}: noise is a {type(noise).__name__}; expected the model's "
+                            f"WeightNoise")
+        self.noise, self.prior_std, self.init_sigma = noise, float(prior_std), float(init_sigma)
+        self.name: str | None = None
+
+    def _pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """``(which, mu, rho)`` of the weight and, if any, the bias."""
+        pairs = [("weight", self.weight_mu, self.weight_rho)]
+        return pairs + ([("bias", self.bias_mu, self.bias_rho)] if self.bias_mu is not None else [])
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, *bias = [self._sample(which, mu, rho) for which, mu, rho in self._pairs()]
+        return weight, (bias[0] if bias else None)
+
+    def _sample(self, which: str, mu: nn.Parameter, rho: nn.Parameter) -> torch.Tensor:
+        if self.noise.mean_weights:
+            return mu
+        if self.name is None:
+            raise RuntimeError(f"{type(self).__name__} has no name to key its weight noise: call "
+                               f"reset_parameters(seed, prefix) first (WeatherMixer does, with each module's path)")
+        eps = self.noise.epsilon(f"{self.name}.{which}", mu.shard, mu.device).to(mu.dtype)
+        return mu + F.softplus(rho) * eps
+
+    def kl_divergence(self) -> torch.Tensor:
+        """``KL(q || N(0, prior_std^2))`` summed over this rank's shard: its part of the layer's KL."""
+        return sum(gaussian_kl_divergence(mu, rho, self.prior_std) for _, mu, rho in self._pairs())
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, prefix: str) -> None:
+        """``mu`` as the deterministic layer's weight (same keys: at initialisation the mean
+        weights are the deterministic model), ``sigma = init_sigma``; ``prefix`` names the layer."""
+        self.name = prefix
+        rho = inverse_softplus(self.init_sigma)
+        for which, mu, rho_param in self._pairs():
+            init_uniform_shard(mu, seed, f"{prefix}.{which}", self.inputs.size)
+            rho_param.fill_(rho)
+
+
+class VariationalChannelLinear(MeanFieldGaussian, ChannelLinear):
+    """:class:`~parallel.linear.ChannelLinear` with mean-field Gaussian weights."""
+
+    def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, noise: WeightNoise,
+                 prior_std: float = 1.0, init_sigma: float = 0.01, bias: bool = True):
+        super().__init__(mesh, inputs, outputs, bias)
+        self._set_variational(noise, prior_std, init_sigma)
+
+
+class VariationalTokenLinear(MeanFieldGaussian, TokenLinear):
+    """:class:`~parallel.linear.TokenLinear` with mean-field Gaussian weights."""
+
+    def __init__(self, mesh: ProcessMesh, inputs: Partition, outputs: Partition, channels: Partition,
+                 noise: WeightNoise, prior_std: float = 1.0, init_sigma: float = 0.01, bias: bool = True):
+        super().__init__(mesh, inputs, outputs, channels, bias)
+        self._set_variational(noise, prior_std, init_sigma)
+
+
+def global_kl_divergence(model: nn.Module, mesh: ProcessMesh | None) -> torch.Tensor:
+    """The KL divergence of all of ``model``'s variational layers, the same on every rank of the model group.
+
+    Each rank sums its shards' KL and the sums are reduced once, with
+    :func:`~parallel.comm.reduce_from_group`: every rank then backpropagates the same total
+    into its own shards, which gets each the serial gradient (not ``model_size`` times it).
+    """
+    local = [layer.kl_divergence() for layer in model.modules() if isinstance(layer, MeanFieldGaussian)]
+    if not local:  # a deterministic model, alike on every rank: nothing to reduce
+        parameter = next(model.parameters(), None)
+        return torch.zeros((), device=None if parameter is None else parameter.device)
+    total = sum(local)
+    return total if mesh is None else reduce_from_group(total, mesh.model_group)
