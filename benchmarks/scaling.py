@@ -22,6 +22,7 @@ multicast stays off (``NCCL_NVLS_ENABLE=0``, set here unless the caller set it).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,12 +46,15 @@ ELEMENT_BYTES = 2  # bf16 activations and weights on the wire
 
 
 def parse_mesh(text: str) -> MeshConfig:
+    """``DATA,LATxLON,TENSOR`` or, with the sample axis, ``DATA,SAMPLE,LATxLON,TENSOR``."""
     try:
-        data, domain, tensor = text.split(",")
+        parts = text.split(",")
+        data, sample, domain, tensor = parts if len(parts) == 4 else (parts[0], "1", *parts[1:])
         lat, lon = domain.lower().split("x")
-        return MeshConfig(data=int(data), domain=(int(lat), int(lon)), tensor=int(tensor))
+        return MeshConfig(data=int(data), sample=int(sample), domain=(int(lat), int(lon)), tensor=int(tensor))
     except ValueError as error:
-        raise SystemExit(f"--mesh {text!r}: expected DATA,LATxLON,TENSOR such as 2,2x1,1 ({error})") from None
+        raise SystemExit(f"--mesh {text!r}: expected DATA,LATxLON,TENSOR or DATA,SAMPLE,LATxLON,TENSOR such as "
+                         f"2,2x1,1 or 1,2,1x1,1 ({error})") from None
 
 
 # ------------------------------------------------------------------------------ communication model
@@ -74,12 +78,12 @@ def collective_bandwidth(kind: str, group, device: torch.device, part_bytes: int
 
     for _ in range(3):
         run()
-    train_step.synchronize(device.type)
+    synchronize(device.type)
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(repeats):
         run()
-    train_step.synchronize(device.type)
+    synchronize(device.type)
     seconds = (time.perf_counter() - t0) / repeats
     sent = part_bytes * (parts - 1) if kind == "gather" else all_reduce(part_bytes, parts)
     return sent / seconds
@@ -110,15 +114,17 @@ def run(args) -> dict | None:
         f"per replica, {args.data} inputs", flush=True)
     ceiling = matmul_ceiling(device.type, 8192 if device.type == "cuda" else 256)
     t0 = time.perf_counter()
-    run_config = benchmark_run(args.preset, args.batch, args.zero, "bf16", args.compile == "on", args.device,
-                               store=args.store if args.data == "zarr" else None, readers=args.readers)
+    run_config = benchmark_run(args.preset, args.batch, args.zero, args.precision, args.compile == "on",
+                               args.device, store=args.store if args.data == "zarr" else None, readers=args.readers,
+                               bayesian=args.bayesian, samples=args.samples, sample_ranks=mesh.config.sample)
     step = build_step(run_config, mesh, device)
     model, config = step.model, step.model.config
     say(f"built in {time.perf_counter() - t0:.0f} s; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"parameters on rank 0", flush=True)
     source = batch_source(step, seed=1000 * rank)
+    counter = itertools.count()  # the training step: each draws its own weights (a Bayesian model)
     for _ in range(args.warmup):
-        step.micro_step(source.next(), 1)
+        step.micro_step(source.next(), 1, next(counter))
     synchronize(device.type)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -127,15 +133,15 @@ def run(args) -> dict | None:
     t0 = time.perf_counter()
     for _ in range(args.steps):
         with Timer(device.type) as timer:
-            loss = step.micro_step(source.next(), 1)
+            loss = step.micro_step(source.next(), 1, next(counter))
         timers.append(timer)
     synchronize(device.type)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     median = statistics.median(timer.ms() for timer in timers)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     source.close()
-    if not math.isfinite(float(loss)):
-        raise RuntimeError(f"rank {rank}: non-finite loss {float(loss)}")
+    if not math.isfinite(float(loss[0])):
+        raise RuntimeError(f"rank {rank}: non-finite loss {float(loss[0])}")
 
     model_bw = collective_bandwidth("gather", mesh.model_group, device)
     replica_bw = collective_bandwidth("reduce", mesh.replica_group, device)
@@ -146,11 +152,12 @@ def run(args) -> dict | None:
         return None
     slowest = max(gathered, key=lambda g: g["ms"])
     ms = slowest["ms"]
-    samples = mesh.replicas * args.batch
+    # the work of a step: forward-backward passes of one sample, over data samples and Monte Carlo samples
+    samples = mesh.config.data * args.batch * args.samples
     flops = forward_flops(config)
     tflops_per_gpu = 3 * flops * samples / (ms * 1e-3) / 1e12 / world
     ceiling = min(g["ceiling"] for g in gathered)
-    return dict(preset=args.preset, mesh=args.mesh, world=world, device=(torch.cuda.get_device_name()
+    return dict(preset=args.preset, mesh=args.mesh, world=world, bayesian=args.bayesian, mc_samples=args.samples, device=(torch.cuda.get_device_name()
                 if device.type == "cuda" else "cpu"), data=args.data, batch=args.batch, global_batch=samples,
                 zero=args.zero, compiled=args.compile == "on", ms=ms, wall_ms=max(g["wall_ms"] for g in gathered),
                 samples_per_s=samples / (ms * 1e-3), tflops_per_gpu=tflops_per_gpu, ceiling_tflops=ceiling,
@@ -163,10 +170,10 @@ def report(paths: list[Path]) -> None:
     rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["preset"], row["data"], row["device"]), []).append(row)
-    for (name, data, device), members in groups.items():
+        groups.setdefault((row["preset"], row["data"], row["device"], row.get("bayesian", "none")), []).append(row)
+    for (name, data, device, bayesian), members in groups.items():
         base = next((r for r in members if r["world"] == 1), None)
-        print(f"\n{name}, {data} inputs, {device}: speedup = samples/s against one GPU "
+        print(f"\n{name} (Bayesian layers: {bayesian}), {data} inputs, {device}: speedup = samples/s against one GPU "
               f"(strong scaling where the global batch stayed the same, weak where it grew with the replicas)")
         print("| mesh (data,LATxLON,tensor) | GPUs | global batch | ms/step | samples/s | speedup | efficiency "
               "| TFLOP/s/GPU | MFU | peak GiB | comm GB/rank (model + grads) | predicted comm ms | overhead ms |")
@@ -188,7 +195,10 @@ def report(paths: list[Path]) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="jigsaw-1b", choices=sorted(PRESETS))
-    parser.add_argument("--mesh", default="1,1x1,1", help="DATA,LATxLON,TENSOR")
+    parser.add_argument("--mesh", default="1,1x1,1", help="DATA,LATxLON,TENSOR or DATA,SAMPLE,LATxLON,TENSOR")
+    parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
+    parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast", "master", "fp32"))
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per data replica")
     parser.add_argument("--data", default="memory", choices=("memory", "zarr"))
     parser.add_argument("--store", default=None)

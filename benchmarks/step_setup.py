@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from data.schema import SURFACE, UPPER_AIR
-from launch.runtime.rank_inputs import RankInputs, config_for_store, store_attrs, store_latitudes
+from launch.runtime.rank_inputs import RankInputs
 from launch.training.config import RunConfig, load_run_config
-from launch.training.step import TrainingStep, loss_channel_weights
+from launch.training.device_batches import Batch
+from launch.training.step import TrainingStep
 from parallel.mesh import ProcessMesh
 from weathermixer.loss import channel_weights
 
@@ -29,22 +30,25 @@ PRECISIONS = {
     "autocast": lambda zero: (f"configs/deepspeed/zero{zero}.json",  # fp32 weights, bf16 matmuls
                               {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}),
     "master": lambda zero: ("configs/deepspeed/fp32.json", {}),  # bf16 weights, fp32 masters in the optimizer
+    "fp32": lambda zero: (f"configs/deepspeed/zero{zero}.json", {"bf16": {"enabled": False}}),  # CPU runs
 }
 
 
 def benchmark_run(preset_name: str, batch: int, zero: int, precision: str, compiled: bool, device: str,
                   store: str | None = None, readers: int = 4, reader_kind: str = "thread",
-                  checkpointing: bool = False, dropout: float | None = None) -> RunConfig:
+                  checkpointing: bool = False, dropout: float | None = None, bayesian: str = "none",
+                  samples: int = 1, sample_ranks: int = 1) -> RunConfig:
     """The run config of one benchmark case (validated like any run's)."""
     deepspeed, overrides = PRECISIONS[precision](zero)
-    model_overrides = {"activation_checkpointing": checkpointing}
+    model_overrides = {"activation_checkpointing": checkpointing, "bayesian": bayesian}
     if dropout is not None:
         model_overrides["dropout"] = dropout
     return load_run_config(values={
         "model": {"preset": preset_name, "overrides": model_overrides},
         "data": {"store": store or "<random batches in device memory>", "train": ["1900-01-01", "2200-01-01"],
                  "workers": readers, "prefetch": 2 * readers + batch, "worker_kind": reader_kind},
-        "training": {"steps": 10**9, "micro_batch": batch, "compile": compiled, "device": device},
+        "training": {"steps": 10**9, "micro_batch": batch, "compile": compiled, "device": device, "samples": samples},
+        "mesh": {"sample": sample_ranks},
         "optimizer": {"master_weights": precision == "master", "weight_decay": 0.01},
         "schedule": {"warmup_steps": 0, "decay": "constant"},
         "deepspeed": deepspeed, "deepspeed_overrides": overrides})
@@ -62,15 +66,11 @@ def era5_channel_weights(n_channels: int) -> torch.Tensor:
 
 def build_step(run: RunConfig, mesh: ProcessMesh, device: torch.device) -> TrainingStep:
     """The trainer's step for ``run``: on the store's grid and channels, or the preset's for random batches."""
-    if run.data.store.startswith("<"):
-        config = run.model.build()
-        latitudes = np.linspace(-90.0, 90.0, config.lat)
-        weights = era5_channel_weights(config.out_channels)
-    else:
-        config = config_for_store(run.model.build(), run.data.store)
-        latitudes = store_latitudes(run.data.store)
-        weights = loss_channel_weights(store_attrs(run.data.store)[0], run.training.loss_weights)
-    return TrainingStep(run, config, mesh, device, latitudes, weights)
+    if not run.data.store.startswith("<"):
+        return TrainingStep.for_store(run, mesh, device)
+    config = run.model.build()
+    return TrainingStep(run, config, mesh, device, np.linspace(-90.0, 90.0, config.lat),
+                        era5_channel_weights(config.out_channels))
 
 
 class MemoryBatches:
@@ -89,10 +89,11 @@ class MemoryBatches:
         def local(n):
             return len(model.layers.channels(n).indices[rank])
 
-        self.batches = [(draw(batch, lat, lon, local(config.in_channels)),
-                         draw(lat, lon, local(config.static_channels)),
-                         draw(batch, 1, lat, lon, local(config.forcing_channels)),
-                         draw(batch, 1, lat, lon, local(config.out_channels))) for _ in range(count)]
+        self.batches = [Batch(draw(batch, lat, lon, local(config.in_channels)),
+                              draw(lat, lon, local(config.static_channels)),
+                              draw(batch, 1, lat, lon, local(config.forcing_channels)),
+                              draw(batch, 1, lat, lon, local(config.out_channels)), tuple(range(batch)))
+                        for _ in range(count)]
         self.taken = 0
 
     def next(self):

@@ -50,11 +50,13 @@ def run_case(args, batch: int, compiled: bool, data: str, ceiling: float) -> dic
     t_build = time.perf_counter()
     run = benchmark_run(args.preset, batch, args.zero, args.precision, compiled, args.device,
                         store=args.store if data == "zarr" else None, readers=args.readers,
-                        reader_kind=args.reader_kind, checkpointing=args.checkpointing, dropout=args.dropout)
+                        reader_kind=args.reader_kind, checkpointing=args.checkpointing, dropout=args.dropout,
+                        bayesian=args.bayesian, samples=args.samples)
     step = build_step(run, ProcessMesh.build(run.mesh, device.type), device)
     source = batch_source(step)
+    counter = itertools.count()  # the training step: each draws its own weights (a Bayesian model)
     t_warm = time.perf_counter()
-    losses = [step.micro_step(source.next(), 1) for _ in range(args.warmup)]
+    losses = [step.micro_step(source.next(), 1, next(counter)) for _ in range(args.warmup)]
     synchronize(device.type)
     warm_s = time.perf_counter() - t_warm
     static_memory = torch.cuda.memory_allocated() if device.type == "cuda" else 0
@@ -65,18 +67,19 @@ def run_case(args, batch: int, compiled: bool, data: str, ceiling: float) -> dic
     times = []
     for _ in range(args.steps):
         with Timer(device.type) as timer:
-            losses.append(step.micro_step(source.next(), 1))
+            losses.append(step.micro_step(source.next(), 1, next(counter)))
         times.append(timer)
     synchronize(device.type)
     step_ms = [timer.ms() for timer in times]
-    loss_values = [float(loss) for loss in losses]
+    loss_values = [float(loss[0]) for loss in losses]
     if not all(math.isfinite(v) for v in loss_values):
         raise RuntimeError(f"non-finite loss in {data} batch={batch} compiled={compiled}: {loss_values}")
     flops = forward_flops(step.model.config)
     median = statistics.median(step_ms)
-    tflops = 3 * flops * batch / (median * 1e-3) / 1e12
+    tflops = 3 * flops * batch * args.samples / (median * 1e-3) / 1e12
     row = dict(preset=args.preset, batch=batch, compiled=compiled, data=data, zero=args.zero,
                precision=args.precision, checkpointing=args.checkpointing, dropout=step.model.config.dropout,
+               bayesian=args.bayesian, samples=args.samples,
                ms=median, ms_p10=float(np.percentile(step_ms, 10)), ms_p90=float(np.percentile(step_ms, 90)),
                tflops=tflops, mfu=tflops / ceiling if ceiling else float("nan"), flops_per_sample=flops,
                parameters=sum(p.numel() for p in step.model.parameters()), warmup_s=warm_s,
@@ -135,7 +138,7 @@ def profile_steps(step: TrainingStep, source, rows: int, out: Path | None = None
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             with Timer("cuda") as timer:
-                step.micro_step(source.next(), 1)
+                step.micro_step(source.next(), 1, 0)
             timers.append(timer)
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -165,13 +168,13 @@ def profile_steps(step: TrainingStep, source, rows: int, out: Path | None = None
 
 
 def print_table(rows: list[dict], ceiling: float, config_name: str) -> None:
-    print(f"\n{config_name}: TFLOP/s = 3 x forward FLOPs x batch / step; MFU against the {ceiling:.0f} TFLOP/s "
-          f"bf16 matmul ceiling measured in this process")
-    head = (f"{'batch':>5} {'compile':>7} {'data':>6} {'ZeRO':>4} {'precision':>9} {'ckpt':>4} {'ms/step':>8} "
+    print(f"\n{config_name}: TFLOP/s = 3 x forward FLOPs x batch x samples / step; MFU against the {ceiling:.0f} "
+          f"TFLOP/s bf16 matmul ceiling measured in this process")
+    head = (f"{'bayesian':>14} {'S':>2} {'batch':>5} {'compile':>7} {'data':>6} {'ZeRO':>4} {'precision':>9} {'ckpt':>4} {'ms/step':>8} "
             f"{'p10-p90':>13} {'TFLOP/s':>7} {'MFU':>6} {'peak GiB':>8} {'states GiB':>10} {'wait ms':>7} {'graphs':>6} {'breaks':>6}")
     print(head)
     for r in rows:
-        print(f"{r['batch']:>5} {('on' if r['compiled'] else 'off'):>7} {r['data']:>6} {r['zero']:>4} "
+        print(f"{r['bayesian']:>14} {r['samples']:>2} {r['batch']:>5} {('on' if r['compiled'] else 'off'):>7} {r['data']:>6} {r['zero']:>4} "
               f"{r['precision']:>9} {('on' if r['checkpointing'] else 'off'):>4} {r['ms']:>8.1f} "
               f"{r['ms_p10']:>6.1f}-{r['ms_p90']:<6.1f} {r['tflops']:>7.1f} {r['mfu']:>6.1%} "
               f"{r.get('peak_gib', float('nan')):>8.1f} {r.get('static_gib', float('nan')):>10.1f} "
@@ -232,12 +235,14 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=("off", "on"))
     parser.add_argument("--data", nargs="+", default=["memory"], choices=("memory", "zarr"))
     parser.add_argument("--zero", type=int, default=1, choices=(0, 1, 2), help="configs/deepspeed/zero<N>.json")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast", "master"),
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast", "master", "fp32"),
                         help="bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy in its optimizer); "
                              "autocast: fp32 weights under torch.autocast(bf16); master: bf16 weights, fp32 "
                              "master weights in the optimizer (optimizer.master_weights, ZeRO-0)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
+    parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
+    parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")
     parser.add_argument("--store", default=None, help="zarr store for --data zarr")

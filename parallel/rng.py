@@ -71,7 +71,7 @@ def uniform_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: 
     every mesh, so training from scratch on any layout starts from the same model, and no
     rank ever draws (or holds) more than its own shard.
     """
-    return _uniform(stream_seed(seed, *keys), _flat_index(index, global_shape, device))
+    return _uniform(stream_seed(seed, *keys), flat_index(index, global_shape, device))
 
 
 def normal_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
@@ -83,19 +83,37 @@ def normal_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: t
     per rank, a shard's noise would differ from the serial model's and change with the layout;
     addressed by element, each rank draws exactly its block of the serial noise, so a Bayesian
     model on any mesh equals the serial one for the same draw (and no rank draws more).
+    """
+    key = torch.tensor(stream_seed(seed, *keys), dtype=torch.int64, device=device)
+    return normal_from_key(key, flat_index(index, global_shape, device))
 
-    Box-Muller on two independent uniforms per element (one key each): ``sqrt(-2 ln u1)
-    cos(2 pi u2)``. The uniforms have 32 bits and never reach 0, so ``|value| <= 6.8``: the
+
+def normal_from_key(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Standard normal float64 values at the int64 positions ``flat`` of the stream ``key`` (an
+    int64 tensor, so that a compiled graph takes a new key as an input instead of recompiling).
+
+    Box-Muller on two independent uniforms per element (keys derived from ``key``): ``sqrt(-2 ln
+    u1) cos(2 pi u2)``. The uniforms have 32 bits and never reach 0, so ``|value| <= 6.8``: the
     tail beyond is lost (probability 1e-11 per element).
     """
-    flat = _flat_index(index, global_shape, device)
-    radius = torch.sqrt(-2 * torch.log(_uniform(stream_seed(seed, *keys, "normal-radius"), flat)))
-    angle = (2 * math.pi) * _uniform(stream_seed(seed, *keys, "normal-angle"), flat)
+    radius = torch.sqrt(-2 * torch.log(_uniform(mix_keys(key, _RADIUS), flat)))
+    angle = (2 * math.pi) * _uniform(mix_keys(key, _ANGLE), flat)
     return radius * torch.cos(angle)
 
 
-def _flat_index(index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
-                device: str | torch.device) -> torch.Tensor:
+_RADIUS, _ANGLE = stream_seed(0, "normal-radius"), stream_seed(0, "normal-angle")
+
+
+def mix_keys(key: torch.Tensor, other: int) -> torch.Tensor:
+    """A 63-bit key from an int64 tensor key and an integer, hashed (not merely combined) so
+    that streams of related keys are independent."""
+    low = _hash32((key & _MASK32) ^ (other & _MASK32))
+    high = _hash32(((key >> 32) & _MASK32) ^ ((other >> 32) & _MASK32) ^ low)
+    return ((high & 0x7FFFFFFF) << 32) | low
+
+
+def flat_index(index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
+               device: str | torch.device) -> torch.Tensor:
     """Row-major position in ``global_shape`` of every element of the block ``index`` selects."""
     if len(index) != len(global_shape):
         raise ValueError(f"index has {len(index)} dimensions, global_shape {tuple(global_shape)} has "

@@ -30,7 +30,7 @@ from torch import nn
 from parallel.comm import reduce_from_group
 from parallel.linear import ChannelLinear, ShardedLinear, TokenLinear, init_uniform_shard
 from parallel.mesh import ProcessMesh
-from parallel.rng import normal_at
+from parallel.rng import flat_index, mix_keys, normal_from_key, stream_seed
 from parallel.sharding import ShardSpec
 from parallel.tiling import Partition
 
@@ -46,36 +46,40 @@ class WeightNoise:
     The choice holds until the next call, rather than for a ``with`` block: activation
     checkpointing recomputes a block's forward during backward, and must draw the weights that
     its forward drew (run each backward before choosing the next draw).
+
+    The draw is held as an int64 key tensor updated in place: a compiled forward reads it as an
+    input, so a new draw neither recompiles nor waits for the host.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, device: str | torch.device | None = None):
         self.seed = int(seed)
-        self._draw: tuple[int, int] | None = None  # (step, sample)
+        self.key = torch.zeros((), dtype=torch.int64, device=device)
+        self._drawn = False
         self._mean_weights = False
 
     def draw(self, step: int, sample: int) -> None:
         """The next forwards sample Monte Carlo sample ``sample`` of training step ``step``."""
         if not (_non_negative_int(step) and _non_negative_int(sample)):
             raise ValueError(f"WeightNoise.draw(step={step!r}, sample={sample!r}): expected two integers >= 0")
-        self._draw, self._mean_weights = (step, sample), False
+        self.key.fill_(stream_seed(self.seed, "weight-noise", step, sample))
+        self._drawn, self._mean_weights = True, False
 
     def use_mean_weights(self) -> None:
         """The next forwards use the means (``sigma = 0``): the deterministic forecast."""
-        self._draw, self._mean_weights = None, True
+        self._drawn, self._mean_weights = False, True
 
     @property
     def mean_weights(self) -> bool:
         return self._mean_weights
 
-    def epsilon(self, name: str, spec: ShardSpec, device: torch.device) -> torch.Tensor:
-        """This rank's block (``spec``) of parameter ``name``'s standard normal noise in the chosen draw."""
-        if self._draw is None:
-            raise RuntimeError(f"no weight draw chosen for {name}: call WeightNoise.draw(step, sample) (training, "
-                               f"ensemble members) or WeightNoise.use_mean_weights() (deterministic forecast) "
-                               f"before the forward")
-        step, sample = self._draw
-        return normal_at(self.seed, "weight-noise", step, sample, name, index=spec.index,
-                         global_shape=spec.global_shape, device=device)
+    @property
+    def drawn(self) -> bool:
+        return self._drawn
+
+    def epsilon(self, parameter_key: int, spec: ShardSpec, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's block (``spec``, at global positions ``flat``) of the standard normal noise
+        of the parameter whose stream is ``parameter_key`` (a hash of its name), in the chosen draw."""
+        return normal_from_key(mix_keys(self.key.to(flat.device), parameter_key), flat).reshape(spec.local_shape)
 
 
 def inverse_softplus(sigma: float) -> float:
@@ -105,6 +109,10 @@ class MeanFieldGaussian(ShardedLinear):
         has_bias = bias is not None
         self.bias_mu = self._parameter(bias) if has_bias else None
         self.bias_rho = self._parameter(bias) if has_bias else None
+        # each block's global indices per dimension (small; they follow the module to its device)
+        for which, spec in (("weight", weight), ("bias", bias)):
+            for dim, index in enumerate(spec.index if spec is not None else ()):
+                self.register_buffer(f"_{which}_index{dim}", index.clone(), persistent=False)
 
     def _set_variational(self, noise: WeightNoise, prior_std: float, init_sigma: float) -> None:
         for key, value in (("prior_std", prior_std), ("init_sigma", init_sigma)):
@@ -132,8 +140,14 @@ class MeanFieldGaussian(ShardedLinear):
         if self.name is None:
             raise RuntimeError(f"{type(self).__name__} has no name to key its weight noise: call "
                                f"reset_parameters(seed, prefix) first (WeatherMixer does, with each module's path)")
-        eps = self.noise.epsilon(f"{self.name}.{which}", mu.shard, mu.device).to(mu.dtype)
-        return mu + F.softplus(rho) * eps
+        if not self.noise.drawn:
+            raise RuntimeError(f"no weight draw chosen for {self.name}.{which}: call WeightNoise.draw(step, sample) "
+                               f"(training, ensemble members) or WeightNoise.use_mean_weights() (deterministic "
+                               f"forecast) before the forward")
+        index = tuple(getattr(self, f"_{which}_index{dim}") for dim in range(len(mu.shard.global_shape)))
+        positions = flat_index(index, mu.shard.global_shape, mu.device)  # computed in the kernel once compiled
+        eps = self.noise.epsilon(self._noise_keys[which], mu.shard, positions)
+        return mu + F.softplus(rho) * eps.to(mu.dtype)
 
     def kl_divergence(self) -> torch.Tensor:
         """``KL(q || N(0, prior_std^2))`` summed over this rank's shard: its part of the layer's KL."""
@@ -144,6 +158,8 @@ class MeanFieldGaussian(ShardedLinear):
         """``mu`` as the deterministic layer's weight (same keys: at initialisation the mean
         weights are the deterministic model), ``sigma = init_sigma``; ``prefix`` names the layer."""
         self.name = prefix
+        # the noise stream of each parameter, keyed by its name: computed here, not in the forward
+        self._noise_keys = {which: stream_seed(0, f"{prefix}.{which}") for which, _, _ in self._pairs()}
         rho = inverse_softplus(self.init_sigma)
         for which, mu, rho_param in self._pairs():
             init_uniform_shard(mu, seed, f"{prefix}.{which}", self.inputs.size)

@@ -53,11 +53,21 @@ class ModelConfig:
     residual: Literal["linear", "add"] = "linear"
     latent_steps: int = 1  # block-stack repeats per forecast step (latent rollout), decoded once
     activation_checkpointing: bool = False
+    # Bayesian (mean-field Gaussian) layers: the groups of BAYESIAN_GROUPS whose linear layers
+    # have Gaussian weights N(mu, softplus(rho)^2); their prior N(0, prior_std^2), initial sigma
+    bayesian: tuple[str, ...] = ()
+    prior_std: float = 1.0
+    init_sigma: float = 0.01
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form provenance
 
     def __post_init__(self) -> None:
         if isinstance(self.patch, list):  # from YAML/JSON
             object.__setattr__(self, "patch", tuple(self.patch))
+        object.__setattr__(self, "bayesian", _bayesian_groups(self.bayesian))
+        for key in ("prior_std", "init_sigma"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"model.{key} = {value!r}: expected a positive number (a standard deviation)")
         for key in ("lat", "lon", "in_channels", "out_channels", "hidden", "depth", "latent_steps", "lat_multiple"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -142,6 +152,10 @@ class ModelConfig:
     def channel_hidden(self) -> int:
         return int(self.channel_fraction * self.hidden)
 
+    @property
+    def is_bayesian(self) -> bool:
+        return bool(self.bayesian)
+
     def replace(self, **changes: Any) -> "ModelConfig":
         _check_keys(changes, "model")
         return dataclasses.replace(self, **changes)
@@ -149,12 +163,28 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["patch"] = list(self.patch)
+        out["bayesian"] = list(self.bayesian)
         return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         _check_keys(values, "model")
         return cls(**values)
+
+
+# the layer groups that can be Bayesian (model.bayesian): "all" is every linear layer
+BAYESIAN_GROUPS = ("all", "embedding", "token_mixing", "channel_mixing", "last_block", "decoder")
+
+
+def _bayesian_groups(value) -> tuple[str, ...]:
+    """``model.bayesian`` as a tuple of group names: a name, a list of names, or none."""
+    names = [value] if isinstance(value, str) else list(value or ())
+    names = [name for name in names if name != "none"]
+    unknown = [name for name in names if name not in BAYESIAN_GROUPS]
+    if unknown:
+        raise ConfigError(f"model.bayesian = {value!r}: unknown layer groups {unknown}; expected 'none' or some of "
+                          f"{list(BAYESIAN_GROUPS)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _check_keys(values: dict[str, Any], where: str) -> None:

@@ -80,6 +80,7 @@ class WeightedMSE(nn.Module):
         super().__init__()
         self.register_buffer("lat_weights", tile_latitude_weights.to(torch.float32)[:, None, None], persistent=False)
         self.register_buffer("channel_weights", tile_channel_weights.to(torch.float32), persistent=False)
+        self.grid_points = int(grid_points)
         self.normaliser = float(grid_points) * float(total_channel_weight)
         self.mesh = mesh or ProcessMesh.serial()
 

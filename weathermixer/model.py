@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from parallel.layers import LayerFactory
 from parallel.mesh import ProcessMesh
 from parallel.tiling import Partition
+from parallel.variational import WeightNoise, global_kl_divergence
 from weathermixer.config import ModelConfig
 
 
@@ -43,19 +44,44 @@ class MLP(nn.Module):
         return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
 
 
+class Linears:
+    """The model's linear layers, deterministic or mean-field Gaussian by group (``model.bayesian``)."""
+
+    def __init__(self, layers: LayerFactory, config: ModelConfig, noise: WeightNoise | None):
+        self.layers, self.config, self.noise = layers, config, noise
+
+    def is_bayesian(self, group: str, last_block: bool = False) -> bool:
+        chosen = set(self.config.bayesian)
+        return "all" in chosen or group in chosen or (last_block and "last_block" in chosen)
+
+    def channel(self, group: str, inputs: Partition, outputs: Partition, last_block: bool = False) -> nn.Module:
+        if self.is_bayesian(group, last_block):
+            return self.layers.variational_channel_linear(inputs, outputs, self.noise, self.config.prior_std,
+                                                          self.config.init_sigma)
+        return self.layers.channel_linear(inputs, outputs)
+
+    def token(self, inputs: Partition, outputs: Partition, channels: Partition, last_block: bool) -> nn.Module:
+        if self.is_bayesian("token_mixing", last_block):
+            return self.layers.variational_token_linear(inputs, outputs, channels, self.noise, self.config.prior_std,
+                                                        self.config.init_sigma)
+        return self.layers.token_linear(inputs, outputs, channels)
+
+
 class MixerBlock(nn.Module):
     """Pre-norm mixer block: token mixing across patches, then channel mixing across features."""
 
-    def __init__(self, config: ModelConfig, layers: LayerFactory, hidden: Partition):
+    def __init__(self, config: ModelConfig, linears: Linears, hidden: Partition, last: bool = False):
         super().__init__()
+        layers = linears.layers
         token_hidden = layers.token_features(config.token_hidden)
         channel_hidden = layers.channels(config.channel_hidden)
         self.token_norm = layers.layer_norm(hidden)
-        self.token_mlp = MLP(layers.token_linear(layers.tokens, token_hidden, hidden),
-                             layers.token_linear(token_hidden, layers.tokens, hidden), layers.dropout(config.dropout))
+        self.token_mlp = MLP(linears.token(layers.tokens, token_hidden, hidden, last),
+                             linears.token(token_hidden, layers.tokens, hidden, last), layers.dropout(config.dropout))
         self.channel_norm = layers.layer_norm(hidden)
-        self.channel_mlp = MLP(layers.channel_linear(hidden, channel_hidden),
-                               layers.channel_linear(channel_hidden, hidden), layers.dropout(config.dropout))
+        self.channel_mlp = MLP(linears.channel("channel_mixing", hidden, channel_hidden, last),
+                               linears.channel("channel_mixing", channel_hidden, hidden, last),
+                               layers.dropout(config.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.token_mlp(self.token_norm(x))  # TokenLinear mixes dim 0 (tokens)
@@ -78,18 +104,22 @@ class WeatherMixer(nn.Module):
         hidden = layers.channels(config.hidden)
         self.local_input_channels = inputs.sizes[self.mesh.tensor_rank]
 
-        self.embed = layers.channel_linear(Partition.patch_features(inputs, config.patch_size), hidden)
-        self.blocks = nn.ModuleList(MixerBlock(config, layers, hidden) for _ in range(config.depth))
+        # the weight noise of the Bayesian layers, shared by all of them (None: deterministic model)
+        self.noise = WeightNoise(seed) if config.is_bayesian else None
+        linears = Linears(layers, config, self.noise)
+        self.embed = linears.channel("embedding", Partition.patch_features(inputs, config.patch_size), hidden)
+        self.blocks = nn.ModuleList(MixerBlock(config, linears, hidden, last=k == config.depth - 1)
+                                    for k in range(config.depth))
         self.final_norm = layers.layer_norm(hidden)
         concat = config.decoder_skip and config.decoder_merge == "concat"
         decoder_inputs = Partition.concat(hidden, hidden) if concat else hidden
-        self.recover = layers.channel_linear(decoder_inputs,
-                                             Partition.patch_features(self.out_channels, config.patch_size))
+        self.recover = linears.channel("decoder", decoder_inputs,
+                                       Partition.patch_features(self.out_channels, config.patch_size))
         if config.residual == "linear":
             skip = Partition.concat(self.out_channels, self.state_channels)
             self.out_norm = layers.layer_norm(self.out_channels)
             self.residual_norm = layers.layer_norm(skip)
-            self.residual_linear = layers.channel_linear(skip, self.out_channels)
+            self.residual_linear = linears.channel("decoder", skip, self.out_channels)
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -98,11 +128,27 @@ class WeatherMixer(nn.Module):
             if hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters(seed, name)
 
-    # patches ---------------------------------------------------------------------------
+    # Bayesian weights ------------------------------------------------------------------
+    def draw_weights(self, step: int, sample: int) -> None:
+        """The next forwards use Monte Carlo weight sample ``sample`` of step ``step`` (Bayesian layers)."""
+        if self.noise is not None:
+            self.noise.draw(step, sample)
+
+    def use_mean_weights(self) -> None:
+        """The next forwards use the weights' means (a Bayesian model's deterministic forecast)."""
+        if self.noise is not None:
+            self.noise.use_mean_weights()
+
+    def kl_divergence(self) -> torch.Tensor:
+        """KL(q || prior) of all Bayesian layers, the same on every rank of the model group (0: none)."""
+        return global_kl_divergence(self, self.mesh)
+
+    # optimizer -------------------------------------------------------------------------
     def optimizer_groups(self, lr: float, embedding_lr: float, weight_decay: float) -> list[dict]:
         """Parameter groups for the optimizer: the patch embedding and recovery train at
         ``embedding_lr`` (the paper's lower rate), the rest at ``lr``; weight decay applies to
-        matrices only (biases and LayerNorm affines are not decayed)."""
+        matrices only (biases and LayerNorm affines are not decayed, nor a Bayesian layer's
+        ``*_mu`` and ``*_rho``: the KL term of the loss is their prior)."""
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             edge = name.startswith(("embed.", "recover."))
@@ -111,6 +157,7 @@ class WeatherMixer(nn.Module):
         return [{"params": params, "lr": embedding_lr if edge else lr, "weight_decay": weight_decay if decays else 0.0}
                 for (edge, decays), params in sorted(groups.items())]
 
+    # patches ---------------------------------------------------------------------------
     def patchify(self, grid: torch.Tensor) -> torch.Tensor:
         """``(B, lat, lon, C)`` -> ``(tokens, B, rows * cols * C)``, tokens row-major in the tile."""
         b, lat, lon, c = grid.shape

@@ -190,6 +190,7 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     model = WeatherMixer(config, process_mesh)
     load_full_state(model, checked.consolidated.state_dict)
     model.to(device=device, dtype=dtype).eval()
+    model.use_mean_weights()  # a Bayesian model's deterministic forecast
     if compile:
         compile_step(model)
     inputs = RankInputs(store, model)

@@ -101,6 +101,11 @@ class TrainingSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loss_weights: Literal["default", "uniform"] = "default"
     compile: bool = False  # torch.compile the training rollout and the loss (launch.runtime.compile)
+    # the sampling axis: Monte Carlo samples per step, spread evenly over the mesh's sample ranks
+    # (every sample rank of a data rank sees the same batch, with its own weight draws and noise)
+    samples: int = Field(1, ge=1)
+    kl_weight: float = Field(1.0, ge=0)  # beta ("heat"): loss = mse + kl_weight * KL / (times x values per time)
+    input_noise: float = Field(0.0, ge=0)  # per-sample input noise, a fraction of each channel's std
 
     @field_validator("rollout")
     @classmethod
@@ -156,6 +161,7 @@ class RunConfig(Section):
             raise ValueError(str(error)) from None
         if self.optimizer.master_weights:
             self._check_master_weights(self.deepspeed_config())
+        self._check_samples()
         if self.data.worker_kind == "process" and self.data.prefetch < self.training.micro_batch + self.data.workers:
             raise ValueError(f"data.prefetch = {self.data.prefetch} with data.worker_kind = 'process': a micro-batch "
                              f"holds {self.training.micro_batch} of the prefetched samples' slots until it is on the "
@@ -163,6 +169,20 @@ class RunConfig(Section):
                              f"data.prefetch >= training.micro_batch + data.workers = "
                              f"{self.training.micro_batch + self.data.workers}")
         return self
+
+    def _check_samples(self) -> None:
+        t, sample_ranks, model = self.training, self.mesh.sample, self.model.build()
+        if t.samples % sample_ranks:
+            raise ValueError(f"training.samples = {t.samples} does not divide over mesh.sample = {sample_ranks} "
+                             f"sample ranks; expected a multiple of {sample_ranks}")
+        if t.samples > 1 and not model.is_bayesian and t.input_noise == 0:
+            raise ValueError(f"training.samples = {t.samples} with a deterministic model and no input noise: every "
+                             f"sample would be the same; set model.overrides.bayesian (e.g. all) or "
+                             f"training.input_noise > 0, or use mesh.data for data parallelism")
+        if model.is_bayesian and model.activation_checkpointing and t.samples // sample_ranks > 1:
+            raise ValueError(f"model.activation_checkpointing recomputes a forward in its backward with the weight "
+                             f"draw of the last sample; with training.samples / mesh.sample = "
+                             f"{t.samples // sample_ranks} samples per rank expected 1 (raise mesh.sample)")
 
     def _check_master_weights(self, config: dict[str, Any]) -> None:
         """optimizer.master_weights owns the precision: DeepSpeed must neither cast the model nor

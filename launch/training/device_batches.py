@@ -12,13 +12,25 @@ compute stream waits only for that batch's own copies.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from data.prefetch import ReadAhead
 from launch.runtime.rank_inputs import RankInputs
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # state, static, forcings, targets
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch of a rank's tiles on the device, and the time index of each sample."""
+
+    state: torch.Tensor  # (batch, lat, lon, channels)
+    static: torch.Tensor  # (lat, lon, static channels)
+    forcings: torch.Tensor  # (batch, lead, lat, lon, forcing channels)
+    targets: torch.Tensor  # (batch, lead, lat, lon, channels)
+    time_indices: tuple[int, ...]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.state, self.static, self.forcings, self.targets
 
 
 class DeviceBatches:
@@ -49,7 +61,7 @@ class DeviceBatches:
         if copied is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(copied)
-            for tensor in batch:  # allocated on the side stream, used (and freed) on this one
+            for tensor in batch.tensors():  # allocated on the side stream, used (and freed) on this one
                 tensor.record_stream(current)
         self.taken += self.micro_batch
         return batch
@@ -62,12 +74,13 @@ class DeviceBatches:
             except StopIteration:
                 self.prefetcher.release(*samples)
                 return None
+        indices = tuple(sample.time_index for sample in samples)
         if self.stream is None:
-            batch = self.inputs.batch(samples, self.device, self.dtype)
+            batch = Batch(*self.inputs.batch(samples, self.device, self.dtype), indices)
             self.prefetcher.release(*samples)
             return batch, None
         with torch.cuda.stream(self.stream):
-            batch = self.inputs.batch(samples, self.device, self.dtype)
+            batch = Batch(*self.inputs.batch(samples, self.device, self.dtype), indices)
             self.prefetcher.release(*samples)  # slots reused once this stream has passed the copies
             copied = torch.cuda.Event()
             copied.record(self.stream)

@@ -32,16 +32,22 @@ import torch.distributed as dist
 
 from data.process_prefetch import PREFETCHERS
 from data.sampler import ReplicaSampler, valid_time_indices
-from launch.runtime.rank_inputs import RankInputs, config_for_store, store_attrs, store_latitudes
+from launch.runtime.rank_inputs import RankInputs, store_attrs
 from launch.training.checkpointer import Checkpointer
 from launch.training.config import RunConfig
 from launch.training.device_batches import DeviceBatches
 from launch.training.metrics_log import MetricsLog
 from launch.training.profiling import StepProfiler
-from launch.training.step import TrainingStep, loss_channel_weights
+from launch.training.step import TrainingStep
 from launch.training.validation import Validator, validation_indices
 from parallel.mesh import ProcessMesh
 from weathermixer.counts import training_flops
+
+
+def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampler:
+    """The order of the training times, keyed by the data rank: data ranks read different times,
+    the sample ranks of one data rank the same (they differ in their draws, not their data)."""
+    return ReplicaSampler(time_indices, replica_rank=mesh.data_rank, num_replicas=mesh.config.data, seed=seed)
 
 
 class Trainer:
@@ -51,17 +57,16 @@ class Trainer:
         self.run_dir = Path(run.checkpoint.dir)
         self.mesh = ProcessMesh.build(run.mesh, device.type)
         store = run.data.store
-        self.config = config_for_store(run.model.build(), store)
         self.attrs, _, _ = store_attrs(store)
-        self.step_fn = TrainingStep(run, self.config, self.mesh, device, store_latitudes(store),
-                                    loss_channel_weights(self.attrs, run.training.loss_weights))
+        self.step_fn = TrainingStep.for_store(run, self.mesh, device)
         self.model = self.step_fn.model
+        self.config = self.model.config
         self.inputs = RankInputs(store, self.model, pin_memory=device.type == "cuda")
         reader = self.inputs.reader
         self.lead = run.training.max_rollout
-        self.sampler = ReplicaSampler(
-            valid_time_indices(reader.times, self.lead, *run.data.train, step=np.timedelta64(reader.step_hours, "h")),
-            replica_rank=self.mesh.replica_rank, num_replicas=self.mesh.replicas, seed=run.training.seed)
+        train = valid_time_indices(reader.times, self.lead, *run.data.train, step=np.timedelta64(reader.step_hours, "h"))
+        self.step_fn.set_training_size(len(train))
+        self.sampler = training_sampler(train, self.mesh, run.training.seed)
         indices = validation_indices(self.inputs, run.data.validation, run.logging.validation_samples)
         self.validator = None if indices is None else Validator(self.inputs, self.step_fn.loss_fn, self.attrs, indices)
         self.metrics = MetricsLog(self.run_dir, run.logging.tensorboard, enabled=self.rank == 0)
@@ -107,10 +112,10 @@ class Trainer:
             if any(b is None for b in micro_batches):
                 return False  # epoch exhausted; the partial step is dropped and the next epoch begins
             lead = t.rollout_steps(self.step)
-            losses = [self.step_fn.micro_step(batch, lead) for batch in micro_batches]
+            losses = [self.step_fn.micro_step(batch, lead, self.step) for batch in micro_batches]
             self.step += 1
             self._window = (self._window[0], self._window[1] + 1)
-            self._pending[self.step] = torch.stack(losses).double().mean()
+            self._pending[self.step] = torch.stack(losses).double().mean(dim=0)  # (loss, nll, kl)
             if self._profiler is not None and (written := self._profiler.step_ends(self.step)):
                 self._say(f"profile of steps {self._profiler.first}..{self._profiler.last} written to {written[0]} "
                           f"(timeline) and {written[1]} (table)")
@@ -129,9 +134,9 @@ class Trainer:
         stop_after_reached = self._stop_at is not None and self.step >= self._stop_at and self.step < t.steps
         if not (log_now or validate_now or checkpoint_now or stop_after_reached):
             return False  # queue the next step without waiting for the device
-        loss = self._settle()
+        loss, nll, kl = self._settle()
         if log_now:
-            self._log_progress(loss, lead)
+            self._log_progress(loss, lead, nll, kl)
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.4f}", rollout=lead, refresh=False)
         if validate_now:
@@ -155,15 +160,17 @@ class Trainer:
                   f"{model_file}, metrics {self.metrics.path}")
         return self._last
 
-    def _log_progress(self, loss: float, lead: int) -> None:
+    def _log_progress(self, loss: float, lead: int, nll: float, kl: float) -> None:
         t = self.run.training
         start, steps = self._window
         elapsed = time.perf_counter() - start
-        samples = steps * t.micro_batch * t.gradient_accumulation * self.mesh.replicas
-        flops = training_flops(self.config, lead, mode=t.rollout_mode)
+        samples = steps * t.micro_batch * t.gradient_accumulation * self.mesh.config.data  # distinct times
+        flops = training_flops(self.config, lead, mode=t.rollout_mode) * t.samples
         self._last = {"step": self.step, "loss": loss, "lr": self.step_fn.scheduler.get_last_lr()[0],
                       "rollout": lead, "samples_per_s": samples / elapsed,
                       "tflops_per_rank": samples * flops / elapsed / 1e12 / dist.get_world_size()}
+        if self.config.is_bayesian:
+            self._last.update(nll=nll, kl=kl)
         self.metrics.write(self._last)
         self._window = (time.perf_counter(), 0)
 
@@ -207,8 +214,8 @@ class Trainer:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, request_stop)
 
-    def _settle(self) -> float:
-        """The replica-mean loss of the latest pending step, after checking every pending step's.
+    def _settle(self) -> tuple[float, float, float]:
+        """The replica-mean ``(loss, nll, kl)`` of the latest pending step, after checking every pending step's.
 
         One all-reduce and one device->host copy for all steps since the last settle step (the
         only place the loop waits for the device). Every rank sees the same values, so all raise
@@ -219,7 +226,7 @@ class Trainer:
             dist.all_reduce(losses, group=group)
             losses /= self.mesh.replicas
         values = losses.tolist()
-        for step, loss in zip(self._pending, values):
+        for step, (loss, _, _) in zip(self._pending, values):
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the training loss is {loss}; lower optimizer.lr or check "
                                          f"the store's statistics")

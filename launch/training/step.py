@@ -14,12 +14,14 @@ import torch
 
 from data.schema import StoreAttrs
 from launch.runtime.compile import compiled
+from launch.runtime.rank_inputs import config_for_store, store_attrs, store_latitudes
 from launch.training.config import RunConfig
+from launch.training.device_batches import Batch
 from launch.training.engine import initialize_engine
 from launch.training.master_weights import MasterWeightAdam
 from launch.training.schedule import build_schedule
 from parallel.mesh import ProcessMesh
-from parallel.rng import seed_dropout
+from parallel.rng import flat_index, mix_keys, normal_from_key, seed_dropout, stream_seed
 from weathermixer.config import ModelConfig
 from weathermixer.loss import WeightedMSE, channel_weights, latitude_weights
 from weathermixer.model import WeatherMixer
@@ -60,11 +62,19 @@ def build_loss(model: WeatherMixer, latitudes: np.ndarray, channel_weights: torc
 
 
 class TrainingStep:
-    """Model, loss, optimizer, schedule and engine of a run; :meth:`micro_step` is one micro-batch."""
+    """Model, loss, optimizer, schedule and engine of a run; :meth:`micro_step` is one micro-batch.
+
+    The loss is the ELBO of the sampling axis: the mean over this rank's Monte Carlo samples of
+    the weighted MSE (a Gaussian NLL per value up to constants), plus ``kl_weight * KL / (N D)``
+    for a Bayesian model (:meth:`set_training_size`). Sample rank ``r`` runs the global samples ``r * S_r .. (r + 1) * S_r - 1``
+    (``S_r = training.samples / mesh.sample``), each with its own weight draw and input noise
+    keyed by (seed, step, sample); DeepSpeed averages the gradients over data x sample, so
+    ``S`` samples on one rank give the gradient of ``S / k`` samples on each of ``k`` ranks.
+    """
 
     def __init__(self, run: RunConfig, config: ModelConfig, mesh: ProcessMesh, device: torch.device,
                  latitudes: np.ndarray, channel_weights: torch.Tensor):
-        self.run = run
+        self.run, self.mesh = run, mesh
         with torch.device(device):  # parameters are created and initialised where they will live
             model = WeatherMixer(config, mesh, seed=run.training.seed)
         seed_dropout(run.training.seed, mesh.data_rank, mesh.sample_rank, mesh.model_rank)
@@ -74,6 +84,9 @@ class TrainingStep:
                                                                         mesh, lr_scheduler=schedule)
         self.model: WeatherMixer = self.engine.module
         self.loss_fn = build_loss(self.model, latitudes, channel_weights).to(device)
+        self.samples_per_rank = run.training.samples // mesh.config.sample
+        self.set_training_size(1)
+        self.augment = InputNoise(self.model, run.training.seed, run.training.input_noise, len(latitudes))
         from deepspeed.runtime.torch_autocast import autocast_if_enabled  # deepspeed imports after DS_ACCELERATOR
 
         self._autocast = functools.partial(autocast_if_enabled, self.engine)
@@ -83,12 +96,74 @@ class TrainingStep:
         master = run.optimizer.master_weights
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or master else torch.float32
 
-    def micro_step(self, batch, lead: int) -> torch.Tensor:
-        """One micro-batch forward, backward and engine step; the loss stays on the device (no wait)."""
-        state, static, forcings, targets = batch
-        with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
-            prediction = self._rollout(state, static, forcings[:, :lead], lead, self.run.training.rollout_mode)
-        loss = self._loss(prediction, targets[:, :lead])
-        self.engine.backward(loss)
+    @classmethod
+    def for_store(cls, run: RunConfig, mesh: ProcessMesh, device: torch.device) -> "TrainingStep":
+        """The step of ``run`` on its store's grid and channels."""
+        store = run.data.store
+        attrs, _, _ = store_attrs(store)
+        return cls(run, config_for_store(run.model.build(), store), mesh, device, store_latitudes(store),
+                   loss_channel_weights(attrs, run.training.loss_weights))
+
+    def set_training_size(self, n_train: int) -> None:
+        """The number of training samples N of the ELBO.
+
+        The weighted MSE is the mean over the D values of a sample (grid points x channels) of a
+        Gaussian NLL with variance 1/2 in normalised units, up to a constant; the ELBO per value is
+        then ``MSE + KL / (N * D)``, and ``kl_weight`` (beta) scales the KL term."""
+        config = self.model.config
+        values = self.loss_fn.grid_points * config.out_channels
+        self.kl_scale = self.run.training.kl_weight / (max(1, n_train) * values)
+
+    def micro_step(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
+        """One micro-batch forward, backward and engine step at training step ``step``;
+        ``(loss, nll, kl)`` stay on the device (no wait)."""
+        losses = self.forward_backward(batch, lead, step)
         self.engine.step()
-        return loss.detach()
+        return losses
+
+    def forward_backward(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
+        """The loss of this rank's samples and its backward (gradients averaged over the replicas)."""
+        nll = 0.0
+        for k in range(self.samples_per_rank):
+            sample = self.mesh.sample_rank * self.samples_per_rank + k
+            self.model.draw_weights(step, sample)
+            state = self.augment(batch.state, batch.time_indices, step, sample)
+            with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
+                prediction = self._rollout(state, batch.static, batch.forcings[:, :lead], lead,
+                                           self.run.training.rollout_mode)
+            nll = nll + self._loss(prediction, batch.targets[:, :lead])
+        nll = nll / self.samples_per_rank
+        kl = self.model.kl_divergence() if self.model.config.is_bayesian else torch.zeros_like(nll)
+        loss = nll + self.kl_scale * kl
+        self.engine.backward(loss)
+        return torch.stack([loss, nll, kl]).detach()
+
+
+class InputNoise:
+    """The per-sample augmentation of the inputs: ``state + fraction * eps`` in normalised units
+    (``fraction`` of each channel's standard deviation), ``eps`` a function of (seed, step,
+    sample, time index, global grid point and channel), so a sample's noise is the same on any
+    mesh; padded rows stay zero. ``fraction`` 0: the inputs as they are."""
+
+    def __init__(self, model: WeatherMixer, seed: int, fraction: float, stored_rows: int):
+        self.seed, self.fraction = seed, fraction
+        if fraction == 0:
+            return
+        config, layers = model.config, model.layers
+        (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
+        self.rows = max(0, min(lat1, stored_rows) - lat0)
+        device = next(model.parameters()).device
+        index = (torch.arange(lat0, lat0 + self.rows), torch.arange(lon0, lon1),
+                 model.state_channels.indices[model.mesh.tensor_rank])
+        self.flat = flat_index(tuple(i.to(device) for i in index), (config.model_lat, config.model_lon,
+                                                                   config.in_channels), device)
+        self.key = torch.zeros((), dtype=torch.int64, device=device)
+
+    def __call__(self, state: torch.Tensor, time_indices: tuple[int, ...], step: int, sample: int) -> torch.Tensor:
+        if self.fraction == 0:
+            return state
+        self.key.fill_(stream_seed(self.seed, "input-noise", step, sample))
+        noise = torch.stack([normal_from_key(mix_keys(self.key, int(index)), self.flat) for index in time_indices])
+        out = state.clone()
+        out[:, :self.rows] += (self.fraction * noise).to(state.dtype)
+        return out

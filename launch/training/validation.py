@@ -29,14 +29,17 @@ def validation_indices(inputs: RankInputs, period: tuple[str, str] | None, sampl
 
 
 class Validator:
-    """Latitude-weighted RMSE in physical units (:func:`weathermixer.metrics.rmse`) and the loss."""
+    """Latitude-weighted RMSE in physical units (:func:`weathermixer.metrics.rmse`) and the loss (the NLL)."""
 
     def __init__(self, inputs: RankInputs, loss_fn: WeightedMSE, attrs: StoreAttrs, indices: np.ndarray):
         self.inputs, self.loss_fn, self.attrs, self.indices = inputs, loss_fn, attrs, indices
 
     @torch.no_grad()
     def __call__(self, model, dtype: torch.dtype) -> dict[str, Any]:
+        """Scores of the model's mean weights (a Bayesian model's deterministic forecast); the
+        next training step draws its weights again."""
         model.eval()
+        model.use_mean_weights()
         mesh, device = model.mesh, self.loss_fn.lat_weights.device
         channels = model.state_channels.indices[mesh.tensor_rank]
         std = torch.tensor([self.attrs.std[i] for i in channels.tolist()], dtype=torch.float64, device=device)

@@ -139,7 +139,7 @@ def exited(pid: int) -> bool:
 
 
 def test_readers_of_a_killed_consumer_exit(reader):
-    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+    script = ("import time\n"
               "from data.reader import TileReader\nfrom data.process_prefetch import ProcessPrefetcher\n"
               "if __name__ == '__main__':\n"
               f"    reader = TileReader({reader.store!r}, lat_range=(0, 4), lon_range=(0, 6))\n"
@@ -147,7 +147,7 @@ def test_readers_of_a_killed_consumer_exit(reader):
               "    next(prefetcher)\n"
               "    print(*(w.pid for w in prefetcher._workers), flush=True)\n"
               "    time.sleep(600)\n")
-    consumer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    consumer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         pids = [int(pid) for pid in consumer.stdout.readline().split()]
         assert len(pids) == 2 and not any(exited(pid) for pid in pids)

@@ -22,6 +22,8 @@ VARIANTS = {
     # the mesh model's rollout traced whole (fullgraph: a graph break at a collective fails);
     # tracing is slow on CPU, so on the mesh with domain, tensor and all-to-all collectives only
     "compiled": dict(mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
+    # every linear layer Bayesian: one weight draw, and the KL divergence in the objective
+    "bayesian": dict(config=dict(bayesian=("all",), init_sigma=0.05), mode="autoregressive", draw=(5, 2)),
 }
 
 
@@ -39,24 +41,30 @@ def run_model(rank, world_size, meshes, dtype, variants):
         forcings = torch.randn(2, 2, lat, lon, config.forcing_channels, generator=generator, dtype=dtype)
         weights = torch.randn(2, 2, lat, lon, config.out_channels, generator=generator, dtype=dtype)
         serial.zero_grad()
+        if "draw" in spec:
+            serial.draw_weights(*spec["draw"])
         expected = serial.rollout(state, static, forcings, 2, spec["mode"])
-        (expected * weights).sum().backward()
+        ((expected * weights).sum() + serial.kl_divergence()).backward()
         for domain, tensor in meshes:
             if "meshes" in spec and (domain, tensor) not in spec["meshes"]:
                 continue
-            model = WeatherMixer(config, build_mesh(domain, tensor), seed=3).to(dtype)
+            # another initialisation seed, overwritten by the serial weights; the weight noise is
+            # keyed by the seed too, so a Bayesian model shares the serial model's
+            model = WeatherMixer(config, build_mesh(domain, tensor), seed=1 if "draw" in spec else 3).to(dtype)
             copy_into(model, serial)
             (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
             t = model.mesh.tensor_rank
             pick = lambda x, part: x[..., lat0:lat1, lon0:lon1, :][..., part.indices[t]]  # noqa: E731
             static_part = model.layers.channels(config.static_channels)
             forcing_part = model.layers.channels(config.forcing_channels)
+            if "draw" in spec:
+                model.draw_weights(*spec["draw"])
             rollout = model.rollout
             if spec.get("compiled"):
                 rollout = torch.compile(rollout, fullgraph=True, backend="aot_eager", dynamic=False)
             out = rollout(pick(state, model.state_channels), pick(static, static_part),
                           pick(forcings, forcing_part), 2, spec["mode"])
-            (out * pick(weights, model.out_channels)).sum().backward()
+            ((out * pick(weights, model.out_channels)).sum() + model.kl_divergence()).backward()
             output_error = relative_error(out, pick(expected, model.out_channels).detach())
             gradient_errors = compare_gradients(model, serial)
             worst = max(gradient_errors, key=gradient_errors.get)

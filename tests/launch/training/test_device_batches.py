@@ -36,5 +36,6 @@ def test_micro_batches_follow_the_samples_and_drop_a_partial_one(inputs, kind):
             for k, got in enumerate(taken):
                 expected = inputs.batch([inputs.reader.sample(t, 1) for t in epoch[2 * k:2 * k + 2]], "cpu",
                                         torch.float32)
-                for a, b in zip(got, expected):
+                for a, b in zip(got.tensors(), expected):
                     assert torch.equal(a, b)
+                assert got.time_indices == tuple(epoch[2 * k:2 * k + 2])
