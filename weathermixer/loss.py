@@ -23,8 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from parallel.comm import all_reduce_sum
+from parallel.comm import all_reduce_sum, all_to_all
 from parallel.mesh import ProcessMesh
+from parallel.tiling import balanced_bounds
 
 # Relative weights of ERA5 variables in the loss (surface and upper-air); within a
 # variable, upper-air levels are weighted by pressure (lower atmosphere counts more),
@@ -94,3 +95,59 @@ class WeightedMSE(nn.Module):
         samples = math.prod(prediction.shape[:-3])  # batch (and rollout steps)
         others = all_reduce_sum(local.detach(), self.mesh.model_group) - local.detach()
         return (local + others) / (samples * self.normaliser)
+
+
+def ensemble_crps(members: torch.Tensor, truth: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """The almost fair CRPS of the ensemble ``members`` (member axis first) at every value of
+    ``truth`` (anemoi's afCRPS, Lang et al. 2024): ``alpha`` times the fair CRPS plus ``1 - alpha``
+    times the standard one,
+
+        mean_i |x_i - y|  -  (alpha / (2 M (M - 1)) + (1 - alpha) / (2 M^2)) sum_{i,j} |x_i - x_j|
+
+    ``alpha = 1``: the fair CRPS (Ferro 2014), unbiased for the CRPS of the ensemble's distribution."""
+    m = members.shape[0]
+    if m < 2 and alpha != 0:
+        raise ValueError(f"ensemble_crps: {m} member(s); the fair CRPS needs at least 2 (or alpha = 0)")
+    skill = (members - truth).abs().mean(dim=0)
+    # sum_{i,j} |x_i - x_j| = 2 sum_k (2k - M + 1) x_(k) over the sorted members: M values a point, not M^2
+    rank_weights = 2 * torch.arange(m, device=members.device, dtype=members.dtype) - (m - 1)
+    pairs = 2 * (rank_weights.reshape(-1, *[1] * (members.dim() - 1)) * members.sort(dim=0).values).sum(dim=0)
+    spread = alpha / (2 * m * (m - 1)) if m > 1 else 0.0
+    return skill - (spread + (1 - alpha) / (2 * m * m)) * pairs
+
+
+class WeightedCRPS(nn.Module):
+    """The area- and channel-weighted mean of the almost fair CRPS of an ensemble spread over the
+    sample ranks, each holding ``members`` ``(local members, batch, [steps,] tile_lat, tile_lon,
+    local channels)`` of its tile and channel slice; ``target`` has no member axis.
+
+    The members are not gathered: an all-to-all over the sample group hands each sample rank
+    every member on ``1 / sample ranks`` of the values (Makani's transposition), each scores its
+    share, and the shares add up over the sample and model groups. The value is the whole
+    ensemble's; the gradient of each rank's members is the serial one."""
+
+    def __init__(self, tile_latitude_weights: torch.Tensor, tile_channel_weights: torch.Tensor, grid_points: int,
+                 total_channel_weight: float, mesh: ProcessMesh | None = None, alpha: float = 1.0):
+        super().__init__()
+        self.register_buffer("lat_weights", tile_latitude_weights.to(torch.float32)[:, None, None], persistent=False)
+        self.register_buffer("channel_weights", tile_channel_weights.to(torch.float32), persistent=False)
+        self.grid_points, self.alpha = int(grid_points), float(alpha)
+        self.normaliser = float(grid_points) * float(total_channel_weight)
+        self.mesh = mesh or ProcessMesh.serial()
+
+    def forward(self, members: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if members.shape[1:] != target.shape:
+            raise ValueError(f"WeightedCRPS: members {tuple(members.shape)} do not end in the target's shape "
+                             f"{tuple(target.shape)}; expected (members, *target shape)")
+        compute = torch.promote_types(members.dtype, torch.float32)
+        weights = (self.lat_weights * self.channel_weights).to(compute).expand(target.shape).reshape(-1)
+        values, truth = members.to(compute).flatten(1), target.to(compute).reshape(-1)
+        mesh = self.mesh
+        group, ranks = mesh.group("sample"), mesh.config.sample
+        part = balanced_bounds(values.shape[1], ranks)[mesh.sample_rank]
+        sizes = [b - a for a, b in balanced_bounds(values.shape[1], ranks)]
+        ensemble = all_to_all(values, 1, sizes, 0, [members.shape[0]] * ranks, group)  # all members, my values
+        local = (ensemble_crps(ensemble, truth[part[0]:part[1]], self.alpha) * weights[part[0]:part[1]]).sum()
+        total = all_reduce_sum(all_reduce_sum(local.detach(), group), mesh.model_group)
+        samples = math.prod(target.shape[:-3])  # batch (and rollout steps)
+        return (local + (total - local.detach())) / (samples * self.normaliser)

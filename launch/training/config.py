@@ -106,6 +106,10 @@ class TrainingSection(Section):
     samples: int = Field(1, ge=1)
     kl_weight: float = Field(1.0, ge=0)  # beta ("heat"): loss = mse + kl_weight * KL / (times x values per time)
     input_noise: float = Field(0.0, ge=0)  # per-sample input noise, a fraction of each channel's std
+    # "mse": each sample's weighted MSE (the NLL); "crps": the samples are ensemble members scored
+    # together by the almost fair CRPS (crps_alpha = 1: fair; anemoi's default 0.95)
+    loss: Literal["mse", "crps"] = "mse"
+    crps_alpha: float = Field(0.95, ge=0, le=1)
 
     @field_validator("rollout")
     @classmethod
@@ -172,6 +176,9 @@ class RunConfig(Section):
 
     def _check_samples(self) -> None:
         t, sample_ranks, model = self.training, self.mesh.sample, self.model.build()
+        if t.loss == "crps" and t.samples < 2:
+            raise ValueError(f"training.loss = 'crps' scores an ensemble: training.samples = {t.samples}, expected "
+                             f"at least 2 members")
         if t.samples % sample_ranks:
             raise ValueError(f"training.samples = {t.samples} does not divide over mesh.sample = {sample_ranks} "
                              f"sample ranks; expected a multiple of {sample_ranks}")

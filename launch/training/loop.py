@@ -161,6 +161,7 @@ class Trainer:
         return self._last
 
     def _log_progress(self, loss: float, lead: int, nll: float, kl: float) -> None:
+        """``nll``: the data term of the loss (the weighted MSE, or the CRPS of a ``crps`` run)."""
         t = self.run.training
         start, steps = self._window
         elapsed = time.perf_counter() - start
@@ -169,8 +170,12 @@ class Trainer:
         self._last = {"step": self.step, "loss": loss, "lr": self.step_fn.scheduler.get_last_lr()[0],
                       "rollout": lead, "samples_per_s": samples / elapsed,
                       "tflops_per_rank": samples * flops / elapsed / 1e12 / dist.get_world_size()}
+        if t.loss == "crps":
+            self._last["crps"] = nll
+        elif self.config.is_bayesian:
+            self._last["nll"] = nll
         if self.config.is_bayesian:
-            self._last.update(nll=nll, kl=kl)
+            self._last["kl"] = kl
         self.metrics.write(self._last)
         self._window = (time.perf_counter(), 0)
 

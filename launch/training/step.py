@@ -23,7 +23,7 @@ from launch.training.schedule import build_schedule
 from parallel.mesh import ProcessMesh
 from parallel.rng import flat_index, mix_keys, normal_from_key, seed_dropout, stream_seed
 from weathermixer.config import ModelConfig
-from weathermixer.loss import WeightedMSE, channel_weights, latitude_weights
+from weathermixer.loss import WeightedCRPS, WeightedMSE, channel_weights, latitude_weights
 from weathermixer.model import WeatherMixer
 
 
@@ -47,29 +47,33 @@ def build_optimizer(model: WeatherMixer, run: RunConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
 
 
-def build_loss(model: WeatherMixer, latitudes: np.ndarray, channel_weights: torch.Tensor) -> WeightedMSE:
-    """The weighted MSE of this rank's tile and channel slice: cell-area weights of the grid rows
-    that exist in the data (``latitudes``, ascending; padded model rows weigh nothing) and this
-    rank's slice of the per-channel weights."""
+def build_loss(model: WeatherMixer, latitudes: np.ndarray, channel_weights: torch.Tensor,
+               crps_alpha: float | None = None) -> WeightedMSE | WeightedCRPS:
+    """The weighted MSE (or, with ``crps_alpha``, the almost fair CRPS across the members on the
+    sample ranks) of this rank's tile and channel slice: cell-area weights of the grid rows that
+    exist in the data (``latitudes``, ascending; padded model rows weigh nothing) and this rank's
+    slice of the per-channel weights."""
     config, mesh = model.config, model.mesh
     rows = torch.zeros(config.model_lat, dtype=torch.float64)
     stored = min(config.model_lat, len(latitudes))
     rows[:stored] = latitude_weights(np.asarray(latitudes)[:stored])
     (lat0, lat1), _ = model.layers.tile_bounds()
     local = model.state_channels.indices[mesh.tensor_rank].cpu()
-    return WeightedMSE(rows[lat0:lat1], channel_weights[local], stored * config.model_lon,
-                       float(channel_weights.sum()), mesh)
+    arguments = (rows[lat0:lat1], channel_weights[local], stored * config.model_lon, float(channel_weights.sum()), mesh)
+    return WeightedMSE(*arguments) if crps_alpha is None else WeightedCRPS(*arguments, alpha=crps_alpha)
 
 
 class TrainingStep:
     """Model, loss, optimizer, schedule and engine of a run; :meth:`micro_step` is one micro-batch.
 
     The loss is the ELBO of the sampling axis: the mean over this rank's Monte Carlo samples of
-    the weighted MSE (a Gaussian NLL per value up to constants), plus ``kl_weight * KL / (N D)``
-    for a Bayesian model (:meth:`set_training_size`). Sample rank ``r`` runs the global samples ``r * S_r .. (r + 1) * S_r - 1``
-    (``S_r = training.samples / mesh.sample``), each with its own weight draw and input noise
-    keyed by (seed, step, sample); DeepSpeed averages the gradients over data x sample, so
-    ``S`` samples on one rank give the gradient of ``S / k`` samples on each of ``k`` ranks.
+    the weighted MSE (a Gaussian NLL per value up to constants), or with ``training.loss = crps``
+    the almost fair CRPS of all samples as ensemble members, plus ``kl_weight * KL / (N D)`` for
+    a Bayesian model (:meth:`set_training_size`). Sample rank ``r`` runs the global samples
+    ``r * S_r .. (r + 1) * S_r - 1`` (``S_r = training.samples / mesh.sample``), each with its own
+    weight draw and input noise keyed by (seed, step, sample); DeepSpeed averages the gradients
+    over data x sample, so ``S`` samples on one rank give the gradient of ``S / k`` samples on
+    each of ``k`` ranks.
     """
 
     def __init__(self, run: RunConfig, config: ModelConfig, mesh: ProcessMesh, device: torch.device,
@@ -83,7 +87,10 @@ class TrainingStep:
         self.engine, self.optimizer, self.scheduler = initialize_engine(model, optimizer, run.deepspeed_config(),
                                                                         mesh, lr_scheduler=schedule)
         self.model: WeatherMixer = self.engine.module
-        self.loss_fn = build_loss(self.model, latitudes, channel_weights).to(device)
+        self.loss_fn = build_loss(self.model, latitudes, channel_weights).to(device)  # also validation's
+        t = run.training
+        self.crps_fn = build_loss(self.model, latitudes, channel_weights, crps_alpha=t.crps_alpha).to(device) \
+            if t.loss == "crps" else None
         self.samples_per_rank = run.training.samples // mesh.config.sample
         self.set_training_size(1)
         self.augment = InputNoise(self.model, run.training.seed, run.training.input_noise, len(latitudes))
@@ -92,7 +99,8 @@ class TrainingStep:
         self._autocast = functools.partial(autocast_if_enabled, self.engine)
         # one graph per rollout length and one for the loss; validation and export stay eager
         self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
-        self._loss = compiled(self.loss_fn) if run.training.compile else self.loss_fn
+        loss_fn = self.crps_fn or self.loss_fn
+        self._loss = compiled(loss_fn) if run.training.compile else loss_fn
         master = run.optimizer.master_weights
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or master else torch.float32
 
@@ -123,20 +131,26 @@ class TrainingStep:
 
     def forward_backward(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
         """The loss of this rank's samples and its backward (gradients averaged over the replicas)."""
-        nll = 0.0
+        predictions = []
         for k in range(self.samples_per_rank):
             sample = self.mesh.sample_rank * self.samples_per_rank + k
             self.model.draw_weights(step, sample)
             state = self.augment(batch.state, batch.time_indices, step, sample)
             with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
-                prediction = self._rollout(state, batch.static, batch.forcings[:, :lead], lead,
-                                           self.run.training.rollout_mode)
-            nll = nll + self._loss(prediction, batch.targets[:, :lead])
-        nll = nll / self.samples_per_rank
-        kl = self.model.kl_divergence() if self.model.config.is_bayesian else torch.zeros_like(nll)
-        loss = nll + self.kl_scale * kl
-        self.engine.backward(loss)
-        return torch.stack([loss, nll, kl]).detach()
+                predictions.append(self._rollout(state, batch.static, batch.forcings[:, :lead], lead,
+                                                 self.run.training.rollout_mode))
+        targets = batch.targets[:, :lead]
+        if self.crps_fn is None:  # the mean over this rank's samples of each one's NLL
+            data_loss = sum(self._loss(prediction, targets) for prediction in predictions) / len(predictions)
+            scale = 1.0
+        else:  # one score of all members; DeepSpeed's mean over the sample ranks would divide its gradient
+            data_loss = self._loss(torch.stack(predictions), targets)
+            scale = float(self.mesh.config.sample)
+        kl = self.model.kl_divergence() if self.model.config.is_bayesian else torch.zeros_like(data_loss)
+        loss = data_loss + self.kl_scale * kl
+        # the KL is the same on every rank: its gradient needs no compensation for the mean
+        self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
+        return torch.stack([loss, data_loss, kl]).detach()
 
 
 class InputNoise:

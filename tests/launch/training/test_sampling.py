@@ -28,14 +28,15 @@ def store(tmp_path_factory) -> Path:
                        upper_air=("z", "t"), tile_grid=(1, 2))
 
 
-def step_values(store: Path, mesh: dict, samples: int) -> dict:
+def step_values(store: Path, mesh: dict, samples: int, loss: str = "mse") -> dict:
     return {"model": BAYESIAN, "mesh": mesh,
             "data": {"store": str(store), "train": ["2020-01-01", "2020-01-05"]},
-            "training": {"steps": 10, "micro_batch": 2, "samples": samples, "input_noise": 0.1, "kl_weight": 3.0},
+            "training": {"steps": 10, "micro_batch": 2, "samples": samples, "input_noise": 0.1, "kl_weight": 3.0,
+                         "loss": loss},
             "deepspeed": "configs/deepspeed/zero0.json", "deepspeed_overrides": {"bf16": {"enabled": False}}}
 
 
-def gradients_on_mesh(rank, world_size, store, mesh, samples):
+def gradients_on_mesh(rank, world_size, store, mesh, samples, loss="mse"):
     """The ELBO and the full gradient of every parameter after one forward and backward."""
     import deepspeed
     import torch.distributed as dist
@@ -47,7 +48,7 @@ def gradients_on_mesh(rank, world_size, store, mesh, samples):
     from parallel.sharding import assemble_full_state
 
     deepspeed.init_distributed(dist_backend="gloo")
-    run = load_run_config(values=step_values(store, mesh, samples))
+    run = load_run_config(values=step_values(store, mesh, samples, loss))
     process_mesh = ProcessMesh.build(run.mesh)
     step = TrainingStep.for_store(run, process_mesh, torch.device("cpu"))
     step.set_training_size(40)
@@ -73,23 +74,28 @@ def gather_coordinates(mesh):
     return coordinates
 
 
-def serial_gradients(store, samples):
-    return spawn(gradients_on_mesh, 1, store, {}, samples)[0]
+def serial_gradients(store, samples, loss):
+    return spawn(gradients_on_mesh, 1, store, {}, samples, loss)[0]
 
 
-@pytest.mark.parametrize("world_size,mesh", [(2, {"sample": 2}), (4, {"sample": 2, "tensor": 2}),
-                                             (4, {"sample": 4})], ids=["sample2", "sample2-tensor2", "sample4"])
-def test_samples_on_sample_ranks_equal_samples_on_one_rank(store, world_size, mesh):
-    expected_losses, expected = serial_gradients(store, SAMPLES)
-    results = spawn(gradients_on_mesh, world_size, store, mesh, SAMPLES)
+@pytest.mark.parametrize("world_size,mesh,loss", [
+    (2, {"sample": 2}, "mse"), (4, {"sample": 2, "tensor": 2}, "mse"), (4, {"sample": 4}, "mse"),
+    (2, {"sample": 2}, "crps"), (4, {"sample": 2, "domain": [1, 2]}, "crps")],
+    ids=["sample2", "sample2-tensor2", "sample4", "crps-sample2", "crps-sample2-domain1x2"])
+def test_samples_on_sample_ranks_equal_samples_on_one_rank(store, world_size, mesh, loss):
+    expected_losses, expected = serial_gradients(store, SAMPLES, loss)
+    results = spawn(gradients_on_mesh, world_size, store, mesh, SAMPLES, loss)
     names = [name for name in expected if name.endswith("_rho")]
     assert names and all(abs(expected[name]).max() > 0 for name in names)  # the KL and the noise reach rho
     # float32 (DeepSpeed reduces no float64 gradients): sums in another order differ by rounding,
     # relative to the largest gradient element; a wrong draw or average differs by its own size
     scale = max(abs(value).max() for value in expected.values())
     for rank, (rank_losses, gradients) in enumerate(results):
-        # each rank's (loss, nll, kl) is its own samples'; their mean over the sample ranks is the serial one
+        # (loss, data loss, kl): the MSE is each rank's own samples' (their mean is the serial one),
+        # the CRPS the whole ensemble's on every rank
         assert rank_losses[2] == pytest.approx(expected_losses[2], rel=1e-6)
+        if loss == "crps":
+            assert rank_losses[1] == pytest.approx(expected_losses[1], rel=1e-6)
         for name, value in expected.items():
             error = float(abs(gradients[name] - value).max())
             assert error < 1e-5 * scale + 1e-3 * abs(value).max(), (
@@ -182,3 +188,13 @@ def test_hybrid_data_and_sample_run_trains(store, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(r["kl"] > 0 for r in records if "loss" in r)
+
+
+def test_crps_ensemble_of_a_deterministic_model_trains_on_two_sample_ranks(store, tmp_path):
+    """Members from input noise alone, scored together by the almost fair CRPS."""
+    values = run_values(store, tmp_path, mesh={"sample": 2}, training={
+        "steps": 3, "samples": 4, "input_noise": 0.1, "loss": "crps", "crps_alpha": 0.95})
+    launch(2, values)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["loss"] == r["crps"] > 0 for r in steps)
