@@ -85,6 +85,6 @@ def test_crps_on_a_mesh_equals_the_serial_crps(world_size, sample, domain, tenso
     expected = loss(members, target)
     expected.backward()
     for value, gradient, (mine, rows, columns, channels) in spawn(crps_on_mesh, world_size, sample, domain, tensor):
-        assert value == pytest.approx(float(expected), rel=1e-12)
+        assert value == pytest.approx(expected.item(), rel=1e-12)
         serial = members.grad[mine][..., rows[0]:rows[1], columns[0]:columns[1], :][..., channels]
         np.testing.assert_allclose(gradient, serial.numpy(), rtol=1e-10, atol=1e-15)
