@@ -14,11 +14,13 @@ import argparse
 import statistics
 import time
 
-
 import torch
 
-from benchmarks.train_step import analytic_forward_flops, build_model, matmul_ceiling
+from benchmarks.timing import matmul_ceiling
+from launch.runtime.compile import compile_step
 from weathermixer.config import PRESETS, preset
+from weathermixer.counts import forward_flops
+from weathermixer.model import WeatherMixer
 
 
 def main(argv=None) -> None:
@@ -31,14 +33,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device, dtype = args.device, torch.bfloat16
     config = preset(args.preset)
-    try:
-        from weathermixer.counts import forward_flops
-
-        flops = float(forward_flops(config, args.steps))
-    except ImportError:
-        flops = args.steps * analytic_forward_flops(config)
+    flops = float(forward_flops(config, args.steps))
     ceiling = matmul_ceiling(device, 8192 if device == "cuda" else 512)
-    base = build_model(config, device)
+    with torch.device(device):  # the weights are drawn where they live
+        base = WeatherMixer(config)
     generator = torch.Generator(device=device).manual_seed(0)
     lat, lon = config.model_lat, config.model_lon
     state = torch.randn(1, lat, lon, config.in_channels, device=device, generator=generator).to(dtype)

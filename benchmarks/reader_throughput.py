@@ -92,8 +92,6 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=6, help="timed samples per thread or process")
     args = parser.parse_args(argv)
     if not args.store.exists():
-        from benchmarks import train_step
-
         grid = tuple(int(v) for v in args.store_grid.lower().split("x"))
         chunk_grid = tuple(int(v) for v in args.chunk_grid.lower().split("x"))
         t0 = time.perf_counter()

@@ -91,7 +91,6 @@ def main(argv=None) -> None:
     runs = {mode: validation(train(mode, args)) for mode in MODES}
     from data.sampler import valid_time_indices
     from launch.training.config import load_run_config
-    from launch.runtime.rank_inputs import store_attrs  # noqa: F401 (the store must open)
     from data.reader import TileReader
 
     run = load_run_config(CONFIG, [f"data.store={args.store}"])

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from launch.runtime.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (part of the format's API)
+from launch.runtime.atomic import atomic_write_bytes
 from parallel.sharding import assemble_full_state
 from weathermixer.config import ModelConfig
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch.training.checkpoint_format import (COMPLETE_MARKER, META_FILE, CheckpointError, atomic_write_bytes,
-                                               atomic_write_text, consolidate, latest_checkpoint, load_consolidated,
-                                               read_meta, save_consolidated)
+from launch.runtime.atomic import atomic_write_bytes, atomic_write_text
+from launch.training.checkpoint_format import (COMPLETE_MARKER, META_FILE, CheckpointError, consolidate,
+                                               latest_checkpoint, load_consolidated, read_meta, save_consolidated)
 from launch.training.master_weights import MasterWeightAdam
 from launch.training.step import TrainingStep
 from parallel.sharding import load_full_state
