@@ -1,15 +1,18 @@
 """The forecast store: WeatherBench2's layout, written region by region, marked complete at the end.
 
 Dims ``time`` (initialisation), ``prediction_timedelta`` (lead, 0 = the initial state),
-``level`` (hPa, ascending), ``latitude`` (ascending), ``longitude``; upper-air variables
-``(time, prediction_timedelta, level, latitude, longitude)``, surface ones without ``level``,
-named as in WeatherBench2 (``geopotential``, ``2m_temperature``, ...) with the data store's
-units and long names.
+``realization`` (ensemble member; only in an ensemble forecast, WeatherBench2's default name
+for the ensemble dimension), ``level`` (hPa, ascending), ``latitude`` (ascending),
+``longitude``; upper-air variables ``(time, prediction_timedelta, [realization,] level,
+latitude, longitude)``, surface ones without ``level``, named as in WeatherBench2
+(``geopotential``, ``2m_temperature``, ...) with the data store's units and long names.
 
-Chunks are ``time=1, prediction_timedelta=all, level=1`` and spatial chunks that divide every
-rank's tile (:func:`parallel.tiling.chunk_length`), so ranks write disjoint chunk files. The
-skeleton (coordinates, empty arrays) is written under a temporary name (:func:`partial_path`);
-every rank writes its region (:func:`write_region`); :func:`mark_complete` sets ``complete = True``
+Chunks are ``time=1, prediction_timedelta=all, realization=1, level=1`` and spatial chunks
+that divide every rank's tile (:func:`parallel.tiling.chunk_length`), so ranks write disjoint
+chunk files. The skeleton (coordinates, empty arrays) is written under a temporary name
+(:func:`partial_path`); every rank writes its regions (:func:`write_region`) and
+:class:`Progress` records each finished (init time, member) pair, so a rerun of the same
+request continues where the last one stopped; :func:`mark_complete` sets ``complete = True``
 and renames the store into place. A store without ``complete = True`` did not finish.
 """
 
@@ -62,6 +65,7 @@ class ForecastLayout:
     longitudes: np.ndarray
     spatial_chunks: tuple[int, int]
     attributes: dict[str, dict[str, Any]]  # WB2 variable name -> units, long name, short name
+    members: int | None = None  # ensemble members (a ``realization`` dim); None: one deterministic forecast
 
     @property
     def targets(self) -> list[ChannelTarget]:
@@ -102,17 +106,16 @@ def create_skeleton(path: Path, layout: ForecastLayout, init_times: np.ndarray, 
     """Coordinates, empty (NaN) arrays and root attributes, with ``complete = False``."""
     if path.exists():
         shutil.rmtree(path)  # a partial store of an earlier run that stopped
-    n_time, n_lead = len(init_times), len(leads)
-    n_lat, n_lon = len(layout.latitudes), len(layout.longitudes)
+    ensemble = () if layout.members is None else ("realization",)
+    sizes = {"time": len(init_times), "prediction_timedelta": len(leads), "realization": layout.members,
+             "level": len(layout.levels), "latitude": len(layout.latitudes), "longitude": len(layout.longitudes)}
+    chunk_of = {"time": 1, "prediction_timedelta": len(leads), "realization": 1, "level": 1,
+                "latitude": layout.spatial_chunks[0], "longitude": layout.spatial_chunks[1]}
     data_vars, encoding = {}, {}
-    lat_chunk, lon_chunk = layout.spatial_chunks
     for name, upper_air in layout.variables.items():
-        if upper_air:
-            dims = ("time", "prediction_timedelta", "level", "latitude", "longitude")
-            shape, chunks = (n_time, n_lead, len(layout.levels), n_lat, n_lon), (1, n_lead, 1, lat_chunk, lon_chunk)
-        else:
-            dims = ("time", "prediction_timedelta", "latitude", "longitude")
-            shape, chunks = (n_time, n_lead, n_lat, n_lon), (1, n_lead, lat_chunk, lon_chunk)
+        dims = ("time", "prediction_timedelta", *ensemble, *(("level",) if upper_air else ()), "latitude",
+                "longitude")
+        shape, chunks = tuple(sizes[d] for d in dims), tuple(chunk_of[d] for d in dims)
         data_vars[name] = (dims, dask.array.zeros(shape, chunks=chunks, dtype=np.float32), layout.attributes[name])
         encoding[name] = {"chunks": chunks}
     coords = {
@@ -125,19 +128,27 @@ def create_skeleton(path: Path, layout: ForecastLayout, init_times: np.ndarray, 
     if layout.levels:
         coords["level"] = ("level", np.asarray(layout.levels, dtype=np.int64),
                            {"units": "hPa", "long_name": "pressure level"})
+    if ensemble:
+        coords["realization"] = ("realization", np.arange(layout.members, dtype=np.int64),
+                                 {"long_name": "ensemble member",
+                                  "description": "WeatherBench2's default name of the ensemble dimension"})
+        attrs = {**attrs, "ensemble_dim": "realization"}
     dataset = xr.Dataset(data_vars, coords=coords, attrs={**attrs, "complete": False})
     dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
 
 
-def write_region(path: Path, layout: ForecastLayout, values: np.ndarray, times: slice, rows: slice,
-                 columns: slice, channel_indices: list[int]) -> None:
-    """Write ``values`` ``(time, lead, rows, columns, local channels)`` for the given channels.
+def write_region(path: Path, layout: ForecastLayout, values: np.ndarray, times: np.ndarray, rows: slice,
+                 columns: slice, channel_indices: list[int], member: int | None = None) -> None:
+    """Write ``values`` ``(time, lead, rows, columns, local channels)`` at init-time indices
+    ``times`` (and ensemble member ``member``) for the given channels.
 
     Channels are the rank's slice of the model channel list; those of one variable are
     written with one orthogonal selection over their levels.
     """
     group = zarr.open_group(path, mode="r+")
     targets = layout.targets
+    times = np.asarray(times, dtype=np.int64)
+    ensemble = () if member is None else (member,)
     by_variable: dict[str, list[tuple[int | None, int]]] = {}
     for position, index in enumerate(channel_indices):
         target = targets[index]
@@ -145,12 +156,50 @@ def write_region(path: Path, layout: ForecastLayout, values: np.ndarray, times: 
     for name, members in by_variable.items():
         positions = [p for _, p in members]
         if members[0][0] is None:
-            group[name].set_orthogonal_selection((times, slice(None), rows, columns),
+            group[name].set_orthogonal_selection((times, slice(None), *ensemble, rows, columns),
                                                  values[..., positions[0]])
         else:
             block = np.moveaxis(values[..., positions], -1, 2)  # (time, lead, level, rows, columns)
             levels = np.asarray([level for level, _ in members])
-            group[name].set_orthogonal_selection((times, slice(None), levels, rows, columns), block)
+            group[name].set_orthogonal_selection((times, slice(None), *ensemble, levels, rows, columns), block)
+
+
+class Progress:
+    """Which (init time, member) pairs of a partial store are written: one empty marker file per
+    pair in a folder beside the store, made once every rank of the model replica has written
+    its region of the pair. ``member`` None: a deterministic forecast."""
+
+    def __init__(self, output: Path):
+        self.folder = output.with_name(f".{output.name}.progress")
+
+    @staticmethod
+    def _name(time_index: int, member: int | None) -> str:
+        return f"{time_index}-{'mean' if member is None else member}"
+
+    def reset(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+
+    def done(self) -> set[str]:
+        return {p.name for p in self.folder.iterdir()} if self.folder.is_dir() else set()
+
+    def pending(self, time_indices, member: int | None, done: set[str]) -> list[int]:
+        return [int(i) for i in time_indices if self._name(int(i), member) not in done]
+
+    def mark(self, time_indices, member: int | None) -> None:
+        for i in time_indices:
+            (self.folder / self._name(int(i), member)).touch()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def resumable(partial: Path, request: dict[str, Any]) -> bool:
+    """Whether ``partial`` is the store of an earlier run of the same ``request`` (JSON values)."""
+    try:
+        return zarr.open_group(partial, mode="r").attrs.get("request") == request
+    except Exception:  # absent or unreadable: start afresh
+        return False
 
 
 def mark_complete(partial: Path, output: Path, overwrite: bool) -> None:

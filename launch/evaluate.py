@@ -1,12 +1,20 @@
 """Score a forecast store against a data store, with persistence and climatology baselines.
 
     python launch/evaluate.py --forecast FORECAST.zarr --store STORE.zarr --output DIR \\
-        [--climatology-period 1990-01-01:2019-12-31]
+        [--climatology-period 1990-01-01:2019-12-31] [--climatology dayofyear|hour]
 
-Writes ``DIR/scores.json`` (RMSE, bias, ACC per channel, method and lead time),
-``DIR/rmse.png`` (RMSE against lead time for the headline channels) and
-``DIR/map_<channel>.png`` (truth, forecast and error of z500, or the first channel, at the
-longest lead that has truth), and prints a table of the main scores.
+Writes ``DIR/scores.json`` (RMSE, MAE, bias, ACC per channel, method and lead time; for an
+ensemble forecast also the fair CRPS, spread, spread/skill ratio and rank histogram),
+``DIR/scorecard.csv`` (every score) and ``DIR/scorecard.md`` (the headline channels),
+``DIR/rmse.png`` (RMSE against lead time for the headline channels),
+``DIR/rank_histogram.png`` (ensembles) and ``DIR/map_<channel>.png`` (truth, forecast and
+error of z500, or the first channel, at the longest lead that has truth), and prints a
+table of the main scores.
+
+The climatology (baseline and ACC anomalies) is by day of year and hour of day, smoothed
+over ``--climatology-window`` days (WeatherBench2's approach); a period too short to hold
+every needed day and hour is refused, and ``--climatology hour`` falls back to the mean by
+hour of day over the whole period.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from tqdm import tqdm  # noqa: E402
 from data.schema import HEADLINE_CHANNELS, StoreError  # noqa: E402
 from launch.runtime.atomic import atomic_write_text  # noqa: E402
 from data.forecast_store import ForecastError, open_forecast  # noqa: E402
-from launch.inference.plots import plot_map, plot_rmse  # noqa: E402
+from launch.inference.plots import plot_map, plot_rank_histograms, plot_rmse  # noqa: E402
+from launch.inference.scorecard import write_scorecard  # noqa: E402
 from launch.inference.scoring import ScoredChannel, ScoringError, parse_period, score_forecast, score_table  # noqa: E402
 
 
@@ -36,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for scores.json and the plots")
     parser.add_argument("--climatology-period", default=None,
                         help="START:END (inclusive) of the climatology; default the store's statistics period")
+    parser.add_argument("--climatology", choices=("dayofyear", "hour"), default="dayofyear",
+                        help="dayofyear: by day of year and hour of day, smoothed; hour: by hour of day only")
+    parser.add_argument("--climatology-window", type=int, default=61, help="smoothing window in days")
     return parser.parse_args(argv)
 
 
@@ -70,15 +82,21 @@ def main(argv=None) -> int:
     output = Path(args.output)
     try:
         period = parse_period(args.climatology_period) if args.climatology_period else None
-        result = score_forecast(args.forecast, args.store, period, progress=lambda items: tqdm(items, desc="scoring",
-                                                                                               unit="channel"))
+        if args.climatology_window < 1:
+            raise ScoringError(f"--climatology-window {args.climatology_window}: expected a positive number of days")
+        window = args.climatology_window if args.climatology == "dayofyear" else None
+        result = score_forecast(args.forecast, args.store, period, window=window,
+                                progress=lambda items: tqdm(items, desc="scoring", unit="channel"))
     except (ScoringError, ForecastError, StoreError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 1
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "scores.json", json.dumps(result, indent=1))
     headline = [name for name in HEADLINE_CHANNELS if name in result["scores"]] or list(result["scores"])[:4]
-    written = [output / "scores.json", plot_rmse(result, headline, output / "rmse.png")]
+    written = [output / "scores.json", *write_scorecard(result, headline, output),
+               plot_rmse(result, headline, output / "rmse.png")]
+    if "rank_histogram" in result["scores"][headline[0]]["model"]:
+        written.append(plot_rank_histograms(result, headline, output / "rank_histogram.png"))
     map_channel = "z500" if "z500" in result["scores"] else next(iter(result["scores"]))
     figure = map_figure(result, args.forecast, args.store, map_channel, output)
     if figure is not None:

@@ -4,10 +4,16 @@
         --init 2020-01-01T00:2020-01-31T12:12 --steps 40
     torchrun --nproc_per_node 4 launch/forecast.py ... --domain 2x1 --tensor 2
     deepspeed --num_gpus 8 launch/forecast.py ... --device cuda --domain 2x2 --tensor 2 --dtype bfloat16
+    torchrun --nproc_per_node 4 launch/forecast.py ... --members 8 --sample 4     # an ensemble
 
 Under a launcher (RANK / WORLD_SIZE / MASTER_ADDR set) torch.distributed starts from the
 environment: gloo on CPU, nccl on GPU. Processes beyond one model replica (domain x
-tensor) form more replicas that share the init times out.
+tensor) form more replicas: the sample axis shares the ensemble members out, the data axis
+(whatever the world size leaves) the init times. ``--members M`` writes an ensemble (a
+``realization`` dim): members of a Bayesian checkpoint use their own weight samples, and
+each member's initial state is perturbed when the input noise is above 0 (default: the
+noise the checkpoint trained with). A rerun of an interrupted forecast with the same
+arguments keeps the (init time, member) pairs it had written.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch  # noqa: E402
 from data.schema import StoreError  # noqa: E402
 from launch.training.checkpoint_format import CheckpointError  # noqa: E402
 from launch.runtime.distributed import DeviceError, init_distributed, shutdown_distributed  # noqa: E402
-from launch.inference.forecaster import ForecastError, run_forecast  # noqa: E402
+from launch.inference.forecaster import ForecastError, Members, run_forecast  # noqa: E402
 from parallel.mesh import MeshConfig, MeshError  # noqa: E402
 from parallel.sharding import ShardingError  # noqa: E402
 from weathermixer.config import ConfigError  # noqa: E402
@@ -49,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="forecast steps of the model's time step")
     parser.add_argument("--domain", type=tile_grid, default=(1, 1), help="domain tile grid LATxLON")
     parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--sample", type=int, default=1, help="sample ranks (members are spread over them)")
+    parser.add_argument("--members", type=int, default=None, help="ensemble members (default: one deterministic "
+                        "forecast, a Bayesian model's mean weights)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the members' weight samples and perturbations")
+    parser.add_argument("--input-noise", type=float, default=None, help="members' initial-state perturbation, a "
+                        "fraction of each channel's std (default: the checkpoint's training.input_noise)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--batch-size", type=int, default=1, help="init times rolled out together")
@@ -63,9 +75,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = init_distributed(args.device, deepspeed=False)
-        mesh = MeshConfig(domain=args.domain, tensor=args.tensor)
-        output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, mesh=mesh, device=device, dtype=DTYPES[args.dtype],
-                              batch_size=args.batch_size, overwrite=args.overwrite, compile=args.compile)
+        mesh = MeshConfig(sample=args.sample, domain=args.domain, tensor=args.tensor)
+        members = Members(args.members, args.seed, args.input_noise)
+        output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, mesh=mesh,
+                              device=device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
+                              overwrite=args.overwrite, compile=args.compile, members=members)
     except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError, DeviceError) as error:
         print(f"forecast: error: {error}", file=sys.stderr)
         return 1

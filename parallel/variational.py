@@ -61,7 +61,17 @@ class WeightNoise:
         """The next forwards sample Monte Carlo sample ``sample`` of training step ``step``."""
         if not (_non_negative_int(step) and _non_negative_int(sample)):
             raise ValueError(f"WeightNoise.draw(step={step!r}, sample={sample!r}): expected two integers >= 0")
-        self.key.fill_(stream_seed(self.seed, "weight-noise", step, sample))
+        self._use(stream_seed(self.seed, "weight-noise", step, sample))
+
+    def draw_member(self, seed: int, member: int) -> None:
+        """The next forwards use ensemble member ``member``'s weights of forecast seed ``seed``
+        (a stream apart from training's draws)."""
+        if not (_non_negative_int(seed) and _non_negative_int(member)):
+            raise ValueError(f"WeightNoise.draw_member(seed={seed!r}, member={member!r}): expected two integers >= 0")
+        self._use(stream_seed(self.seed, "forecast-member", seed, member))
+
+    def _use(self, key: int) -> None:
+        self.key.fill_(key)
         self._drawn, self._mean_weights = True, False
 
     def use_mean_weights(self) -> None:

@@ -1,4 +1,5 @@
-"""Forecast scores on a latitude-longitude grid: RMSE, bias, ACC, fair CRPS, spread/skill.
+"""Forecast scores on a latitude-longitude grid: RMSE, MAE, bias, ACC, fair CRPS, spread/skill,
+rank histogram.
 
 Fields are tensors ``(..., lat, lon)``; every score first takes the area-weighted spatial
 mean of one field,
@@ -10,6 +11,7 @@ Following WeatherBench2, RMSE takes the square root after the time average, and 
 the time average of per-field (uncentred) correlations:
 
     RMSE = sqrt(mean_t <(f - o)^2>)
+    MAE  = mean_t <|f - o|>
     bias = mean_t <f - o>
     ACC  = mean_t <(f - c)(o - c)> / sqrt(<(f - c)^2> <(o - c)^2>)     (c: climatology)
 
@@ -91,6 +93,12 @@ def rmse(forecast, truth, weights, *, latitudes=False, time_dim=None, group=None
     return mse(forecast, truth, weights, latitudes=latitudes, time_dim=time_dim, group=group).sqrt()
 
 
+def mae(forecast, truth, weights, *, latitudes=False, time_dim=None, group=None) -> torch.Tensor:
+    """``mean_t <|f - o|>`` (a single forecast's CRPS)."""
+    _check(forecast, truth, "mae")
+    return _time_mean(spatial_mean((forecast - truth).abs(), weights, latitudes=latitudes, group=group), time_dim)
+
+
 def bias(forecast, truth, weights, *, latitudes=False, time_dim=None, group=None) -> torch.Tensor:
     """``mean_t <f - o>``: positive when the forecast is too high."""
     _check(forecast, truth, "bias")
@@ -140,3 +148,17 @@ def spread_skill(ensemble, truth, weights, *, member_dim: int, latitudes=False, 
     spread = _time_mean(spatial_mean(variance, weights, latitudes=latitudes, group=group), time_dim).sqrt()
     skill = rmse(ensemble.mean(dim=member_dim), truth, weights, latitudes=latitudes, time_dim=time_dim, group=group)
     return {"spread": spread, "skill": skill, "ratio": (((members + 1) / members) ** 0.5) * spread / skill}
+
+
+def rank_histogram(ensemble, truth, weights, *, member_dim: int, latitudes=False, group=None) -> torch.Tensor:
+    """Area-weighted frequencies ``(m + 1,)`` of the truth's rank among the ``m`` members: rank
+    ``r`` means ``r`` members lie below the truth (a member equal to it counts half). Flat for
+    a reliable ensemble; U-shaped when the spread is too small, dome-shaped when too large."""
+    members = ensemble.shape[member_dim]
+    ensemble = ensemble.movedim(member_dim, 0)
+    _check(ensemble[0], truth, "rank_histogram")
+    below = (ensemble < truth).sum(dim=0) + torch.div((ensemble == truth).sum(dim=0), 2, rounding_mode="floor")
+    one_hot = torch.nn.functional.one_hot(below.long(), members + 1).movedim(-1, 0).to(torch.float64)
+    counts = spatial_mean(one_hot, weights, latitudes=latitudes, group=group)  # (m + 1, other dims...)
+    counts = counts.reshape(members + 1, -1).sum(dim=1)
+    return counts / counts.sum()

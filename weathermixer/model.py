@@ -134,6 +134,11 @@ class WeatherMixer(nn.Module):
         if self.noise is not None:
             self.noise.draw(step, sample)
 
+    def draw_member(self, seed: int, member: int) -> None:
+        """The next forwards use ensemble member ``member``'s weight sample of forecast seed ``seed``."""
+        if self.noise is not None:
+            self.noise.draw_member(seed, member)
+
     def use_mean_weights(self) -> None:
         """The next forwards use the weights' means (a Bayesian model's deterministic forecast)."""
         if self.noise is not None:

@@ -4,11 +4,19 @@ Every rank of a model replica (domain x tensor) reads only its tile and channel 
 initial state (:class:`launch.runtime.rank_inputs.RankInputs`), rolls the model out
 autoregressively with the time features of each step's input time, de-normalises with the
 checkpoint's statistics and writes its own region of one store (layout:
-:mod:`data.forecast_store`). Replicas (the data axis) share the initialisation times out.
+:mod:`data.forecast_store`). The data axis shares the initialisation times out, the sample
+axis the ensemble members.
+
+An ensemble member is a rollout with its own randomness: a Bayesian model's weight sample
+(:meth:`WeatherMixer.draw_member`) and/or a perturbation of the initial state
+(:class:`weathermixer.input_noise.InputNoise`), both functions of (forecast seed, member,
+global element), so a member is the same on any mesh. A deterministic forecast uses a
+Bayesian model's mean weights and no perturbation.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +28,8 @@ import torch.distributed as dist
 import zarr
 from tqdm import tqdm
 
-from data.forecast_store import (ForecastError, ForecastLayout, create_skeleton, mark_complete, partial_path,
-                                 variable_attributes, write_region)
+from data.forecast_store import (ForecastError, ForecastLayout, Progress, create_skeleton, mark_complete,
+                                 partial_path, resumable, variable_attributes, write_region)
 from data.schema import StoreAttrs, StoreError
 from launch.runtime.compile import compile_step
 from launch.training.checkpoint_format import CheckpointError, Consolidated, load_consolidated
@@ -29,6 +37,7 @@ from launch.runtime.rank_inputs import RankInputs, check_store_matches, store_at
 from parallel.mesh import MeshConfig, ProcessMesh
 from parallel.sharding import load_full_state
 from parallel.tiling import chunk_length
+from weathermixer.input_noise import InputNoise
 from weathermixer.model import WeatherMixer
 
 # ---------------------------------------------------------------------- init times
@@ -154,7 +163,48 @@ class _Normalisation:
         return (states.double().cpu().numpy() * self.std + self.mean).astype(np.float32)
 
 
-def _layout(model: WeatherMixer, store: str, attrs: StoreAttrs, n_rows: int) -> ForecastLayout:
+@dataclass(frozen=True)
+class Members:
+    """A forecast's ensemble: ``count`` members (None: one deterministic forecast), drawn from
+    forecast seed ``seed``; ``input_noise`` perturbs each member's initial state by that fraction
+    of each channel's standard deviation (None: the checkpoint's ``training.input_noise``)."""
+
+    count: int | None = None
+    seed: int = 0
+    input_noise: float | None = None
+
+    def resolve(self, metadata: dict, config, mesh: MeshConfig) -> "Members":
+        """Checked against the model and the mesh, with the input noise decided."""
+        if self.count is None:
+            if mesh.sample > 1:
+                raise ForecastError(f"mesh sample = {mesh.sample}: the sample axis holds ensemble members; "
+                                    f"expected --members M (a multiple of it) or sample = 1")
+            return Members(None, self.seed, 0.0)
+        if self.count < 1 or self.seed < 0:
+            raise ForecastError(f"--members {self.count} / --seed {self.seed}: expected members >= 1, seed >= 0")
+        if self.count % mesh.sample:
+            raise ForecastError(f"--members {self.count} over mesh sample = {mesh.sample}: expected a multiple "
+                                f"of the sample ranks (each holds members / sample of them)")
+        noise = self.input_noise
+        if noise is None:
+            noise = float(metadata.get("run_config", {}).get("training", {}).get("input_noise", 0.0))
+        if noise < 0:
+            raise ForecastError(f"--input-noise {noise}: expected a fraction >= 0")
+        if not config.is_bayesian and noise == 0 and self.count > 1:
+            raise ForecastError(f"--members {self.count}: the checkpoint's model has no Bayesian layers and the "
+                                f"input noise is 0, so every member would be the same forecast; expected a "
+                                f"Bayesian checkpoint or --input-noise > 0")
+        return Members(self.count, self.seed, noise)
+
+    def of_rank(self, mesh: ProcessMesh) -> list[int | None]:
+        """The members this sample rank rolls out."""
+        if self.count is None:
+            return [None]
+        share = self.count // mesh.config.sample
+        return list(range(mesh.sample_rank * share, (mesh.sample_rank + 1) * share))
+
+
+def _layout(model: WeatherMixer, store: str, attrs: StoreAttrs, n_rows: int, members: int | None) -> ForecastLayout:
     """The output grid: the model grid's rows that exist in the store (crop drops rows, padding adds none)."""
     tiling = model.layers.tiling
     bounds = [tiling.tile_bounds(tile) for tile in range(tiling.n_tiles)]
@@ -165,18 +215,19 @@ def _layout(model: WeatherMixer, store: str, attrs: StoreAttrs, n_rows: int) -> 
         latitudes=np.asarray(group["latitude"][:n_rows], dtype=np.float64), longitudes=longitudes,
         spatial_chunks=(chunk_length([b[0] for b in bounds], n_rows),
                         chunk_length([b[1] for b in bounds], len(longitudes))),
-        attributes=variable_attributes(store, attrs.channels))
+        attributes=variable_attributes(store, attrs.channels), members=members)
 
 
 def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, init: str, steps: int, *,
                  mesh: MeshConfig = MeshConfig(), device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 1, overwrite: bool = False,
-                 progress: bool = True, compile: bool = False) -> Path:
+                 progress: bool = True, compile: bool = False, members: Members = Members()) -> Path:
     """Forecast ``steps`` steps from every init time of ``init``; every rank calls this.
 
-    Runs on ``mesh`` (data = whatever the world size leaves; replicas share the init times out).
-    ``compile``: the model step through ``torch.compile`` (the first init time pays the
-    compilation). Returns the path of the complete forecast store.
+    Runs on ``mesh`` (data = whatever the world size leaves; replicas share the init times out,
+    sample ranks the ``members``). ``compile``: the model step through ``torch.compile`` (the
+    first init time pays the compilation). A rerun of the same request after an interruption
+    keeps the (init time, member) pairs already written. Returns the path of the complete store.
     """
     checkpoint, store, output = str(checkpoint), str(store), Path(output)
     if steps < 1 or batch_size < 1:
@@ -187,62 +238,108 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     metadata, config = checked.consolidated.metadata, checked.consolidated.model_config
     device = torch.device(device)
     process_mesh = ProcessMesh.build(mesh, device_type=device.type)
+    members = members.resolve(metadata, config, process_mesh.config)
     model = WeatherMixer(config, process_mesh)
     load_full_state(model, checked.consolidated.state_dict)
     model.to(device=device, dtype=dtype).eval()
-    model.use_mean_weights()  # a Bayesian model's deterministic forecast
     if compile:
         compile_step(model)
     inputs = RankInputs(store, model)
     times = parse_init_times(init, inputs.reader.times, checked.step_hours, store)
     leads = np.arange(steps + 1) * np.timedelta64(checked.step_hours, "h")
-    layout = _layout(model, store, checked.attrs, min(config.model_lat, checked.grid[0]))
-    partial = partial_path(output)
+    layout = _layout(model, store, checked.attrs, min(config.model_lat, checked.grid[0]), members.count)
+    partial, done = partial_path(output), Progress(output)
+    request = {"checkpoint": checkpoint, "checkpoint_step": metadata.get("step"), "store": store, "init": init,
+               "steps": steps, "members": members.count, "seed": members.seed, "input_noise": members.input_noise,
+               "dtype": str(dtype), "spatial_chunks": list(layout.spatial_chunks)}
     with _on_every_rank(f"creating the forecast store {partial}"):
         if _rank() == 0:
-            create_skeleton(partial, layout, times, leads, {
+            _create_or_resume(partial, done, layout, times, leads, request, {
                 "title": "WeatherMixer forecast", "checkpoint": checkpoint, "checkpoint_step": metadata.get("step"),
                 "store": store, "init": init, "steps": steps, "time_step_hours": checked.step_hours,
                 "channels": [c.to_json() for c in checked.attrs.channels], "mesh": process_mesh.describe(),
-                "dtype": str(dtype), "model_config": config.to_dict()})
+                "dtype": str(dtype), "model_config": config.to_dict(), "members": members.count,
+                "seed": members.seed, "input_noise": members.input_noise, "request": request}, progress)
     channels = model.state_channels.indices[process_mesh.tensor_rank].tolist()
-    normalisation = _Normalisation(metadata, checked.attrs, channels)
+    rollout = _Rollout(model, inputs, _Normalisation(metadata, checked.attrs, channels), layout, partial, done,
+                       members, InputNoise(model, members.seed, members.input_noise, len(layout.latitudes)))
     with _on_every_rank(f"writing the forecast into {partial}"):
-        _roll_out(model, inputs, normalisation, layout, partial, times, steps, batch_size, device, dtype, progress)
+        rollout.run(times, steps, batch_size, device, dtype, progress)
     with _on_every_rank(f"completing the forecast store {output}"):
         if _rank() == 0:
             mark_complete(partial, output, overwrite)
+            done.remove()
     return output
 
 
-def _roll_out(model: WeatherMixer, inputs: RankInputs, normalisation: _Normalisation, layout: ForecastLayout,
-              partial: Path, times: np.ndarray, steps: int, batch_size: int, device: torch.device,
-              dtype: torch.dtype, progress: bool) -> None:
-    """This replica's share of the init times, ``batch_size`` at a time: read, roll out, write.
+def _create_or_resume(partial: Path, done: Progress, layout: ForecastLayout, times: np.ndarray, leads: np.ndarray,
+                      request: dict, attrs: dict, say: bool) -> None:
+    """Keep the partial store of an interrupted run of the same request, else start afresh."""
+    request = json.loads(json.dumps(request))  # as zarr returns it
+    if resumable(partial, request) and done.folder.is_dir():
+        if say:
+            print(f"forecast: resuming {partial}: {len(done.done())} (init time, member) pairs already written")
+        return
+    create_skeleton(partial, layout, times, leads, attrs)
+    done.reset()
 
-    Failures are agreed on within the model group around its collectives (the rollout); the
-    caller agrees over all ranks (replicas may have different numbers of batches)."""
-    mesh, n_rows = model.mesh, len(layout.latitudes)
-    (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
-    rows = slice(min(lat0, n_rows), min(lat1, n_rows))
-    channels = model.state_channels.indices[mesh.tensor_rank].tolist()
-    mine = np.array_split(np.arange(len(times)), mesh.replicas)[mesh.replica_rank]
-    time_index = {t: i for i, t in enumerate(inputs.reader.times)}
-    step = np.timedelta64(int(inputs.reader.step_hours), "h")  # the checkpoint's (checked equal)
-    bar = tqdm(total=len(times), desc="forecast", unit="init", disable=not (progress and _rank() == 0))
-    with bar:
-        for first in range(0, len(mine), batch_size):
-            batch = mine[first:first + batch_size]
-            with _on_every_rank("reading the initial states", mesh.model_group):
-                samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
-                state, static, _, _ = inputs.batch(samples, device, dtype)
-                state = normalisation.to_model(state)
-                forcings = torch.stack([inputs.forcings(times[i] + np.arange(steps) * step) for i in batch])
-            with torch.no_grad():
-                forecast = model.rollout(state, static, forcings.to(device, dtype), steps)
-            with _on_every_rank(f"writing the forecast into {partial}", mesh.model_group):
-                if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
-                    states = torch.cat([state[:, None], forecast], dim=1)[:, :, :rows.stop - lat0]
-                    write_region(partial, layout, normalisation.to_physical(states),
-                                 slice(int(batch[0]), int(batch[-1]) + 1), rows, slice(lon0, lon1), channels)
-            bar.update(len(batch) * mesh.replicas)
+
+@dataclass
+class _Rollout:
+    """This replica's share of the (init time, member) pairs, ``batch_size`` init times at a time."""
+
+    model: WeatherMixer
+    inputs: RankInputs
+    normalisation: _Normalisation
+    layout: ForecastLayout
+    partial: Path
+    done: Progress
+    members: Members
+    perturb: InputNoise
+
+    def run(self, times: np.ndarray, steps: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+            progress: bool) -> None:
+        """Failures are agreed on within the model group around its collectives (the rollout);
+        the caller agrees over all ranks (replicas may have different numbers of batches)."""
+        mesh = self.model.mesh
+        mine = np.array_split(np.arange(len(times)), mesh.config.data)[mesh.data_rank]
+        finished = self.done.done()
+        total = len(times) * (self.members.count or 1)
+        bar = tqdm(total=total, initial=len(finished), desc="forecast", unit="member" if self.members.count else
+                   "init", disable=not (progress and _rank() == 0))
+        with bar:
+            for member in self.members.of_rank(mesh):
+                pending = self.done.pending(mine, member, finished)
+                for first in range(0, len(pending), batch_size):
+                    batch = pending[first:first + batch_size]
+                    self._forecast(times, batch, member, steps, device, dtype)
+                    bar.update(len(batch) * mesh.replicas)
+
+    def _forecast(self, times: np.ndarray, batch: list[int], member: int | None, steps: int,
+                  device: torch.device, dtype: torch.dtype) -> None:
+        model, inputs, mesh = self.model, self.inputs, self.model.mesh
+        time_index = {t: i for i, t in enumerate(inputs.reader.times)}
+        step = np.timedelta64(int(inputs.reader.step_hours), "h")  # the checkpoint's (checked equal)
+        with _on_every_rank("reading the initial states", mesh.model_group):
+            samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
+            state, static, _, _ = inputs.batch(samples, device, dtype)
+            state = self.normalisation.to_model(state)
+            forcings = torch.stack([inputs.forcings(times[i] + np.arange(steps) * step) for i in batch])
+        if member is None:
+            model.use_mean_weights()  # a Bayesian model's deterministic forecast
+        else:
+            model.draw_member(self.members.seed, member)
+            state = self.perturb(state, tuple(time_index[times[i]] for i in batch), 0, member)
+        with torch.no_grad():
+            forecast = model.rollout(state, static, forcings.to(device, dtype), steps)
+        n_rows = len(self.layout.latitudes)
+        (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
+        rows = slice(min(lat0, n_rows), min(lat1, n_rows))
+        channels = model.state_channels.indices[mesh.tensor_rank].tolist()
+        with _on_every_rank(f"writing the forecast into {self.partial}", mesh.model_group):
+            if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
+                states = torch.cat([state[:, None], forecast], dim=1)[:, :, :rows.stop - lat0]
+                write_region(self.partial, self.layout, self.normalisation.to_physical(states), np.asarray(batch),
+                             rows, slice(lon0, lon1), channels, member)
+        if mesh.model_rank == 0:
+            self.done.mark(batch, member)

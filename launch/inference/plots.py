@@ -65,3 +65,37 @@ def plot_map(truth: np.ndarray, forecast: np.ndarray, latitudes: np.ndarray, lon
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_rank_histograms(result: dict[str, Any], channels: list[str], path: Path, max_leads: int = 4) -> Path:
+    """One panel per channel: the truth's rank among the members at up to ``max_leads`` leads
+    (flat at the dashed line for a reliable ensemble; U-shaped when the spread is too small)."""
+    columns = min(2, len(channels))
+    rows = -(-len(channels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, channels):
+        histograms = result["scores"][name]["model"]["rank_histogram"]
+        scored = [k for k, h in enumerate(histograms) if h is not None and result["lead_hours"][k] > 0]
+        picks = [scored[round(i * (len(scored) - 1) / max(1, max_leads - 1))] for i in range(min(max_leads,
+                                                                                                  len(scored)))]
+        picks = sorted(set(picks))
+        width = 0.8 / max(1, len(picks))
+        for j, k in enumerate(picks):
+            ranks = np.arange(len(histograms[k]))
+            axis.bar(ranks + (j - (len(picks) - 1) / 2) * width, histograms[k], width=width,
+                     label=f"{result['lead_hours'][k]} h")
+        members = len(histograms[picks[0]]) - 1 if picks else 1
+        axis.axhline(1 / (members + 1), color="k", linestyle="--", linewidth=1, label="reliable")
+        axis.set_title(f"{name} rank histogram ({members} members)")
+        axis.set_xlabel("rank of the truth among the members")
+        axis.set_ylabel("frequency (area-weighted)")
+        axis.set_xticks(np.arange(members + 1))
+        axis.grid(alpha=0.3, axis="y")
+        axis.legend(fontsize="small", title="lead")
+    for axis in list(axes.flat)[len(channels):]:
+        axis.set_visible(False)
+    figure.suptitle(f"Rank histograms, {len(result['init_times'])} init times")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -21,8 +21,9 @@ from launch.training.engine import initialize_engine
 from launch.training.master_weights import MasterWeightAdam
 from launch.training.schedule import build_schedule
 from parallel.mesh import ProcessMesh
-from parallel.rng import flat_index, mix_keys, normal_from_key, seed_dropout, stream_seed
+from parallel.rng import seed_dropout
 from weathermixer.config import ModelConfig
+from weathermixer.input_noise import InputNoise
 from weathermixer.loss import WeightedCRPS, WeightedMSE, channel_weights, latitude_weights
 from weathermixer.model import WeatherMixer
 
@@ -151,33 +152,3 @@ class TrainingStep:
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
         return torch.stack([loss, data_loss, kl]).detach()
-
-
-class InputNoise:
-    """The per-sample augmentation of the inputs: ``state + fraction * eps`` in normalised units
-    (``fraction`` of each channel's standard deviation), ``eps`` a function of (seed, step,
-    sample, time index, global grid point and channel), so a sample's noise is the same on any
-    mesh; padded rows stay zero. ``fraction`` 0: the inputs as they are."""
-
-    def __init__(self, model: WeatherMixer, seed: int, fraction: float, stored_rows: int):
-        self.seed, self.fraction = seed, fraction
-        if fraction == 0:
-            return
-        config, layers = model.config, model.layers
-        (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
-        self.rows = max(0, min(lat1, stored_rows) - lat0)
-        device = next(model.parameters()).device
-        index = (torch.arange(lat0, lat0 + self.rows), torch.arange(lon0, lon1),
-                 model.state_channels.indices[model.mesh.tensor_rank])
-        self.flat = flat_index(tuple(i.to(device) for i in index), (config.model_lat, config.model_lon,
-                                                                   config.in_channels), device)
-        self.key = torch.zeros((), dtype=torch.int64, device=device)
-
-    def __call__(self, state: torch.Tensor, time_indices: tuple[int, ...], step: int, sample: int) -> torch.Tensor:
-        if self.fraction == 0:
-            return state
-        self.key.fill_(stream_seed(self.seed, "input-noise", step, sample))
-        noise = torch.stack([normal_from_key(mix_keys(self.key, int(index)), self.flat) for index in time_indices])
-        out = state.clone()
-        out[:, :self.rows] += (self.fraction * noise).to(state.dtype)
-        return out

@@ -86,6 +86,34 @@ def test_spread_skill_matches_numpy_and_a_perfect_ensemble_scores_one():
     assert ratio.item() == pytest.approx(1.0, abs=0.05)
 
 
+def test_mae_and_crps_agree_with_scoringrules():
+    scoringrules = pytest.importorskip("scoringrules")
+    rng = np.random.default_rng(5)
+    ensemble, truth = rng.standard_normal((6, 2, 7, 5)), rng.standard_normal((2, 7, 5))
+    point = scoringrules.crps_ensemble(truth, np.moveaxis(ensemble, 0, -1), estimator="fair")
+    got = metrics.crps_fair(torch.from_numpy(ensemble), torch.from_numpy(truth), LATITUDES, latitudes=True,
+                            member_dim=0, time_dim=0)
+    assert got.item() == pytest.approx(_weighted_mean(point).mean(), rel=1e-10)
+    mae = metrics.mae(torch.from_numpy(ensemble[0]), torch.from_numpy(truth), LATITUDES, latitudes=True, time_dim=0)
+    assert mae.item() == pytest.approx(_weighted_mean(np.abs(ensemble[0] - truth)).mean(), rel=1e-12)
+
+
+def test_rank_histogram_counts_ranks_by_area():
+    truth = torch.zeros(1, 7, 5)
+    ensemble = torch.stack([torch.full((1, 7, 5), v) for v in (-1.0, 1.0, 2.0)])  # truth between members 0 and 1
+    ensemble[:, 0, 3] = torch.tensor([1.0, 2.0, 3.0])[:, None]  # one row: every member above the truth
+    got = metrics.rank_histogram(ensemble, truth, LATITUDES, member_dim=0, latitudes=True).numpy()
+    w = np.maximum(np.cos(np.deg2rad(LATITUDES)), np.sin(np.deg2rad(30.0 / 4)))
+    expected = np.array([w[3], w.sum() - w[3], 0, 0]) / w.sum()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # truth drawn like the members: flat; members too narrow: U-shaped
+    draws = torch.from_numpy(np.random.default_rng(6).standard_normal((5, 200, 7, 5)))
+    flat = metrics.rank_histogram(draws[1:], draws[0], LATITUDES, member_dim=0, latitudes=True).numpy()
+    np.testing.assert_allclose(flat, 0.2, atol=0.02)
+    narrow = metrics.rank_histogram(0.2 * draws[1:], draws[0], LATITUDES, member_dim=0, latitudes=True).numpy()
+    assert narrow[0] > 0.35 and narrow[-1] > 0.35 and narrow[1:-1].max() < 0.15
+
+
 def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="lat=7"):
         metrics.rmse(torch.zeros(6, 5), torch.zeros(6, 5), LATITUDES, latitudes=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -12,7 +13,7 @@ import zarr
 
 from launch.evaluate import main as evaluate_main
 from launch.inference.forecaster import run_forecast
-from launch.inference.scoring import ScoringError, parse_period, score_forecast
+from launch.inference.scoring import Climatology, ScoringError, parse_period, score_forecast
 from tests.data.store_fixtures import write_store
 from tests.launch.inference.test_forecast import make_checkpoint
 
@@ -108,7 +109,7 @@ def test_climatology_period_selects_the_climatology(case):
     assert result["scores"]["z500"]["model"]["acc"][2] == pytest.approx(expected["model"]["acc"], rel=1e-6)
     with pytest.raises(ScoringError, match="holds no time"):
         score_forecast(case["forecast"], case["store"], ("2019-01-01", "2019-12-31"))
-    with pytest.raises(ScoringError, match="no times at hours"):
+    with pytest.raises(ScoringError, match="has no time at 06 UTC within 30 days of day of year 2"):
         score_forecast(case["forecast"], case["store"], ("2020-01-01T00", "2020-01-01T00"))
 
 
@@ -172,3 +173,55 @@ def test_ensemble_forecast_gets_crps_and_spread_skill(case, tmp_path):
     assert scores["spread_skill"][1] == pytest.approx(np.sqrt(4 / 3) * spread / mean_rmse, rel=1e-6)
     assert evaluate_main(["--forecast", str(tmp_path / "ensemble.zarr"), "--store", str(case["store"]),
                           "--output", str(tmp_path / "evaluation")]) == 0
+    for name in ("scorecard.csv", "scorecard.md", "rank_histogram.png"):
+        assert (tmp_path / "evaluation" / name).stat().st_size > 0
+    histogram = score_forecast(tmp_path / "ensemble.zarr", case["store"])["scores"]["z500"]["model"]["rank_histogram"]
+    assert len(histogram[1]) == 4 and sum(histogram[1]) == pytest.approx(1.0)
+    card = (tmp_path / "evaluation" / "scorecard.md").read_text()
+    assert "| z500 | 6 |" in card and "CRPS" in card
+
+
+def _clim_field(days: int = 800) -> xr.DataArray:
+    times = np.arange(np.datetime64("2018-01-01T00", "ns"), np.datetime64("2018-01-01T00", "ns")
+                      + np.timedelta64(days, "D"), np.timedelta64(6, "h"))
+    values = np.random.default_rng(8).standard_normal((len(times), 3, 4))
+    return xr.DataArray(values, dims=("time", "latitude", "longitude"), coords={"time": times})
+
+
+def test_climatology_by_day_of_year_and_hour_with_a_smoothing_window():
+    field = _clim_field()
+    valid = np.array(["2020-01-03T06", "2020-02-29T12", "2020-12-31T18"], dtype="datetime64[ns]")
+    clim = Climatology(field, ("2018-01-01", "2020-02-15"), "s.zarr", valid, window=11)
+    period = field.sel(time=slice("2018-01-01", "2020-02-15"))
+    index = pd.DatetimeIndex(period["time"].values)
+    for t, got in zip(valid, clim.at(valid)):
+        day, hour = pd.Timestamp(t).day_of_year, pd.Timestamp(t).hour
+        distance = np.abs(index.day_of_year - day)
+        near = (np.minimum(distance, 366 - distance) <= 5) & (index.hour == hour)
+        np.testing.assert_allclose(got, period.values[near].mean(axis=0), rtol=1e-12)
+    by_hour = Climatology(field, ("2018-01-01", "2020-02-15"), "s.zarr", valid, window=None).at(valid[:1])
+    np.testing.assert_allclose(by_hour[0], period.values[index.hour == 6].mean(axis=0), rtol=1e-12)
+
+
+def test_a_climatology_period_too_short_for_the_season_is_refused(case, tmp_path, capsys):
+    field = _clim_field(days=60)
+    valid = np.array(["2018-07-01T00"], dtype="datetime64[ns]")
+    with pytest.raises(ScoringError, match="no time at 00 UTC within 30 days of day of year 182.*--climatology hour"):
+        Climatology(field, ("2018-01-01", "2018-02-28"), "s.zarr", valid)
+    assert Climatology(field, ("2018-01-01", "2018-02-28"), "s.zarr", valid, window=None).at(valid).shape == (1, 3, 4)
+    assert evaluate_main(["--forecast", str(case["forecast"]), "--store", str(case["store"]), "--output",
+                          str(tmp_path / "out"), "--climatology", "hour"]) == 0
+    assert "hour of day" in json.loads((tmp_path / "out" / "scores.json").read_text())["climatology"]
+
+
+def test_a_forecast_missing_a_listed_variable_is_named(case, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(case["forecast"], broken)
+    shutil.rmtree(broken / "2m_temperature")
+    assert evaluate_main(["--forecast", str(broken), "--store", str(case["store"]), "--output",
+                          str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "variable '2m_temperature' is listed in its 'channels' attribute but missing" in error
+    assert "Traceback" not in error

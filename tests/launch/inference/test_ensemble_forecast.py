@@ -1,0 +1,136 @@
+"""Ensemble forecasts: members on the sample axis, the same members on any mesh, resumable writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from data.forecast_store import ForecastError, Progress, partial_path
+from launch.forecast import main as forecast_main
+from launch.inference.forecaster import Members, run_forecast
+from parallel.mesh import MeshConfig
+from tests.data.store_fixtures import write_store
+from tests.distributed import spawn
+from tests.launch.inference.test_forecast import INIT, STEPS, _assert_same_forecast, _values, make_checkpoint
+
+torch.set_num_threads(1)
+MEMBERS = 4
+NOISE = 0.2
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    store = write_store(root / "store.zarr", n_times=10, n_lat=8, n_lon=16, tile_grid=(2, 2))
+    bayesian = make_checkpoint(store, root / "bayesian.pt", bayesian=("all",), init_sigma=0.05)
+    serial = run_forecast(bayesian, store, root / "serial.zarr", INIT, STEPS, dtype=torch.float64, progress=False,
+                          members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    return {"root": root, "store": store, "bayesian": bayesian, "serial": serial}
+
+
+def test_store_has_a_realization_dim_and_distinct_members(case):
+    dataset = xr.open_zarr(case["serial"], consolidated=False)
+    assert dataset["geopotential"].dims == ("time", "prediction_timedelta", "realization", "level", "latitude",
+                                            "longitude")
+    assert dataset["2m_temperature"].dims == ("time", "prediction_timedelta", "realization", "latitude", "longitude")
+    assert dataset.sizes["realization"] == MEMBERS and dataset.attrs["ensemble_dim"] == "realization"
+    values = dataset["2m_temperature"].values
+    assert not np.isnan(values).any()
+    for k in range(1, MEMBERS):  # every member its own draw, from the initial state on
+        assert not np.allclose(values[:, :, 0], values[:, :, k])
+    assert not (partial_path(case["serial"])).exists() and not Progress(case["serial"]).folder.exists()
+
+
+def test_members_are_reproducible_and_depend_on_the_seed(case, tmp_path):
+    again = run_forecast(case["bayesian"], case["store"], tmp_path / "again.zarr", INIT, STEPS, dtype=torch.float64,
+                         progress=False, members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    _assert_same_forecast(again, case["serial"])
+    other = run_forecast(case["bayesian"], case["store"], tmp_path / "other.zarr", INIT, STEPS, dtype=torch.float64,
+                         progress=False, members=Members(2, seed=4, input_noise=NOISE))
+    assert not np.allclose(_values(other)["2m_temperature"], _values(case["serial"])["2m_temperature"][:, :, :2])
+
+
+def test_a_deterministic_model_makes_members_from_input_noise_alone(case, tmp_path):
+    checkpoint = make_checkpoint(case["store"], tmp_path / "plain.pt")
+    with pytest.raises(ForecastError, match="every member would be the same forecast"):
+        run_forecast(checkpoint, case["store"], tmp_path / "same.zarr", INIT, STEPS, progress=False,
+                     members=Members(2))
+    path = run_forecast(checkpoint, case["store"], tmp_path / "noise.zarr", INIT, STEPS, progress=False,
+                        members=Members(2, input_noise=NOISE))
+    values = _values(path)["2m_temperature"]
+    deterministic = _values(run_forecast(checkpoint, case["store"], tmp_path / "one.zarr", INIT, STEPS,
+                                         progress=False))["2m_temperature"]
+    assert not np.allclose(values[:, :, 0], values[:, :, 1])
+    spread = np.abs(values[:, 0] - deterministic[:, 0][:, None]).max()  # the perturbation of the initial state
+    assert 0 < spread < 10 * NOISE * np.abs(deterministic).max()
+
+
+def _ensemble_on_meshes(rank, world_size, checkpoint, store, root, meshes):
+    paths = []
+    for sample, domain in meshes:
+        path = f"{root}/sample{sample}_domain{domain[0]}x{domain[1]}_of{world_size}.zarr"
+        paths.append(str(run_forecast(checkpoint, store, path, INIT, STEPS, dtype=torch.float64, progress=False,
+                                      mesh=MeshConfig(sample=sample, domain=domain),
+                                      members=Members(MEMBERS, seed=3, input_noise=NOISE))))
+    return paths
+
+
+@pytest.mark.parametrize("world, meshes", [
+    (2, [(2, (1, 1)), (1, (1, 2))]),  # members over 2 sample ranks; one replica on a 1x2 domain
+    (4, [(2, (2, 1)), (4, (1, 1)), (1, (1, 1))]),  # sample x domain; 4 sample ranks; 4 data replicas
+])
+def test_any_mesh_gives_the_single_process_members(case, world, meshes):
+    paths = spawn(_ensemble_on_meshes, world, str(case["bayesian"]), str(case["store"]), str(case["root"]),
+                  meshes, timeout=240)[0]
+    for path in paths:
+        _assert_same_forecast(Path(path), case["serial"])
+
+
+def test_a_rerun_keeps_the_pairs_already_written(case, tmp_path, monkeypatch):
+    import launch.inference.forecaster as forecaster
+
+    output, written, interrupt = tmp_path / "resumed.zarr", [], [True]
+    original = forecaster.write_region
+
+    def write_then_fail(*args, **kwargs):
+        if interrupt[0] and len(written) == 5:
+            raise OSError("interrupted")
+        written.append((tuple(args[3]), kwargs.get("member", args[-1])))
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(forecaster, "write_region", write_then_fail)
+    request = dict(dtype=torch.float64, progress=False, members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    with pytest.raises(OSError, match="interrupted"):
+        run_forecast(case["bayesian"], case["store"], output, INIT, STEPS, **request)
+    assert len(Progress(output).done()) == 5 and not output.exists()
+    first = list(written)
+    written.clear()
+    interrupt[0] = False
+    run_forecast(case["bayesian"], case["store"], output, INIT, STEPS, **request)
+    assert len(written) == 3 * MEMBERS - 5 and not set(written) & set(first)  # only the missing pairs
+    _assert_same_forecast(output, case["serial"])
+
+
+def test_a_rerun_with_another_request_starts_afresh(case, tmp_path):
+    output = tmp_path / "changed.zarr"
+    Progress(output).reset()
+    Progress(output).mark([0, 1, 2], 0)  # a stale record of another request must not be trusted
+    partial_path(output).mkdir()
+    run_forecast(case["bayesian"], case["store"], output, INIT, STEPS, dtype=torch.float64, progress=False,
+                 members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    _assert_same_forecast(output, case["serial"])
+
+
+def test_refuses_members_that_do_not_fit_the_mesh(case, tmp_path, capsys):
+    with pytest.raises(ForecastError, match="expected --members M"):
+        Members().resolve({}, None, MeshConfig(sample=2))
+    with pytest.raises(ForecastError, match="multiple of the sample ranks"):
+        Members(3).resolve({}, None, MeshConfig(sample=2))
+    code = forecast_main(["--checkpoint", str(case["bayesian"]), "--store", str(case["store"]), "--output",
+                          str(tmp_path / "out.zarr"), "--init", INIT, "--steps", "1", "--members", "0"])
+    assert code == 1 and "expected members >= 1" in capsys.readouterr().err
+

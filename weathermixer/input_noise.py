@@ -1,0 +1,38 @@
+"""Perturbed initial states: training's per-sample augmentation and an ensemble's member perturbations."""
+
+from __future__ import annotations
+
+import torch
+
+from parallel.rng import flat_index, mix_keys, normal_from_key, stream_seed
+from weathermixer.model import WeatherMixer
+
+
+class InputNoise:
+    """The per-sample augmentation of the inputs: ``state + fraction * eps`` in normalised units
+    (``fraction`` of each channel's standard deviation), ``eps`` a function of (seed, step,
+    sample, time index, global grid point and channel), so a sample's noise is the same on any
+    mesh; padded rows stay zero. ``fraction`` 0: the inputs as they are."""
+
+    def __init__(self, model: WeatherMixer, seed: int, fraction: float, stored_rows: int):
+        self.seed, self.fraction = seed, fraction
+        if fraction == 0:
+            return
+        config, layers = model.config, model.layers
+        (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
+        self.rows = max(0, min(lat1, stored_rows) - lat0)
+        device = next(model.parameters()).device
+        index = (torch.arange(lat0, lat0 + self.rows), torch.arange(lon0, lon1),
+                 model.state_channels.indices[model.mesh.tensor_rank])
+        self.flat = flat_index(tuple(i.to(device) for i in index), (config.model_lat, config.model_lon,
+                                                                   config.in_channels), device)
+        self.key = torch.zeros((), dtype=torch.int64, device=device)
+
+    def __call__(self, state: torch.Tensor, time_indices: tuple[int, ...], step: int, sample: int) -> torch.Tensor:
+        if self.fraction == 0:
+            return state
+        self.key.fill_(stream_seed(self.seed, "input-noise", step, sample))
+        noise = torch.stack([normal_from_key(mix_keys(self.key, int(index)), self.flat) for index in time_indices])
+        out = state.clone()
+        out[:, :self.rows] += (self.fraction * noise).to(state.dtype)
+        return out
