@@ -2,8 +2,17 @@
 # The whole chain on a small synthetic ERA5, on 2 CPU processes (or GPUs if present):
 #   install -> netCDF files -> zarr store -> train with the deepspeed launcher (domain 1x2)
 #   -> checkpoint -> forecast from it -> evaluate against persistence and climatology.
+# With --ensemble, then: train a Bayesian CRPS ensemble model with mesh.sample = 2 (one member on
+#   each of 2 processes) -> an 8-member ensemble forecast -> CRPS, spread/skill, rank histograms.
 # Outputs go to outputs/demo/ (override with DEMO_DIR); DEMO_STEPS shortens the training.
 set -euo pipefail
+ensemble=false
+for arg in "$@"; do
+    case $arg in
+        --ensemble) ensemble=true ;;
+        *) echo "usage: launch/demo.sh [--ensemble]" >&2; exit 2 ;;
+    esac
+done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash .ci/install.sh
@@ -12,7 +21,7 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=${DEMO_DIR:-outputs/demo}
-steps=${DEMO_STEPS:-300}
+steps=${DEMO_STEPS:-500}
 mkdir -p "$out"
 
 echo "== 1/5 synthetic ERA5-like netCDF files -> $out/netcdf"

@@ -31,6 +31,7 @@ from data.schema import StoreError  # noqa: E402
 from launch.training.checkpoint_format import CheckpointError  # noqa: E402
 from launch.runtime.distributed import DeviceError, init_distributed, shutdown_distributed  # noqa: E402
 from launch.inference.forecaster import ForecastError, Members, run_forecast  # noqa: E402
+from parallel.fp8 import FP8Error  # noqa: E402
 from parallel.mesh import MeshConfig, MeshError  # noqa: E402
 from parallel.sharding import ShardingError  # noqa: E402
 from weathermixer.config import ConfigError  # noqa: E402
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
         output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, mesh=mesh,
                               device=device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
                               overwrite=args.overwrite, compile=args.compile, members=members)
-    except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError, DeviceError) as error:
+    except (ForecastError, StoreError, CheckpointError, MeshError, ShardingError, ConfigError, DeviceError,
+            FP8Error) as error:
         print(f"forecast: error: {error}", file=sys.stderr)
         return 1
     finally:

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from launch.runtime.distributed import init_distributed, shutdown_distributed
     from launch.training.loop import Trainer
+    from parallel.fp8 import FP8Error
     from parallel.mesh import MeshError
 
     device = init_distributed(run.training.device)
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
             run.mesh.resolve(dist.get_world_size())
         except MeshError as error:
             raise SystemExit(f"launch/train.py: {error}") from None
-        trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet)
+        try:
+            trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet)
+        except FP8Error as error:
+            raise SystemExit(f"launch/train.py: {error}") from None
         return trainer.train(stop_after=args.stop_after, profile=profile)
     finally:
         shutdown_distributed()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.comm import all_to_all, gather_from_group, reduce_scatter_to_group
+from parallel.fp8 import FP8MatMul
 from parallel.mesh import ProcessMesh
 from parallel.rng import uniform_at
 from parallel.sharding import ShardSpec, sharded_parameter
@@ -73,6 +74,8 @@ class ShardedLinear(ShardedModule):
     overrides where the blocks come from and reuses the collectives unchanged.
     """
 
+    fp8: FP8MatMul | None = None  # the local matrix products in FP8 (parallel.fp8); None: the weights' dtype
+
     def _create_weights(self, weight: ShardSpec, bias: ShardSpec | None) -> None:
         """Create the parameters of this rank's weight and bias blocks."""
         self.weight = self._parameter(weight)
@@ -113,20 +116,25 @@ class ChannelLinear(ShardedLinear):
         weight, bias = self.local_weights()
         weight = gather_from_group(weight, 0, self.row_sizes, self.mesh.domain_group).to(x.dtype)
         if self.reduce_outputs:
-            y = reduce_scatter_to_group(F.linear(x, weight), -1, self.outputs.sizes, self.mesh.tensor_group)
+            y = reduce_scatter_to_group(self._linear(x, weight), -1, self.outputs.sizes, self.mesh.tensor_group)
         else:
-            y = F.linear(gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group), weight)
+            y = self._linear(gather_from_group(x, -1, self.inputs.sizes, self.mesh.tensor_group), weight)
         if bias is None:
             return y
         # in the product's dtype (bf16 under autocast, as nn.Linear's bias): an fp32 bias would
         # promote every activation after it to fp32 and double the element-wise traffic
         return y + gather_from_group(bias, 0, self.bias_sizes, self.mesh.domain_group).to(y.dtype)
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is None:
+            return F.linear(x, weight)
+        return self.fp8(x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+
     def reset_parameters(self, seed: int, prefix: str) -> None:
         self.init_uniform(seed, prefix, self.inputs.size)
 
 
-def mix_tokens(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def mix_tokens(weight: torch.Tensor, x: torch.Tensor, matmul=torch.matmul) -> torch.Tensor:
     """``weight @ x``: ``(out, in) x (in, batch, channels) -> (out, batch, channels)``.
 
     Tokens lead the activations' layout, so the samples of a batch sit side by side in each
@@ -136,7 +144,7 @@ def mix_tokens(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     sample needs its own product and their outputs a stacking copy (``benchmarks/GPU.md``).
     """
     tokens, batch, channels = x.shape
-    return (weight @ x.reshape(tokens, batch * channels)).reshape(weight.shape[0], batch, channels)
+    return matmul(weight, x.reshape(tokens, batch * channels)).reshape(weight.shape[0], batch, channels)
 
 
 def token_mixing_moves_weight(batch: int, inputs: Partition, outputs: Partition, channels: list[int],
@@ -204,7 +212,8 @@ class TokenLinear(ShardedLinear):
     def _move_activations(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           channels: list[int]) -> torch.Tensor:
         x = gather_from_group(x, -1, channels, self.mesh.tensor_group)  # this tile's tokens, every channel
-        partial = mix_tokens(weight.to(x.dtype), x)  # (piece t of every output tile, batch, channels)
+        # (piece t of every output tile, batch, channels)
+        partial = mix_tokens(weight.to(x.dtype), x, self.fp8 or torch.matmul)
         y = reduce_scatter_to_group(partial, 0, self.piece_sizes, self.mesh.domain_group)
         if bias is not None:
             y = y + bias.to(y.dtype)[:, None, None]
@@ -214,7 +223,8 @@ class TokenLinear(ShardedLinear):
     def _move_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight = gather_from_group(weight, 0, self.row_sizes, self.mesh.tensor_group)
         weight = weight.index_select(0, self.tile_order).to(x.dtype)  # rows of every output tile, in tile order
-        y = reduce_scatter_to_group(mix_tokens(weight, x), 0, self.outputs.sizes, self.mesh.domain_group)
+        y = reduce_scatter_to_group(mix_tokens(weight, x, self.fp8 or torch.matmul), 0, self.outputs.sizes,
+                                    self.mesh.domain_group)
         if bias is not None:
             bias = gather_from_group(bias, 0, self.tile_piece_sizes, self.mesh.tensor_group)
             y = y + bias.to(y.dtype)[:, None, None]

@@ -53,17 +53,24 @@ class ModelConfig:
     residual: Literal["linear", "add"] = "linear"
     latent_steps: int = 1  # block-stack repeats per forecast step (latent rollout), decoded once
     activation_checkpointing: bool = False
-    # Bayesian (mean-field Gaussian) layers: the groups of BAYESIAN_GROUPS whose linear layers
+    # Bayesian (mean-field Gaussian) layers: the groups of LAYER_GROUPS whose linear layers
     # have Gaussian weights N(mu, softplus(rho)^2); their prior N(0, prior_std^2), initial sigma
     bayesian: tuple[str, ...] = ()
     prior_std: float = 1.0
     init_sigma: float = 0.01
+    # FP8 matrix products (parallel.fp8): recipe "none" or "tensorwise", in the linear layers of
+    # fp8_groups (default the mixing layers: the bulk of the FLOPs, at sizes the tensor cores take)
+    fp8: str = "none"
+    fp8_groups: tuple[str, ...] = ("token_mixing", "channel_mixing")
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form provenance
 
     def __post_init__(self) -> None:
         if isinstance(self.patch, list):  # from YAML/JSON
             object.__setattr__(self, "patch", tuple(self.patch))
-        object.__setattr__(self, "bayesian", _bayesian_groups(self.bayesian))
+        object.__setattr__(self, "bayesian", _layer_groups(self.bayesian, "bayesian"))
+        object.__setattr__(self, "fp8_groups", _layer_groups(self.fp8_groups, "fp8_groups"))
+        if self.fp8 not in FP8_RECIPES:
+            raise ConfigError(f"model.fp8 = {self.fp8!r}: expected one of {list(FP8_RECIPES)}")
         for key in ("prior_std", "init_sigma"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -164,6 +171,7 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["patch"] = list(self.patch)
         out["bayesian"] = list(self.bayesian)
+        out["fp8_groups"] = list(self.fp8_groups)
         return out
 
     @classmethod
@@ -172,18 +180,19 @@ class ModelConfig:
         return cls(**values)
 
 
-# the layer groups that can be Bayesian (model.bayesian): "all" is every linear layer
-BAYESIAN_GROUPS = ("all", "embedding", "token_mixing", "channel_mixing", "last_block", "decoder")
+# the groups of linear layers that model.bayesian and model.fp8_groups name: "all" is every one
+LAYER_GROUPS = ("all", "embedding", "token_mixing", "channel_mixing", "last_block", "decoder")
+FP8_RECIPES = ("none", "tensorwise")  # parallel.fp8.RECIPES
 
 
-def _bayesian_groups(value) -> tuple[str, ...]:
-    """``model.bayesian`` as a tuple of group names: a name, a list of names, or none."""
+def _layer_groups(value, key: str) -> tuple[str, ...]:
+    """``model.<key>`` as a tuple of group names: a name, a list of names, or none."""
     names = [value] if isinstance(value, str) else list(value or ())
     names = [name for name in names if name != "none"]
-    unknown = [name for name in names if name not in BAYESIAN_GROUPS]
+    unknown = [name for name in names if name not in LAYER_GROUPS]
     if unknown:
-        raise ConfigError(f"model.bayesian = {value!r}: unknown layer groups {unknown}; expected 'none' or some of "
-                          f"{list(BAYESIAN_GROUPS)}")
+        raise ConfigError(f"model.{key} = {value!r}: unknown layer groups {unknown}; expected 'none' or some of "
+                          f"{list(LAYER_GROUPS)}")
     return tuple(dict.fromkeys(names))
 
 

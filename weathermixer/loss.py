@@ -104,7 +104,9 @@ def ensemble_crps(members: torch.Tensor, truth: torch.Tensor, alpha: float = 1.0
 
         mean_i |x_i - y|  -  (alpha / (2 M (M - 1)) + (1 - alpha) / (2 M^2)) sum_{i,j} |x_i - x_j|
 
-    ``alpha = 1``: the fair CRPS (Ferro 2014), unbiased for the CRPS of the ensemble's distribution."""
+    ``alpha = 1``: the fair CRPS (Ferro 2014), unbiased for the CRPS of the ensemble's distribution.
+    This is the skill-spread (kernel) form, skill ``E|X - y|`` less spread ``E|X - X'| / 2``, as
+    anemoi and Makani write it; the pair sum is taken over the sorted members in O(M log M)."""
     m = members.shape[0]
     if m < 2 and alpha != 0:
         raise ValueError(f"ensemble_crps: {m} member(s); the fair CRPS needs at least 2 (or alpha = 0)")

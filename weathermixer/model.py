@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from parallel.fp8 import FP8MatMul
 from parallel.layers import LayerFactory
 from parallel.mesh import ProcessMesh
 from parallel.tiling import Partition
@@ -50,21 +51,34 @@ class Linears:
     def __init__(self, layers: LayerFactory, config: ModelConfig, noise: WeightNoise | None):
         self.layers, self.config, self.noise = layers, config, noise
 
+    @staticmethod
+    def _chosen(groups: tuple[str, ...], group: str, last_block: bool) -> bool:
+        return "all" in groups or group in groups or (last_block and "last_block" in groups)
+
     def is_bayesian(self, group: str, last_block: bool = False) -> bool:
-        chosen = set(self.config.bayesian)
-        return "all" in chosen or group in chosen or (last_block and "last_block" in chosen)
+        return self._chosen(self.config.bayesian, group, last_block)
 
     def channel(self, group: str, inputs: Partition, outputs: Partition, last_block: bool = False) -> nn.Module:
         if self.is_bayesian(group, last_block):
-            return self.layers.variational_channel_linear(inputs, outputs, self.noise, self.config.prior_std,
-                                                          self.config.init_sigma)
-        return self.layers.channel_linear(inputs, outputs)
+            layer = self.layers.variational_channel_linear(inputs, outputs, self.noise, self.config.prior_std,
+                                                           self.config.init_sigma)
+        else:
+            layer = self.layers.channel_linear(inputs, outputs)
+        return self._product(layer, group, last_block)
 
     def token(self, inputs: Partition, outputs: Partition, channels: Partition, last_block: bool) -> nn.Module:
         if self.is_bayesian("token_mixing", last_block):
-            return self.layers.variational_token_linear(inputs, outputs, channels, self.noise, self.config.prior_std,
-                                                        self.config.init_sigma)
-        return self.layers.token_linear(inputs, outputs, channels)
+            layer = self.layers.variational_token_linear(inputs, outputs, channels, self.noise,
+                                                         self.config.prior_std, self.config.init_sigma)
+        else:
+            layer = self.layers.token_linear(inputs, outputs, channels)
+        return self._product(layer, "token_mixing", last_block)
+
+    def _product(self, layer: nn.Module, group: str, last_block: bool) -> nn.Module:
+        """FP8 matrix products (``model.fp8``) in the layers of ``model.fp8_groups``."""
+        if self.config.fp8 != "none" and self._chosen(self.config.fp8_groups, group, last_block):
+            layer.fp8 = FP8MatMul(self.layers.mesh.model_group)
+        return layer
 
 
 class MixerBlock(nn.Module):

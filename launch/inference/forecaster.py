@@ -34,6 +34,7 @@ from data.schema import StoreAttrs, StoreError
 from launch.runtime.compile import compile_step
 from launch.training.checkpoint_format import CheckpointError, Consolidated, load_consolidated
 from launch.runtime.rank_inputs import RankInputs, check_store_matches, store_attrs
+from parallel.fp8 import check_fp8_device
 from parallel.mesh import MeshConfig, ProcessMesh
 from parallel.sharding import load_full_state
 from parallel.tiling import chunk_length
@@ -237,6 +238,8 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     checked = _load_checked(checkpoint, store)
     metadata, config = checked.consolidated.metadata, checked.consolidated.model_config
     device = torch.device(device)
+    if config.fp8 != "none":
+        check_fp8_device(device)
     process_mesh = ProcessMesh.build(mesh, device_type=device.type)
     members = members.resolve(metadata, config, process_mesh.config)
     model = WeatherMixer(config, process_mesh)

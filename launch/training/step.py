@@ -20,6 +20,7 @@ from launch.training.device_batches import Batch
 from launch.training.engine import initialize_engine
 from launch.training.master_weights import MasterWeightAdam
 from launch.training.schedule import build_schedule
+from parallel.fp8 import check_fp8_device
 from parallel.mesh import ProcessMesh
 from parallel.rng import seed_dropout
 from weathermixer.config import ModelConfig
@@ -80,6 +81,8 @@ class TrainingStep:
     def __init__(self, run: RunConfig, config: ModelConfig, mesh: ProcessMesh, device: torch.device,
                  latitudes: np.ndarray, channel_weights: torch.Tensor):
         self.run, self.mesh = run, mesh
+        if config.fp8 != "none":
+            check_fp8_device(device)
         with torch.device(device):  # parameters are created and initialised where they will live
             model = WeatherMixer(config, mesh, seed=run.training.seed)
         seed_dropout(run.training.seed, mesh.data_rank, mesh.sample_rank, mesh.model_rank)

@@ -24,6 +24,8 @@ VARIANTS = {
     "compiled": dict(mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
     # every linear layer Bayesian: one weight draw, and the KL divergence in the objective
     "bayesian": dict(config=dict(bayesian=("all",), init_sigma=0.05), mode="autoregressive", draw=(5, 2)),
+    # FP8 mixing layers (tests/parallel/test_fp8.py says why the float32 tolerance holds)
+    "fp8": dict(config=dict(fp8="tensorwise"), mode="autoregressive"),
 }
 
 
@@ -74,7 +76,7 @@ def run_model(rank, world_size, meshes, dtype, variants):
 
 MESHES = {2: [((1, 1), 2), ((2, 1), 1), ((1, 2), 1)],
           4: [((2, 1), 2), ((1, 2), 2), ((2, 2), 1), ((4, 1), 1), ((1, 1), 4)]}
-DTYPES = {torch.float64: list(VARIANTS), torch.float32: ["linear-residual"]}
+DTYPES = {torch.float64: [v for v in VARIANTS if v != "fp8"], torch.float32: ["linear-residual", "fp8"]}
 
 
 def run_all(rank, world_size, meshes):
