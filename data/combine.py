@@ -29,15 +29,17 @@ DIMS = {"surface": ("time", "latitude", "longitude"), "upper_air": ("time", "lev
 
 @dataclass(frozen=True)
 class Selection:
-    """What to take from the inputs; None bounds mean all available times."""
+    """What to take from the inputs. A None group or ``levels`` means every candidate the inputs
+    offer (``data.vocabulary``); ``variables`` narrows every group; None bounds mean all times."""
 
-    surface: Sequence[str]
-    upper_air: Sequence[str]
-    static: Sequence[str]
-    levels: Sequence[int]
+    surface: Sequence[str] | None = None
+    upper_air: Sequence[str] | None = None
+    static: Sequence[str] | None = None
+    levels: Sequence[int] | None = None
     start: np.datetime64 | None = None
     end: np.datetime64 | None = None
     time_step_hours: int | None = None  # None keeps the input step; a multiple of it subsamples
+    variables: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,10 @@ class Combined:
 
 
 def is_static(dataset: xr.Dataset) -> bool:
-    """A static input: only static variables and no time axis, or a single time."""
-    names = set(map(str, dataset.data_vars))
-    return bool(names) and names <= set(STATIC) and dataset.sizes.get("time", 1) == 1
+    """A static input: only fields without a time axis, or known static fields at a single time."""
+    single_time = dataset.sizes.get("time", 1) == 1
+    return bool(dataset.data_vars) and all("time" not in variable.dims or (name in STATIC and single_time)
+                                           for name, variable in dataset.data_vars.items())
 
 
 def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selection, time_chunk: int = 1) -> Combined:
@@ -91,8 +94,9 @@ def _require_variables(inputs, dynamic_inputs, selection: Selection) -> None:
     if missing:
         found = "; ".join(f"{source}: {sorted(map(str, d.data_vars)) or 'none'}" for source, d in inputs[:8])
         more = f"; ... ({len(inputs) - 8} more inputs)" if len(inputs) > 8 else ""
-        raise InputError(f"variables {missing} not found in any input (names are recognised as ERA5 short names, "
-                         f"GRIB names or WeatherBench2 names); the inputs hold: {found}{more}")
+        raise InputError(f"variables {missing} not found in any input (ERA5 short names, GRIB names and "
+                         f"WeatherBench2 names become the short names; others keep their own); the inputs hold: "
+                         f"{found}{more}")
 
 
 def _describe_grid(dataset: xr.Dataset) -> str:

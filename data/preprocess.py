@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from data import inputs as input_files
 from data.combine import Combined, Selection, combine_inputs
 from data.normalize import InputError
+from data.vocabulary import find_candidates, resolve_selection
 from data.schema import Channel, StoreAttrs, StoreError, field_encoding, model_channel_order
 from data.stats import MissingField, channel_statistics, static_statistics
 from parallel.tiling import store_tile_chunks  # geometry only
@@ -87,10 +88,12 @@ class Summary:
     batches_skipped: int  # found finished (restart) or, for a finished store, all of them
     missing: list[MissingField]
     on_nan: str
+    selection_report: list[str] = field(default_factory=list)  # what was taken, what skipped and why
 
     def describe(self) -> str:
         rate = self.written_bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
         lines = [
+            *self.selection_report,
             f"store      {self.store}",
             f"channels   {len(self.channels)}: {' '.join(self.channels)}",
             f"static     {' '.join(self.static) or 'none'}",
@@ -250,7 +253,10 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
               for path in tqdm(paths, desc="opening inputs", unit="file", disable=not progress)]
     existing = _existing_store(output, record) if append else None
     if existing is not None:
-        selection = _continue_after(existing, selection)
+        selection = _continue_after(existing, _store_selection(existing["attrs"], selection))
+    selection, report = resolve_selection(selection, find_candidates(opened))
+    if progress:
+        tqdm.write("\n".join(report))
     if batch_size is not None and batch_size < 1:
         raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
     channels = model_channel_order(list(selection.surface), list(selection.upper_air), list(selection.levels))
@@ -271,7 +277,7 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     else:
         finished = _check_create(output, record, run)
         if finished is not None:
-            return finished
+            return replace(finished, selection_report=report)
     resumed = _resume(record, run, output)
 
     with dask_scheduler(scheduler, workers):
@@ -292,8 +298,9 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
                                                 statistics["statistics_period"], statistics_batch, progress)
         _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
 
-    return _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
-                    written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=on_nan)
+    summary = _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
+                       written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=on_nan)
+    return replace(summary, selection_report=report)
 
 
 def _selection_to_json(selection: Selection, step_hours: int) -> dict[str, Any]:
@@ -352,6 +359,15 @@ def _existing_store(output: Path, record: ProgressRecord) -> dict[str, Any]:
     times = xr.open_zarr(output, consolidated=False)["time"].values
     n_times = record.read()["run"]["base_times"] if resuming else times.size
     return {"attrs": parsed, "raw_attrs": attrs, "times": times[:n_times], "n_times": n_times}
+
+
+def _store_selection(attrs: StoreAttrs, selection: Selection) -> Selection:
+    """An append takes the store's variables and levels unless the selection names its own."""
+    surface = [c.variable for c in attrs.channels if c.level is None]
+    upper_air = list(dict.fromkeys(c.variable for c in attrs.channels if c.level is not None))
+    levels = sorted({c.level for c in attrs.channels if c.level is not None})
+    defaults = {"surface": surface, "upper_air": upper_air, "static": list(attrs.static_channels), "levels": levels}
+    return replace(selection, **{key: value for key, value in defaults.items() if getattr(selection, key) is None})
 
 
 def _continue_after(existing: dict[str, Any], selection: Selection) -> Selection:

@@ -2,7 +2,9 @@
 
     python launch/preprocess.py INPUT... --output STORE.zarr [--config configs/data/<x>.yaml] [flags]
 
-The config file (YAML) names variables, levels, period and options; flags override it.
+With no selection the store takes every field of the inputs (the run prints what it took
+and what it skipped, and why); a config file (YAML) or flags narrow the variables and
+levels and set the period and options; flags override the config.
 A killed run resumes when rerun with the same command; ``--append`` extends a finished
 store with later times. See ``data/preprocess.py`` for what a run does.
 """
@@ -53,11 +55,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="input files, folders or glob patterns (netCDF, GRIB, zarr)")
     parser.add_argument("--output", required=True, type=Path, help="the zarr store to write (a local path)")
     parser.add_argument("--config", type=Path, help="YAML data config, e.g. configs/data/era5-0.25.yaml")
-    selection = parser.add_argument_group("selection (overrides the config)")
+    selection = parser.add_argument_group("selection (overrides the config; default: every field of the inputs)")
+    selection.add_argument("--variables", type=_names, help="keep only these variables (any group), comma-separated")
     selection.add_argument("--surface", type=_names, help="surface variables, comma-separated, or 'none'")
     selection.add_argument("--upper-air", type=_names, help="upper-air variables, comma-separated, or 'none'")
     selection.add_argument("--static", type=_names, help="static variables, comma-separated, or 'none'")
-    selection.add_argument("--levels", type=_levels, help="pressure levels in hPa, comma-separated")
+    selection.add_argument("--levels", type=_levels, help="pressure levels in hPa, comma-separated (default: "
+                           "those every upper-air variable holds)")
     selection.add_argument("--start", help="first time, ISO date or date-time")
     selection.add_argument("--end", help="last time, inclusive (a date includes the whole day)")
     selection.add_argument("--time-step", dest="time_step_hours", type=int, help="hours between stored steps")
@@ -83,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    overrides = {key: getattr(args, key) for key in ("surface", "upper_air", "static", "levels", "start", "end",
+    overrides = {key: getattr(args, key) for key in ("variables", "surface", "upper_air", "static", "levels", "start", "end",
                                                       "time_step_hours", "member", "statistics_period",
                                                       "tile_grid", "on_nan", "batch_size")}
     try:

@@ -280,7 +280,8 @@ def _reverse_time(dataset):
 
 
 def _calendar(dataset):
-    dataset["time"].attrs["calendar"] = "360_day"
+    dataset["time"].attrs.update(calendar="360_day", units="hours since 2020-02-29 00:00:00")
+    dataset["time"] = dataset["time"] - dataset["time"][0]  # 2020-02-29, ..., then 2020-02-30
     return dataset
 
 
@@ -295,7 +296,8 @@ def _units(dataset):
     (SINGLE, _shift_longitude, rf"{SINGLE}: grid 9x16 .* differs from the grid .* expected all inputs on one grid"),
     (SINGLE, _repeat_time, rf"{SINGLE}: time 2020-01-01T06:00:00.* \(index 1\) is repeated"),
     (SINGLE, _reverse_time, rf"{SINGLE}: time .* is followed by the earlier .*expected strictly ascending"),
-    (SINGLE, _calendar, rf"{SINGLE}: time coordinate 'time' uses calendar '360_day'"),
+    (SINGLE, _calendar, rf"{SINGLE}: time coordinate 'time' uses calendar '360_day', and its date "
+                        r"2020-02-30T00:00:00 \(index 4\) exists in no real calendar; convert it"),
     (SINGLE, _units, rf"{SINGLE}: time coordinate 'time' has units 'hours after 1900-01-01'"),
 ], ids=["missing-variable", "missing-level", "other-grid", "repeated-time", "descending-time", "calendar",
         "time-units"])
@@ -396,9 +398,12 @@ def test_command_line_writes_a_store_the_reader_opens(inputs, tmp_path):
 
 def test_command_line_errors_name_the_config_key(inputs, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text("levels: [500]\nsurface: [t2m, sst]\n")
-    with pytest.raises(SystemExit, match=r"key surface: .*unknown surface variables \['sst'\]"):
+    config.write_text("levels: [500, high]\n")
+    with pytest.raises(SystemExit, match=r"key levels.1: Input should be a valid integer"):
         cli_main([str(inputs), "--output", str(tmp_path / "s.zarr"), "--config", str(config)])
+    config.write_text("levels: [500]\nsurface: [t2m, sst]\n")  # an open vocabulary: refused by the inputs
+    assert cli_main([str(inputs), "--output", str(tmp_path / "s.zarr"), "--config", str(config), "--quiet"]) == 1
+    assert "variables ['sst'] not found in any input" in capsys.readouterr().err
     config.write_text("levels: [500]\ntile_grids: [1, 2]\n")
     with pytest.raises(SystemExit, match=r"key tile_grids: Extra inputs are not permitted"):
         cli_main([str(inputs), "--output", str(tmp_path / "s.zarr"), "--config", str(config)])
