@@ -50,24 +50,40 @@ def decode_time(time: xr.DataArray, name: str) -> np.ndarray:
     if calendar not in REAL_CALENDARS | LABEL_CALENDARS | {"julian"}:
         raise ValueError(f"time coordinate {name!r} uses calendar {calendar!r}, which is not a CF calendar; "
                          f"expected one of {sorted(REAL_CALENDARS | LABEL_CALENDARS | {'julian'})}")
+    if calendar in REAL_CALENDARS:  # xarray's vectorised decoding, when it gives datetime64 (the common case)
+        fast = _datetime64_dates(variable, name)
+        if fast is not None:
+            return fast
     dates = _cftime_dates(np.asarray(variable.values), units, calendar, name)
     if calendar == "julian":
         dates = [date.change_calendar("proleptic_gregorian") for date in dates]
     return _as_datetime64(dates, calendar, name)
 
 
+def _datetime64_dates(variable: xr.Variable, name: str) -> np.ndarray | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            decoded = xr.coders.CFDatetimeCoder(time_unit="ns").decode(variable, name=name)
+        except (ValueError, OverflowError, TypeError):
+            return None
+    values = np.atleast_1d(np.asarray(decoded.values))
+    return values.astype("datetime64[ns]") if np.issubdtype(values.dtype, np.datetime64) else None
+
+
 def _cftime_dates(values: np.ndarray, units: str, calendar: str, name: str) -> list:
     """cftime dates through xarray's CF decoding; a year-0 reference on a real calendar as udunits reads it."""
     variable = xr.Variable(("time",), values, {"units": units, "calendar": calendar})
-    try:
-        with warnings.catch_warnings():  # a reference year below 1000 makes xarray warn that it pads it
-            warnings.simplefilter("ignore")
+    # warnings: xarray pads a reference year below 1000; cftime notes that CF has no year 0 in real calendars
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
             return list(np.atleast_1d(xr.coders.CFDatetimeCoder(use_cftime=True).decode(variable, name=name).values))
-    except (ValueError, OverflowError, TypeError) as error:
-        if calendar in REAL_CALENDARS and _reference_year(units) == 0:
-            return list(np.atleast_1d(cftime.num2date(values, units, calendar, has_year_zero=True)))
-        raise ValueError(f"cannot decode time coordinate {name!r} with units {units!r} and calendar {calendar!r} "
-                         f"({error})") from None
+        except (ValueError, OverflowError, TypeError) as error:
+            if calendar in REAL_CALENDARS and _reference_year(units) == 0:
+                return list(np.atleast_1d(cftime.num2date(values, units, calendar, has_year_zero=True)))
+            raise ValueError(f"cannot decode time coordinate {name!r} with units {units!r} and calendar {calendar!r} "
+                             f"({error})") from None
 
 
 def _reference_year(units: str) -> int | None:
