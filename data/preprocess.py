@@ -5,8 +5,8 @@ The run, in order (each step is skipped on a restart once it is recorded as done
 1. open every input lazily (``data.inputs``), normalise and combine them into one dask
    dataset of the selected variables, levels and times (``data.combine``);
 2. per-channel statistics over the statistics period (``data.stats``), missing values
-   (NaN: netCDF fill values decode to it) left out; under ``on_nan="fail"`` a missing
-   value there stops the run before anything is written;
+   (NaN: netCDF fill values decode to it) left out; a missing value of a variable whose
+   policy is ``fail`` (``data.missing_values``) stops the run before anything is written;
 3. the store skeleton: every array with its full time axis, chunks ``time=1, level=1``
    and one spatial chunk per tile, coordinates and static fields, root attributes with
    ``complete=False``;
@@ -19,8 +19,9 @@ A run killed anywhere restarts from its records and ends with the same bytes as 
 uninterrupted run; the records hold the run's inputs and selection, and a restart with
 different ones is refused. ``append=True`` extends a complete store with a later period
 (the time axis must continue regularly) and keeps its statistics unless asked to
-recompute them. Missing values are counted per field (channel, time); ``on_nan="fill"``
-replaces them with the channel mean of the statistics period (0 after normalisation).
+recompute them. Missing values are counted per field (channel, time); the ``fill`` and
+``mask`` policies replace them with the channel mean of the statistics period (0 after
+normalisation), ``mask`` adding a 0/1 channel of where the source had values.
 
 Stores are local paths: the progress folder and the atomic record writes need a file system.
 """
@@ -48,12 +49,12 @@ from tqdm.auto import tqdm
 from data import inputs as input_files
 from data.combine import Combined, Selection, combine_inputs
 from data.normalize import InputError
+from data.missing_values import MASK_SUFFIX, NanPolicy, NanPolicyError, mask_name
 from data.vocabulary import find_candidates, resolve_selection
 from data.schema import Channel, StoreAttrs, StoreError, field_encoding, model_channel_order
 from data.stats import MissingField, channel_statistics, static_statistics
 from parallel.tiling import store_tile_chunks  # geometry only
 
-NAN_POLICIES = ("fail", "fill")
 BATCH_BYTES = 256 * 2**20  # default batch: about this much uncompressed data per region write
 MIN_BATCHES = 20  # ... but at least this many batches (progress, restart granularity) where times allow
 READ_BYTES = 32 * 2**20  # small grids: read several times per task, about this much, to keep dask overhead low
@@ -226,7 +227,8 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         statistics_period: first and last day (inclusive, ISO dates or times) of the
             statistics; default all written times (append: the store's, kept).
         member: ensemble member to take from inputs with an ensemble dimension.
-        on_nan: 'fail' (refuse missing values) or 'fill' (channel mean, reported).
+        on_nan: missing-value policy, for all or per variable: 'fail', 'fill', 'mask' or e.g.
+            'sst=mask,fail' (``data.missing_values.NanPolicy``).
         append: extend a complete store with the later times of ``inputs``.
         overwrite: replace whatever is at ``output`` (and its progress records).
         recompute_statistics: with ``append``, recompute statistics over ``statistics_period``
@@ -239,8 +241,10 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         after_batch: called with each batch index once the batch is recorded (progress hooks, tests).
     """
     started = clock.perf_counter()
-    if on_nan not in NAN_POLICIES:
-        raise PreprocessError(f"on_nan={on_nan!r}: expected one of {NAN_POLICIES}")
+    try:
+        policy = NanPolicy.parse(on_nan)
+    except NanPolicyError as error:
+        raise PreprocessError(str(error)) from None
     output = Path(output).absolute()
     record = ProgressRecord(output)
     if overwrite and not append:
@@ -259,15 +263,17 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         tqdm.write("\n".join(report))
     if batch_size is not None and batch_size < 1:
         raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
-    channels = model_channel_order(list(selection.surface), list(selection.upper_air), list(selection.levels))
+    channels = model_channel_order(policy.with_masks(selection.surface), policy.with_masks(selection.upper_air),
+                                   list(selection.levels))
     grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
     bytes_per_time = 4 * len(channels) * grid[0] * grid[1]
     statistics_batch = max(1, BATCH_BYTES // bytes_per_time)  # batches of the statistics never need to resume
     combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
+    combined = _with_mask_fields(combined, policy.masked([*selection.surface, *selection.upper_air]))
     dataset = combined.dataset
     chunks = spatial_chunks(grid, tile_grid)
 
-    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=on_nan, tile_grid=tile_grid,
+    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=policy.text(), tile_grid=tile_grid,
                         batch_size=batch_size, statistics_period=statistics_period,
                         recompute_statistics=recompute_statistics)
     if existing is not None:
@@ -283,7 +289,7 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     with dask_scheduler(scheduler, workers):
         if "statistics" not in resumed:
             resumed["statistics"] = _statistics(combined, channels, selection, statistics_period, existing,
-                                                on_nan, statistics_batch, progress, recompute_statistics)
+                                                policy, statistics_batch, progress, recompute_statistics)
             record.write(resumed)
         statistics = resumed["statistics"]
         if not resumed.get("skeleton"):
@@ -291,7 +297,7 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
             resumed["skeleton"] = True
             record.write(resumed)
         offset = existing["n_times"] if existing else 0
-        written, written_steps, skipped, missing = _write_batches(output, combined, channels, statistics, on_nan, batch_size,
+        written, written_steps, skipped, missing = _write_batches(output, combined, channels, statistics, policy, batch_size,
                                                    offset, record, progress, after_batch)
         if append and recompute_statistics:
             statistics = _statistics_from_store(output, channels, list(selection.static),
@@ -299,7 +305,7 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
 
     summary = _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
-                       written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=on_nan)
+                       written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=policy.text())
     return replace(summary, selection_report=report)
 
 
@@ -366,6 +372,9 @@ def _store_selection(attrs: StoreAttrs, selection: Selection) -> Selection:
     surface = [c.variable for c in attrs.channels if c.level is None]
     upper_air = list(dict.fromkeys(c.variable for c in attrs.channels if c.level is not None))
     levels = sorted({c.level for c in attrs.channels if c.level is not None})
+    stored = {c.variable for c in attrs.channels}  # mask channels come from the policy, not the inputs
+    surface = [v for v in surface if not (v.endswith(MASK_SUFFIX) and v[: -len(MASK_SUFFIX)] in stored)]
+    upper_air = [v for v in upper_air if not (v.endswith(MASK_SUFFIX) and v[: -len(MASK_SUFFIX)] in stored)]
     defaults = {"surface": surface, "upper_air": upper_air, "static": list(attrs.static_channels), "levels": levels}
     return replace(selection, **{key: value for key, value in defaults.items() if getattr(selection, key) is None})
 
@@ -410,7 +419,7 @@ def _check_append_statistics(existing, period, recompute: bool) -> None:
 
 
 # ------------------------------------------------------------------------------- statistics
-def _statistics(combined: Combined, channels: list[Channel], selection: Selection, period, existing, on_nan: str,
+def _statistics(combined: Combined, channels: list[Channel], selection: Selection, period, existing, policy,
                 batch_size: int, progress: bool, recompute: bool) -> dict[str, Any]:
     """Statistics of the statistics period (JSON-ready); for an append, the store's unless recomputed."""
     dataset = combined.dataset
@@ -433,15 +442,17 @@ def _statistics(combined: Combined, channels: list[Channel], selection: Selectio
         result = channel_statistics(window, channels, batch_size=batch_size, progress=progress)
     except Exception as error:
         raise _read_error(combined, window["time"].values, error) from error
-    if result.missing and on_nan == "fail":
-        raise _missing_error(result.missing, "statistics period")
+    refused = _refused(result.missing, channels, policy)
+    if refused:
+        raise _missing_error(refused, "statistics period")
     static_mean, static_std, static_missing = static_statistics(dataset, list(selection.static))
     for name, count in zip(selection.static, static_missing):
-        if count and on_nan == "fail":
+        if count and policy.of(name) == "fail":
             raise PreprocessError(f"static variable {name!r} has {count} missing values (NaN or fill value); "
                                   f"expected none. Pass --on-nan fill to replace them with the field mean")
-    _check_positive(result.std, [c.name for c in channels], static_std, list(selection.static))
-    return {"mean": result.mean, "std": result.std, "tendency_std": result.tendency_std,
+    mean, std = _unscaled_masks(channels, result.mean, result.std)
+    _check_positive(std, [c.name for c in channels], static_std, list(selection.static))
+    return {"mean": mean, "std": std, "tendency_std": result.tendency_std,
             "static_mean": static_mean, "static_std": static_std,
             "statistics_period": [_iso(window["time"].values[0]), _iso(window["time"].values[-1])]}
 
@@ -485,7 +496,9 @@ def _missing_error(missing: list[MissingField], where: str) -> PreprocessError:
     points = sum(m.count for m in missing)
     return PreprocessError(f"{points} missing values (NaN or fill value) in {len(missing)} fields of the {where}: "
                            f"{describe_missing(missing)}; expected none. Pass --on-nan fill to replace them with "
-                           f"the channel mean of the statistics period (normalised value 0)")
+                           f"the channel mean of the statistics period (normalised value 0), or --on-nan mask to "
+                           f"fill them and add a 0/1 mask channel; for every variable, or per variable as "
+                           f"--on-nan sst=mask")
 
 
 def _read_error(combined: Combined, times: np.ndarray, error: Exception) -> InputError:
@@ -536,7 +549,7 @@ def _write_skeleton(output: Path, dataset: xr.Dataset, channels, selection: Sele
         extension.to_zarr(output, append_dim="time", compute=False, consolidated=False, zarr_format=3)
 
 
-def _write_batches(output: Path, combined: Combined, channels, statistics, on_nan: str, batch_size: int,
+def _write_batches(output: Path, combined: Combined, channels, statistics, policy: NanPolicy, batch_size: int,
                    offset: int, record: ProgressRecord, progress: bool, after_batch):
     """Region writes of every unfinished batch.
 
@@ -557,8 +570,7 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
                 continue
             batch = dataset[names].isel(time=slice(start, stop))
             missing_counts = {name: batch[name].isnull().sum(("latitude", "longitude")) for name in names}
-            if on_nan == "fill":
-                batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names})
+            batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names if policy.of(name) != "fail"})
             batch = batch.drop_vars([c for c in ("level", "latitude", "longitude") if c in batch.coords])
             write = batch.to_zarr(output, region={"time": slice(offset + start, offset + stop)}, compute=False,
                                   consolidated=False, zarr_format=3)
@@ -567,8 +579,8 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
             except Exception as error:
                 raise _read_error(combined, batch["time"].values, error) from error
             missing = _missing_fields(counts, channels, batch["time"].values)
-            if missing and on_nan == "fail":
-                raise _missing_error(missing, f"times {batch['time'].values[0]}..{batch['time'].values[-1]}")
+            if _refused(missing, channels, policy):
+                raise _missing_error(_refused(missing, channels, policy), f"times {batch['time'].values[0]}..{batch['time'].values[-1]}")
             record.finish_batch(index, missing)
             done[index] = missing
             written.append(index)
@@ -578,6 +590,24 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
                 after_batch(index)
     missing = [m for index in sorted(done) for m in done[index]]
     return written, written_steps, len(batches) - len(written), missing
+
+
+def _with_mask_fields(combined: Combined, masked: Sequence[str]) -> Combined:
+    """The 0/1 mask field (1 where the source has a value) of each masked variable, read with it."""
+    masks = {mask_name(name): combined.dataset[name].notnull().astype(np.float32) for name in masked}
+    return replace(combined, dataset=combined.dataset.assign(masks)) if masks else combined
+
+
+def _unscaled_masks(channels: list[Channel], mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """Mask channels keep their 0/1 values after normalisation: mean 0, std 1."""
+    is_mask = [c.variable.endswith(MASK_SUFFIX) for c in channels]
+    return ([0.0 if m else v for m, v in zip(is_mask, mean)], [1.0 if m else v for m, v in zip(is_mask, std)])
+
+
+def _refused(missing: list[MissingField], channels: list[Channel], policy: NanPolicy) -> list[MissingField]:
+    """The missing fields whose variable's policy is 'fail'."""
+    variable_of = {c.name: c.variable for c in channels}
+    return [m for m in missing if policy.of(variable_of[m.channel]) == "fail"]
 
 
 def _fill_values(dataset: xr.Dataset, channels: list[Channel], statistics) -> dict[str, Any]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from data.combine import Selection
+from data.missing_values import NanPolicy
 
 
 class DataConfigError(ValueError):
@@ -33,8 +33,14 @@ class DataConfig(BaseModel):
     statistics_period: tuple[str, str] | None = None  # first and last day, inclusive
     tile_grid: tuple[int, int] = (1, 1)
     member: int | None = None
-    on_nan: Literal["fail", "fill"] = "fail"
+    on_nan: str | dict[str, str] = "fail"  # data.missing_values: 'fill', 'sst=mask,fail' or {sst: mask}
     batch_size: int | None = None
+
+    @field_validator("on_nan")
+    @classmethod
+    def _policy(cls, spec):
+        NanPolicy.parse(spec)  # raises NanPolicyError (a ValueError) naming the part at fault
+        return spec
 
     def selection(self) -> Selection:
         end = self.end

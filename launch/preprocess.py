@@ -21,7 +21,7 @@ if str(REPOSITORY) not in sys.path:  # runnable as a script from a checkout, wit
 
 
 from data.normalize import InputError  # noqa: E402
-from data.preprocess import NAN_POLICIES, PreprocessError, preprocess  # noqa: E402
+from data.preprocess import PreprocessError, preprocess  # noqa: E402
 from data.preprocess_config import DataConfigError, load_data_config  # noqa: E402
 from data.schema import StoreError  # noqa: E402
 
@@ -71,8 +71,9 @@ def parser() -> argparse.ArgumentParser:
     writing = parser.add_argument_group("writing")
     writing.add_argument("--tile-grid", type=_pair("--tile-grid", "x", int),
                          help="LATxLON tiles of the domain decomposition; chunks are one tile (default 1x1)")
-    writing.add_argument("--on-nan", choices=NAN_POLICIES, help="missing values: fail (default) or fill with "
-                         "the channel mean (normalised 0)")
+    writing.add_argument("--on-nan", metavar="POLICY", help="missing values: fail (default), fill (the channel "
+                         "mean, normalised 0) or mask (fill and add a 0/1 <variable>_mask channel), for every "
+                         "variable or per variable with a default, e.g. sst=mask,tp=fill,fail")
     writing.add_argument("--batch-size", type=int, help="time steps per write (default: about 256 MiB)")
     writing.add_argument("--append", action="store_true", help="extend a finished store with later times")
     writing.add_argument("--recompute-statistics", action="store_true",
