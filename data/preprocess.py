@@ -29,6 +29,7 @@ Stores are local paths: the progress folder and the atomic record writes need a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -273,8 +274,8 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     dataset = combined.dataset
     chunks = spatial_chunks(grid, tile_grid)
 
-    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=policy.text(), tile_grid=tile_grid,
-                        batch_size=batch_size, statistics_period=statistics_period,
+    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=policy.text(),
+                        tile_grid=tile_grid, batch_size=batch_size, statistics_period=statistics_period,
                         recompute_statistics=recompute_statistics)
     if existing is not None:
         _check_append(existing, dataset, channels, selection, combined.time_step_hours, tile_grid, output)
@@ -293,16 +294,19 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
             record.write(resumed)
         statistics = resumed["statistics"]
         if not resumed.get("skeleton"):
-            _write_skeleton(output, dataset, channels, selection, statistics, run, existing, tile_grid, chunks)
+            with disk_space_for(output, "the store's skeleton (metadata, coordinates, static fields)",
+                                dataset.nbytes):
+                _write_skeleton(output, dataset, channels, selection, statistics, run, existing, tile_grid, chunks)
             resumed["skeleton"] = True
             record.write(resumed)
         offset = existing["n_times"] if existing else 0
-        written, written_steps, skipped, missing = _write_batches(output, combined, channels, statistics, policy, batch_size,
-                                                   offset, record, progress, after_batch)
+        written, written_steps, skipped, missing = _write_batches(
+            output, combined, channels, statistics, policy, batch_size, offset, record, progress, after_batch)
         if append and recompute_statistics:
             statistics = _statistics_from_store(output, channels, list(selection.static),
                                                 statistics["statistics_period"], statistics_batch, progress)
-        _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
+        with disk_space_for(output, "the store's final attributes", 0):
+            _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
 
     summary = _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
                        written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=policy.text())
@@ -557,9 +561,8 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, polic
     missing fields of all batches (this run's and those recorded by a killed one).
     """
     dataset = combined.dataset
-    names = list(dict.fromkeys(c.variable for c in channels))
-    fill = _fill_values(dataset, channels, statistics)
     n_times = dataset.sizes["time"]
+    bytes_per_time = sum(dataset[name].nbytes for name in {c.variable for c in channels}) // max(1, n_times)
     done = record.finished_batches()
     batches = [(i, start, min(start + batch_size, n_times)) for i, start in enumerate(range(0, n_times, batch_size))]
     written, written_steps = [], 0
@@ -568,21 +571,11 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, polic
         for index, start, stop in batches:
             if index in done:
                 continue
-            batch = dataset[names].isel(time=slice(start, stop))
-            missing_counts = {name: batch[name].isnull().sum(("latitude", "longitude")) for name in names}
-            batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names if policy.of(name) != "fail"})
-            batch = batch.drop_vars([c for c in ("level", "latitude", "longitude") if c in batch.coords])
-            write = batch.to_zarr(output, region={"time": slice(offset + start, offset + stop)}, compute=False,
-                                  consolidated=False, zarr_format=3)
-            try:
-                _, counts = dask.compute(write, missing_counts)
-            except Exception as error:
-                raise _read_error(combined, batch["time"].values, error) from error
-            missing = _missing_fields(counts, channels, batch["time"].values)
-            if _refused(missing, channels, policy):
-                raise _missing_error(_refused(missing, channels, policy), f"times {batch['time'].values[0]}..{batch['time'].values[-1]}")
-            record.finish_batch(index, missing)
-            done[index] = missing
+            times = dataset["time"].values[[start, stop - 1]]
+            with disk_space_for(output, f"batch {index} (times {_iso(times[0])}..{_iso(times[1])})",
+                                (n_times - start) * bytes_per_time):
+                done[index] = _write_batch(output, combined, channels, statistics, policy, slice(start, stop), offset)
+                record.finish_batch(index, done[index])
             written.append(index)
             written_steps += stop - start
             bar.update(stop - start)
@@ -590,6 +583,30 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, polic
                 after_batch(index)
     missing = [m for index in sorted(done) for m in done[index]]
     return written, written_steps, len(batches) - len(written), missing
+
+
+def _write_batch(output: Path, combined: Combined, channels, statistics, policy: NanPolicy, times: slice,
+                 offset: int) -> list[MissingField]:
+    """One region write of the times ``times``, missing values filled per policy; returns the missing fields."""
+    names = list(dict.fromkeys(c.variable for c in channels))
+    fill = _fill_values(combined.dataset, channels, statistics)
+    batch = combined.dataset[names].isel(time=times)
+    missing_counts = {name: batch[name].isnull().sum(("latitude", "longitude")) for name in names}
+    batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names if policy.of(name) != "fail"})
+    batch = batch.drop_vars([c for c in ("level", "latitude", "longitude") if c in batch.coords])
+    write = batch.to_zarr(output, region={"time": slice(offset + times.start, offset + times.stop)}, compute=False,
+                          consolidated=False, zarr_format=3)
+    try:
+        _, counts = dask.compute(write, missing_counts)
+    except Exception as error:
+        if is_disk_full(error):
+            raise
+        raise _read_error(combined, batch["time"].values, error) from error
+    missing = _missing_fields(counts, channels, batch["time"].values)
+    refused = _refused(missing, channels, policy)
+    if refused:
+        raise _missing_error(refused, f"times {batch['time'].values[0]}..{batch['time'].values[-1]}")
+    return missing
 
 
 def _with_mask_fields(combined: Combined, masked: Sequence[str]) -> Combined:
@@ -663,6 +680,34 @@ def _finalise(output: Path, paths: list[Path], record: ProgressRecord, resumed, 
                   "statistics_period": list(statistics["statistics_period"])})
     group.attrs.put(attrs)
     record.remove()
+
+
+# ------------------------------------------------------------------------------- disk space
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_space_for(output: Path, what: str, needed_bytes: int) -> Iterator[None]:
+    """A full disk (or quota) while writing ``what`` becomes one message: the store, what was being
+    written, the space the rest needs and the space free. Finished batches are recorded, so a rerun
+    after freeing space resumes."""
+    try:
+        yield
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        folder = next(p for p in (output, *output.parents) if p.exists())
+        free = shutil.disk_usage(folder).free
+        raise PreprocessError(
+            f"{output}: no space left on the device ({error.strerror or error}) while writing {what}; the rest of "
+            f"the store needs up to {_gib(needed_bytes)} (uncompressed; compression usually saves a third) and "
+            f"{_gib(free)} are free on {folder}. Free space, then rerun the same command: it resumes after the last "
+            f"finished batch") from None
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
 
 
 # ------------------------------------------------------------------------------- scheduler

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+import zarr.storage._local
 
 import data.preprocess as preprocess_module
 from data.combine import Selection
@@ -181,6 +184,34 @@ def test_killed_run_resumes_to_the_bytes_of_a_clean_run(inputs, clean_store, tmp
     summary = run(inputs, output, tile_grid=(1, 2))
     assert (summary.batches_written, summary.batches_skipped) == (3 - finished, finished)
     assert not (tmp_path / "store.zarr.progress").exists()
+    assert store_files(output) == store_files(clean_store)
+
+
+def full_disk_at(marker: str):
+    """zarr's file write raising ENOSPC for keys containing ``marker``, as a full disk does."""
+    original = zarr.storage._local._put
+
+    def put(path, value, exclusive=False):
+        if marker in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(path, value, exclusive)
+    return put
+
+
+@pytest.mark.parametrize("marker, what", [("t2m/c/5/", r"batch 1 \(times 2020-01-02T00:00:00..2020-01-02T18:00:00\)"),
+                                          ("lsm/c/", r"the store's skeleton \(metadata, coordinates, static fields\)")],
+                         ids=["batch", "skeleton"])
+def test_a_full_disk_stops_with_one_message_and_a_rerun_completes(inputs, clean_store, tmp_path, monkeypatch,
+                                                                  marker, what):
+    output = tmp_path / "store.zarr"
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.storage._local, "_put", full_disk_at(marker))
+        with pytest.raises(PreprocessError, match=rf"^{output}: no space left on the device \(No space left on "
+                                                  rf"device\) while writing {what}; the rest of the store needs up "
+                                                  rf"to \d+\.\d\d GiB .* GiB are free on .*rerun the same command"):
+            run(inputs, output, tile_grid=(1, 2))
+    summary = run(inputs, output, tile_grid=(1, 2))  # space freed: the same command finishes the store
+    assert summary.batches_written + summary.batches_skipped == 3
     assert store_files(output) == store_files(clean_store)
 
 
