@@ -79,6 +79,7 @@ def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selectio
             fields[name] = _select_period(name, joined, selection).assign_coords(grid)
             spans += piece_spans
     _check_same_times(fields)
+    _check_members_across_variables(fields)
     dataset, step = _select_steps(xr.Dataset(fields), selection, spans)
     for name in selection.static:
         source, holder = next((s, d) for s, d in static_inputs + dynamic_inputs if name in d)
@@ -117,7 +118,7 @@ def _check_grid(source: str, dataset: xr.Dataset, reference_source: str, referen
 def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequence[int],
            time_chunk: int = 1) -> tuple[str, xr.DataArray]:
     field = dataset[name]
-    expected = DIMS[group]
+    expected = DIMS[group][:1] + ("member",) * ("member" in field.dims) + DIMS[group][1:]
     if set(field.dims) != set(expected):
         raise InputError(f"{source}: variable {name!r} has dims {field.dims}; expected {expected}")
     if group == "upper_air":
@@ -128,7 +129,8 @@ def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequ
         field = field.sel(level=sorted(levels))
     field = field.transpose(*expected)
     _check_ascending(source, field["time"].values)
-    chunks = {"time": time_chunk, "level": 1 if time_chunk == 1 else -1, "latitude": -1, "longitude": -1}
+    chunks = {"time": time_chunk, "member": 1 if time_chunk == 1 else -1, "level": 1 if time_chunk == 1 else -1,
+              "latitude": -1, "longitude": -1}
     return source, field.chunk({d: chunks[d] for d in field.dims}).astype(np.float32)
 
 
@@ -142,6 +144,7 @@ def _check_ascending(source: str, times: np.ndarray) -> None:
 
 def _join_in_time(name: str, pieces: list[tuple[str, xr.DataArray]]):
     pieces = sorted(pieces, key=lambda piece: piece[1]["time"].values[0])
+    _check_same_members(name, pieces)
     for (source_a, a), (source_b, b) in zip(pieces, pieces[1:]):
         last, first = a["time"].values[-1], b["time"].values[0]
         if first <= last:
@@ -152,6 +155,27 @@ def _join_in_time(name: str, pieces: list[tuple[str, xr.DataArray]]):
     joined = fields[0] if len(fields) == 1 else xr.concat(
         fields, dim="time", join="override", coords="minimal", compat="override", combine_attrs="override")
     return joined, spans
+
+
+def _check_same_members(name: str, pieces: list[tuple[str, xr.DataArray]]) -> None:
+    def members(field: xr.DataArray) -> list | None:
+        return field["member"].values.tolist() if "member" in field.dims else None
+
+    source, reference = pieces[0]
+    for other_source, other in pieces[1:]:
+        if members(other) != members(reference):
+            raise InputError(f"variable {name!r}: {source} holds ensemble members {members(reference)} and "
+                             f"{other_source} holds {members(other)}; expected the same members in every file")
+
+
+def _check_members_across_variables(fields: dict[str, xr.DataArray]) -> None:
+    labels = {name: field["member"].values.tolist() if "member" in field.dims else None
+              for name, field in fields.items()}
+    reference_name, reference = next(iter(labels.items()), (None, None))
+    for name, members in labels.items():
+        if members != reference:
+            raise InputError(f"variables {reference_name!r} and {name!r} hold different ensemble members "
+                             f"({reference} and {members}); expected the same members for all variables")
 
 
 def _check_same_times(fields: dict[str, xr.DataArray]) -> None:

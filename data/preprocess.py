@@ -91,6 +91,7 @@ class Summary:
     missing: list[MissingField]
     on_nan: str
     selection_report: list[str] = field(default_factory=list)  # what was taken, what skipped and why
+    members: list[int] | None = None  # ensemble member labels of a store with a member dimension
 
     def describe(self) -> str:
         rate = self.written_bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
@@ -100,6 +101,7 @@ class Summary:
             f"channels   {len(self.channels)}: {' '.join(self.channels)}",
             f"static     {' '.join(self.static) or 'none'}",
             f"levels     {' '.join(map(str, self.levels)) + ' hPa' if self.levels else 'none'}",
+            *([f"members    {len(self.members)}: {' '.join(map(str, self.members))}"] if self.members else []),
             f"time       {_iso(self.first_time)} .. {_iso(self.last_time)}, {self.n_times} steps of "
             f"{self.time_step_hours} h",
             f"grid       {self.grid[0]} x {self.grid[1]} (latitude x longitude), tile grid "
@@ -214,7 +216,7 @@ def _combine_in_batches(opened, selection: Selection, grid: tuple[int, int], bat
 
 def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Selection, *,
                tile_grid: tuple[int, int] = (1, 1), statistics_period: tuple[str, str] | None = None,
-               member: int | None = None, on_nan: str = "fail", append: bool = False, overwrite: bool = False,
+               member: int | str | None = None, on_nan: str = "fail", append: bool = False, overwrite: bool = False,
                recompute_statistics: bool = False, batch_size: int | None = None, scheduler: str | None = None,
                workers: int | None = None, progress: bool = True,
                after_batch: Callable[[int], None] | None = None) -> Summary:
@@ -227,7 +229,8 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
             chunks align to.
         statistics_period: first and last day (inclusive, ISO dates or times) of the
             statistics; default all written times (append: the store's, kept).
-        member: ensemble member to take from inputs with an ensemble dimension.
+        member: ensemble member to take from inputs with an ensemble dimension, or 'all' to keep
+            the ``member`` dimension in the store (statistics pooled over members).
         on_nan: missing-value policy, for all or per variable: 'fail', 'fill', 'mask' or e.g.
             'sst=mask,fail' (``data.missing_values.NanPolicy``).
         append: extend a complete store with the later times of ``inputs``.
@@ -272,6 +275,9 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
     combined = _with_mask_fields(combined, policy.masked([*selection.surface, *selection.upper_air]))
     dataset = combined.dataset
+    if member == "all" and "member" not in dataset.dims:
+        raise PreprocessError("--members all: no input has an ensemble member axis (looked for dimensions "
+                              "number, member, realization, ensemble_member or standard_name 'realization')")
     chunks = spatial_chunks(grid, tile_grid)
 
     run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=policy.text(),
@@ -519,13 +525,13 @@ def _encoding(dataset: xr.Dataset, chunks: tuple[int, int]) -> dict[str, dict[st
 
 
 def _store_attrs(channels, selection: Selection, statistics, tile_grid, step_hours: int, sources,
-                 history: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+                 history: list[dict[str, Any]], complete: bool, members: list[int] | None) -> dict[str, Any]:
     attrs = StoreAttrs(
         channels=channels, static_channels=list(selection.static), time_step_hours=step_hours,
         tile_grid=tuple(tile_grid), mean=statistics["mean"], std=statistics["std"],
         tendency_std=statistics["tendency_std"], static_mean=statistics["static_mean"],
         static_std=statistics["static_std"], statistics_period=tuple(statistics["statistics_period"]),
-        sources=sources, complete=complete).to_json()
+        sources=sources, complete=complete, members=members).to_json()
     return {**attrs, "preprocess": history}
 
 
@@ -540,8 +546,9 @@ def _write_skeleton(output: Path, dataset: xr.Dataset, channels, selection: Sele
     dynamic = [name for name in dataset.data_vars if name not in selection.static]
     if existing is None:
         skeleton = _filled_static(dataset, selection.static, statistics)
+        members = dataset["member"].values.tolist() if "member" in dataset.dims else None
         skeleton.attrs = _store_attrs(channels, selection, statistics, tile_grid, run["selection"]["time_step_hours"],
-                                      [], [{"run": run}], complete=False)
+                                      [], [{"run": run}], complete=False, members=members)
         skeleton.to_zarr(output, mode="w", compute=False, encoding=_encoding(skeleton, chunks), zarr_format=3,
                          consolidated=False)
         return
@@ -591,9 +598,10 @@ def _write_batch(output: Path, combined: Combined, channels, statistics, policy:
     names = list(dict.fromkeys(c.variable for c in channels))
     fill = _fill_values(combined.dataset, channels, statistics)
     batch = combined.dataset[names].isel(time=times)
-    missing_counts = {name: batch[name].isnull().sum(("latitude", "longitude")) for name in names}
+    missing_counts = {name: batch[name].isnull().sum([d for d in batch[name].dims if d not in ("time", "level")])
+                      for name in names}  # per time and level, over the grid and any members
     batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names if policy.of(name) != "fail"})
-    batch = batch.drop_vars([c for c in ("level", "latitude", "longitude") if c in batch.coords])
+    batch = batch.drop_vars([c for c in ("member", "level", "latitude", "longitude") if c in batch.coords])
     write = batch.to_zarr(output, region={"time": slice(offset + times.start, offset + times.stop)}, compute=False,
                           consolidated=False, zarr_format=3)
     try:
@@ -727,7 +735,7 @@ def dask_scheduler(scheduler: str | None, workers: int | None) -> Iterator[None]
             yield
         return
     try:
-        client = Client(scheduler, timeout="30s")
+        client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))  # 30 s by default
     except OSError as error:
         raise PreprocessError(f"--scheduler {scheduler}: cannot connect to a dask scheduler there ({error}); "
                               f"expected an address like tcp://host:8786, 'local' or 'threads'") from error
@@ -749,7 +757,7 @@ def _summary(output: Path, channels, selection: Selection, tile_grid, chunks, st
         spatial_chunks=tuple(chunks), statistics_period=tuple(attrs.statistics_period),
         size_on_disk=sum(p.stat().st_size for p in output.rglob("*") if p.is_file()),
         seconds=clock.perf_counter() - started, written_bytes=written_bytes, batches_written=written_batches,
-        batches_skipped=skipped_batches, missing=list(missing), on_nan=on_nan)
+        batches_skipped=skipped_batches, missing=list(missing), on_nan=on_nan, members=attrs.members)
 
 
 def _summary_of_store(output: Path, run: dict[str, Any]) -> Summary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
@@ -32,7 +33,7 @@ class DataConfig(BaseModel):
     time_step_hours: int | None = None  # default the inputs' step; a multiple of it subsamples
     statistics_period: tuple[str, str] | None = None  # first and last day, inclusive
     tile_grid: tuple[int, int] = (1, 1)
-    member: int | None = None
+    member: int | Literal["all"] | None = None  # 'all': keep the member dimension (--members all)
     on_nan: str | dict[str, str] = "fail"  # data.missing_values: 'fill', 'sst=mask,fail' or {sst: mask}
     batch_size: int | None = None
 

@@ -65,7 +65,10 @@ def parser() -> argparse.ArgumentParser:
     selection.add_argument("--start", help="first time, ISO date or date-time")
     selection.add_argument("--end", help="last time, inclusive (a date includes the whole day)")
     selection.add_argument("--time-step", dest="time_step_hours", type=int, help="hours between stored steps")
-    selection.add_argument("--member", type=int, help="ensemble member to take from inputs with several")
+    members = selection.add_mutually_exclusive_group()
+    members.add_argument("--member", type=int, help="ensemble member to take from inputs with several")
+    members.add_argument("--members", choices=["all"], dest="member",
+                         help="'all': keep every ensemble member (a member dimension, statistics pooled over members)")
     selection.add_argument("--statistics-period", type=_pair("--statistics-period", ",", str),
                            help="FIRST,LAST days (inclusive) of the normalisation statistics; default all times")
     writing = parser.add_argument_group("writing")

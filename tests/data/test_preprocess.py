@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import dask
 import netCDF4
 import numpy as np
 import pytest
@@ -250,6 +251,28 @@ def test_rerun_of_a_finished_store_writes_nothing_and_other_runs_are_refused(inp
     assert store_files(clean_store) == before
     with pytest.raises(PreprocessError, match="exists and is not a store this run is resuming.*--overwrite"):
         run(inputs, clean_store, tile_grid=(1, 1))
+
+
+# ------------------------------------------------------------------------ schedulers
+def test_dask_distributed_clusters_write_the_bytes_of_the_threaded_run(inputs, clean_store, tmp_path):
+    """A local cluster the run starts, and an existing cluster reached at its tcp:// address."""
+    from distributed import LocalCluster
+
+    run(inputs, tmp_path / "local.zarr", tile_grid=(1, 2), scheduler="local", workers=2)
+    assert store_files(tmp_path / "local.zarr") == store_files(clean_store)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        run(inputs, tmp_path / "tcp.zarr", tile_grid=(1, 2), scheduler=cluster.scheduler_address)
+    assert store_files(tmp_path / "tcp.zarr") == store_files(clean_store)
+
+
+def test_an_unreachable_scheduler_is_named(inputs, tmp_path):
+    from tests.distributed import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(PreprocessError, match=rf"--scheduler {address}: cannot connect to a dask scheduler there"):
+        run(inputs, tmp_path / "store.zarr", scheduler=address, workers=1)
 
 
 # ------------------------------------------------------------------------ append
