@@ -91,9 +91,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    overrides = {key: getattr(args, key) for key in ("variables", "surface", "upper_air", "static", "levels", "start", "end",
-                                                      "time_step_hours", "member", "statistics_period",
-                                                      "tile_grid", "on_nan", "batch_size")}
+    overrides = {key: getattr(args, key) for key in ("variables", "surface", "upper_air", "static", "levels",
+                                                      "start", "end", "time_step_hours", "member",
+                                                      "statistics_period", "tile_grid", "on_nan", "batch_size")}
     try:
         config = load_data_config(args.config, overrides)
     except DataConfigError as error:
