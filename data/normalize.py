@@ -206,6 +206,9 @@ def _orient_grid(dataset: xr.Dataset, source: str) -> xr.Dataset:
 def _candidate_variables(dataset: xr.Dataset, source: str) -> xr.Dataset:
     """The fields over recognised axes, under schema names where known (geopotential without a level
     is the surface geopotential); the rest are dropped with the reason in ``skipped_variables``."""
+    # a single height above ground, say (2 m temperature over time, height, latitude, longitude), is no axis
+    dataset = dataset.assign({name: variable.squeeze(single, drop=True) for name, variable in dataset.data_vars.items()
+                              if (single := [d for d in variable.dims if d not in AXES and dataset.sizes[d] == 1])})
     kept, skipped, renames = [], {}, {}
     for name, variable in dataset.data_vars.items():
         reason = _not_a_field(variable)

@@ -269,6 +269,9 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
     channels = model_channel_order(policy.with_masks(selection.surface), policy.with_masks(selection.upper_air),
                                    list(selection.levels))
+    if not channels:
+        raise PreprocessError(f"no time-dependent fields selected ({report[0]}); a store needs at least one "
+                              f"surface or upper-air variable")
     grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
     bytes_per_time = 4 * len(channels) * grid[0] * grid[1]
     statistics_batch = max(1, BATCH_BYTES // bytes_per_time)  # batches of the statistics never need to resume
@@ -484,7 +487,8 @@ def _check_positive(std, names, static_std, static_names) -> None:
     for name, value in zip([*names, *static_names], [*std, *static_std]):
         if not value > 0:
             raise PreprocessError(f"channel {name!r} has standard deviation {value} over the statistics period; "
-                                  f"normalisation needs a positive value (a constant or empty field?)")
+                                  f"normalisation needs a positive value (a constant or empty field?); leave it "
+                                  f"out with --variables or the group's flag")
 
 
 def _day_start(text: str) -> np.datetime64:

@@ -11,7 +11,7 @@ import zarr
 
 from data.combine import Selection
 from data.normalize import InputError
-from data.preprocess import preprocess
+from data.preprocess import PreprocessError, preprocess
 from data.schema import StoreAttrs
 from launch.preprocess import main as cli_main
 from tests.data.reanalysis_files import expected_field, unusual_dataset, unusual_file
@@ -83,6 +83,26 @@ def test_upper_air_levels_default_to_those_every_variable_holds(tmp_path):
     summary = run([tmp_path], tmp_path / "store.zarr")
     assert summary.channels == ["sst", "tp", "d2m", "w850", "r850"]
     assert "skipped w on levels [500] hPa: not held by every upper-air variable" in summary.selection_report
+
+
+def test_a_single_height_is_no_axis_and_unusable_selections_are_named(tmp_path):
+    source = unusual_dataset(8)
+    source["t2m"] = source["sst"].expand_dims(height=[2.0], axis=1) - 5.0  # (t, height, y, x), height 2 m
+    source["height"].attrs.update(units="m", positive="up")
+    source.to_netcdf(tmp_path / "in.nc")
+    summary = run([tmp_path / "in.nc"], tmp_path / "store.zarr", Selection(variables=["t2m"]))
+    assert summary.channels == ["t2m"]
+    stored = xr.open_zarr(tmp_path / "store.zarr", consolidated=False)
+    np.testing.assert_array_equal(stored["t2m"].values, expected_field(source, "t2m")[:, 0])
+
+    source[["lsm"]].to_netcdf(tmp_path / "static.nc")
+    with pytest.raises(PreprocessError, match=r"no time-dependent fields selected \(took surface none; upper-air "
+                                              r"none; static lsm\)"):
+        run([tmp_path / "static.nc"], tmp_path / "static.zarr")
+    source.assign(tp=source["tp"] * 0).to_netcdf(tmp_path / "dry.nc")
+    with pytest.raises(PreprocessError, match=r"channel 'tp' has standard deviation 0.0 .* leave it out with "
+                                              r"--variables"):
+        run([tmp_path / "dry.nc"], tmp_path / "dry.zarr")
 
 
 def test_a_store_with_any_channels_trains(default_store, tmp_path):
