@@ -37,7 +37,7 @@ import shutil
 import time as clock
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from data.combine import Combined, Selection, combine_inputs
 from data.normalize import InputError
 from data.missing_values import MASK_SUFFIX, NanPolicy, NanPolicyError, mask_name
 from data.vocabulary import find_candidates, resolve_selection
-from data.schema import Channel, StoreAttrs, StoreError, field_encoding, model_channel_order
+from data.schema import Channel, StoreAttrs, field_encoding, model_channel_order
 from data.stats import MissingField, channel_statistics, static_statistics
 from parallel.tiling import store_tile_chunks  # geometry only
 
@@ -214,6 +214,50 @@ def _combine_in_batches(opened, selection: Selection, grid: tuple[int, int], bat
     return combined, batch_size // time_chunk * time_chunk
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a run will write: its inputs, the resolved selection and channels, the lazy combined data."""
+
+    paths: list[Path]
+    existing: dict[str, Any] | None  # the store an append extends
+    selection: Selection
+    report: list[str]  # what was taken, what skipped and why
+    channels: list[Channel]
+    grid: tuple[int, int]
+    combined: Combined
+    batch_size: int
+    statistics_batch: int
+
+
+def _plan(inputs, selection: Selection, policy: NanPolicy, member, output: Path, record: ProgressRecord,
+          append: bool, batch_size: int | None, progress: bool) -> Plan:
+    """Open the inputs (metadata only), resolve the selection and combine the fields lazily."""
+    paths = input_files.expand_inputs(inputs)
+    opened = [(str(path), input_files.open_input(path, member))
+              for path in tqdm(paths, desc="opening inputs", unit="file", disable=not progress)]
+    existing = _existing_store(output, record) if append else None
+    if existing is not None:
+        selection = _continue_after(existing, _store_selection(existing["attrs"], selection))
+    selection, report = resolve_selection(selection, find_candidates(opened))
+    if progress:
+        tqdm.write("\n".join(report))
+    if batch_size is not None and batch_size < 1:
+        raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
+    channels = model_channel_order(policy.with_masks(selection.surface), policy.with_masks(selection.upper_air),
+                                   list(selection.levels))
+    if not channels:
+        raise PreprocessError(f"no time-dependent fields selected ({report[0]}); a store needs at least one "
+                              f"surface or upper-air variable")
+    grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
+    statistics_batch = max(1, BATCH_BYTES // (4 * len(channels) * grid[0] * grid[1]))  # never need to resume
+    combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
+    combined = _with_mask_fields(combined, policy.masked([*selection.surface, *selection.upper_air]))
+    if member == "all" and "member" not in combined.dataset.dims:
+        raise PreprocessError("--members all: no input has an ensemble member axis (looked for dimensions "
+                              "number, member, realization, ensemble_member or standard_name 'realization')")
+    return Plan(paths, existing, selection, report, channels, grid, combined, batch_size, statistics_batch)
+
+
 def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Selection, *,
                tile_grid: tuple[int, int] = (1, 1), statistics_period: tuple[str, str] | None = None,
                member: int | str | None = None, on_nan: str = "fail", append: bool = False, overwrite: bool = False,
@@ -256,35 +300,12 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
 
-    paths = input_files.expand_inputs(inputs)
-    opened = [(str(path), input_files.open_input(path, member))
-              for path in tqdm(paths, desc="opening inputs", unit="file", disable=not progress)]
-    existing = _existing_store(output, record) if append else None
-    if existing is not None:
-        selection = _continue_after(existing, _store_selection(existing["attrs"], selection))
-    selection, report = resolve_selection(selection, find_candidates(opened))
-    if progress:
-        tqdm.write("\n".join(report))
-    if batch_size is not None and batch_size < 1:
-        raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
-    channels = model_channel_order(policy.with_masks(selection.surface), policy.with_masks(selection.upper_air),
-                                   list(selection.levels))
-    if not channels:
-        raise PreprocessError(f"no time-dependent fields selected ({report[0]}); a store needs at least one "
-                              f"surface or upper-air variable")
-    grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
-    bytes_per_time = 4 * len(channels) * grid[0] * grid[1]
-    statistics_batch = max(1, BATCH_BYTES // bytes_per_time)  # batches of the statistics never need to resume
-    combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
-    combined = _with_mask_fields(combined, policy.masked([*selection.surface, *selection.upper_air]))
-    dataset = combined.dataset
-    if member == "all" and "member" not in dataset.dims:
-        raise PreprocessError("--members all: no input has an ensemble member axis (looked for dimensions "
-                              "number, member, realization, ensemble_member or standard_name 'realization')")
-    chunks = spatial_chunks(grid, tile_grid)
+    plan = _plan(inputs, selection, policy, member, output, record, append, batch_size, progress)
+    existing, selection, channels, combined = plan.existing, plan.selection, plan.channels, plan.combined
+    dataset, chunks = combined.dataset, spatial_chunks(plan.grid, tile_grid)
 
-    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=policy.text(),
-                        tile_grid=tile_grid, batch_size=batch_size, statistics_period=statistics_period,
+    run = _run_identity(plan.paths, selection, combined, append=append, member=member, on_nan=policy.text(),
+                        tile_grid=tile_grid, batch_size=plan.batch_size, statistics_period=statistics_period,
                         recompute_statistics=recompute_statistics)
     if existing is not None:
         _check_append(existing, dataset, channels, selection, combined.time_step_hours, tile_grid, output)
@@ -293,13 +314,13 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     else:
         finished = _check_create(output, record, run)
         if finished is not None:
-            return replace(finished, selection_report=report)
+            return replace(finished, selection_report=plan.report)
     resumed = _resume(record, run, output)
 
     with dask_scheduler(scheduler, workers):
         if "statistics" not in resumed:
             resumed["statistics"] = _statistics(combined, channels, selection, statistics_period, existing,
-                                                policy, statistics_batch, progress, recompute_statistics)
+                                                policy, plan.statistics_batch, progress, recompute_statistics)
             record.write(resumed)
         statistics = resumed["statistics"]
         if not resumed.get("skeleton"):
@@ -310,16 +331,17 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
             record.write(resumed)
         offset = existing["n_times"] if existing else 0
         written, written_steps, skipped, missing = _write_batches(
-            output, combined, channels, statistics, policy, batch_size, offset, record, progress, after_batch)
+            output, combined, channels, statistics, policy, plan.batch_size, offset, record, progress, after_batch)
         if append and recompute_statistics:
             statistics = _statistics_from_store(output, channels, list(selection.static),
-                                                statistics["statistics_period"], statistics_batch, progress)
+                                                statistics["statistics_period"], plan.statistics_batch, progress)
         with disk_space_for(output, "the store's final attributes", 0):
-            _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
+            _finalise(output, plan.paths, record, resumed, statistics, existing, missing, workers)
 
-    summary = _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
+    written_bytes = written_steps * 4 * len(channels) * plan.grid[0] * plan.grid[1]
+    summary = _summary(output, channels, selection, tile_grid, chunks, started, written_bytes,
                        written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=policy.text())
-    return replace(summary, selection_report=report)
+    return replace(summary, selection_report=plan.report)
 
 
 def _selection_to_json(selection: Selection, step_hours: int) -> dict[str, Any]:
