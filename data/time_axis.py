@@ -61,13 +61,13 @@ def decode_time(time: xr.DataArray, name: str) -> np.ndarray:
 
 
 def _datetime64_dates(variable: xr.Variable, name: str) -> np.ndarray | None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # decoding is lazy: the values are read inside
         warnings.simplefilter("ignore")
         try:
-            decoded = xr.coders.CFDatetimeCoder(time_unit="ns").decode(variable, name=name)
+            values = np.atleast_1d(np.asarray(xr.coders.CFDatetimeCoder(time_unit="ns").decode(variable, name=name)
+                                              .values))
         except (ValueError, OverflowError, TypeError):
             return None
-    values = np.atleast_1d(np.asarray(decoded.values))
     return values.astype("datetime64[ns]") if np.issubdtype(values.dtype, np.datetime64) else None
 
 

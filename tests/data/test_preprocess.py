@@ -260,7 +260,7 @@ def test_dask_distributed_clusters_write_the_bytes_of_the_threaded_run(inputs, c
 
     run(inputs, tmp_path / "local.zarr", tile_grid=(1, 2), scheduler="local", workers=2)
     assert store_files(tmp_path / "local.zarr") == store_files(clean_store)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         assert cluster.scheduler_address.startswith("tcp://")
         run(inputs, tmp_path / "tcp.zarr", tile_grid=(1, 2), scheduler=cluster.scheduler_address)
     assert store_files(tmp_path / "tcp.zarr") == store_files(clean_store)
