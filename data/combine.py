@@ -3,7 +3,8 @@
 Downloads split a period over many files (per month, per variable group); this module
 puts the pieces of every variable together along time and checks, with errors that name
 the files involved, that the result is one dataset: every requested variable and level
-present, one grid, each time once, ascending and regularly spaced, the same times for
+present, one grid, each time once (files that overlap in time must agree where they
+overlap; the later copy is dropped), ascending and regularly spaced, the same times for
 all variables. Fields come back float32, as dask arrays of ``time_chunk`` times (all
 levels) per chunk: one 2-D field per chunk by default; more for small grids, where
 per-chunk overhead would cost more than the read.
@@ -143,18 +144,39 @@ def _check_ascending(source: str, times: np.ndarray) -> None:
 
 
 def _join_in_time(name: str, pieces: list[tuple[str, xr.DataArray]]):
+    """One field along time from its files. Files that overlap in time are accepted when they hold
+    identical values at the shared times (the later file's copy is dropped) and refused otherwise."""
     pieces = sorted(pieces, key=lambda piece: piece[1]["time"].values[0])
     _check_same_members(name, pieces)
-    for (source_a, a), (source_b, b) in zip(pieces, pieces[1:]):
-        last, first = a["time"].values[-1], b["time"].values[0]
-        if first <= last:
-            raise InputError(f"variable {name!r}: {source_a} holds times up to {last} and {source_b} from {first}; "
-                             f"expected each time in exactly one file (duplicate or overlapping inputs?)")
-    spans = [(p["time"].values[0], p["time"].values[-1], source) for source, p in pieces]
-    fields = [p for _, p in pieces]
+    kept = pieces[:1]
+    for source_b, b in pieces[1:]:
+        source_a, a = kept[-1]
+        if b["time"].values[0] <= a["time"].values[-1]:
+            b = _after_identical_overlap(name, source_a, a, source_b, b)
+        if b.sizes["time"]:
+            kept.append((source_b, b))
+    spans = [(p["time"].values[0], p["time"].values[-1], source) for source, p in kept]
+    fields = [p for _, p in kept]
     joined = fields[0] if len(fields) == 1 else xr.concat(
         fields, dim="time", join="override", coords="minimal", compat="override", combine_attrs="override")
     return joined, spans
+
+
+def _after_identical_overlap(name: str, source_a: str, a: xr.DataArray, source_b: str, b: xr.DataArray):
+    """``b`` after the last time of ``a``, once the times they share are checked to hold the same values
+    (this reads the shared times now: an overlap is a few steps, a duplicated file all of them)."""
+    last = a["time"].values[-1]
+    shared = b["time"].values[b["time"].values <= last]
+    if not np.isin(shared, a["time"].values).all():
+        raise InputError(f"variable {name!r}: {source_a} holds times up to {last} and {source_b} from "
+                         f"{b['time'].values[0]}, and their times interleave; expected each time in one file, "
+                         f"or files that repeat the same times with the same values")
+    for time in shared:
+        if not np.array_equal(a.sel(time=time).values, b.sel(time=time).values, equal_nan=True):
+            raise InputError(f"variable {name!r}: {source_a} and {source_b} both hold time {time} with different "
+                             f"values; expected each time in one file (duplicate or overlapping inputs?), or "
+                             f"identical values where files overlap")
+    return b.isel(time=slice(shared.size, None))
 
 
 def _check_same_members(name: str, pieces: list[tuple[str, xr.DataArray]]) -> None:

@@ -60,14 +60,27 @@ def test_a_folder_of_files_split_in_time_is_one_store(tmp_path):
     assert_store_holds_the_source(tmp_path / "store.zarr", source)
 
 
-def test_files_that_overlap_in_time_are_refused_naming_both(tmp_path):
+def test_files_that_overlap_with_identical_values_are_joined_and_others_refused_naming_both(tmp_path):
     source = unusual_dataset(N_TIMES)
     source.isel(t=slice(0, 5)).to_netcdf(tmp_path / "a.nc")
-    source.isel(t=slice(4, 8)).to_netcdf(tmp_path / "b.nc")
-    with pytest.raises(InputError, match=rf"variable 'sst': {tmp_path / 'a.nc'} holds times up to 2020-01-02T00:00.* "
-                                         rf"and {tmp_path / 'b.nc'} from 2020-01-02T00:00.*overlapping inputs"):
-        run([tmp_path / "a.nc", tmp_path / "b.nc"], tmp_path / "store.zarr")
-    assert not (tmp_path / "store.zarr").exists()
+    source.isel(t=slice(3, 8)).to_netcdf(tmp_path / "b.nc")  # times 3 and 4 in both files, the same values
+    source.isel(t=slice(1, 3)).to_netcdf(tmp_path / "inside.nc")  # a duplicate of part of a.nc
+    summary = run([tmp_path / "a.nc", tmp_path / "b.nc", tmp_path / "inside.nc"], tmp_path / "store.zarr")
+    assert summary.n_times == N_TIMES
+    assert_store_holds_the_source(tmp_path / "store.zarr", source)
+
+    changed = source.isel(t=slice(3, 8)).copy(deep=True)
+    changed["sst"][1, 0, 0] += 1.0  # time 4 differs from a.nc
+    changed.to_netcdf(tmp_path / "c.nc")
+    with pytest.raises(InputError, match=rf"variable 'sst': {tmp_path / 'a.nc'} and {tmp_path / 'c.nc'} both hold "
+                                         rf"time 2020-01-02T00:00.* with different values"):
+        run([tmp_path / "a.nc", tmp_path / "c.nc"], tmp_path / "other.zarr")
+    shifted = source.isel(t=[3, 4])  # three hours before times 3 and 4: between a.nc's times
+    shifted.assign_coords(t=shifted["t"].copy(data=shifted["t"].values - 0.125)).to_netcdf(tmp_path / "d.nc")
+    with pytest.raises(InputError, match=rf"{tmp_path / 'a.nc'} holds times up to 2020-01-02T00:00.* and "
+                                         rf"{tmp_path / 'd.nc'} from .*their times interleave"):
+        run([tmp_path / "a.nc", tmp_path / "d.nc"], tmp_path / "other.zarr")
+    assert not (tmp_path / "other.zarr").exists()
 
 
 def with_time_axis(values, units: str, calendar: str) -> xr.Dataset:
