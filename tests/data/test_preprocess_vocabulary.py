@@ -35,6 +35,14 @@ def default_store(unusual, tmp_path_factory):
     return output
 
 
+def test_the_command_prints_what_it_took_and_skipped(unusual, tmp_path, capsys):
+    assert cli_main([str(unusual), "--output", str(tmp_path / "store.zarr"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "took surface sst tp d2m; upper-air w r on 500 850 hPa; static lsm\n" in printed
+    assert f"skipped t_bnds ({unusual}): dims ('time', 'nv')" in printed
+    assert "channels   7: sst tp d2m w500 w850 r500 r850" in printed
+
+
 def test_no_flags_take_every_field_and_say_what_was_skipped(unusual, default_store, capsys, tmp_path):
     summary = run([unusual], tmp_path / "store.zarr")
     assert summary.selection_report == [
