@@ -3,7 +3,8 @@
 Downloads split a period over many files (per month, per variable group); this module
 puts the pieces of every variable together along time and checks, with errors that name
 the files involved, that the result is one dataset: every requested variable and level
-present, one grid, each time once, ascending and regularly spaced, the same times for
+present, one grid, each time once (files that overlap in time must agree where they
+overlap; the later copy is dropped), ascending and regularly spaced, the same times for
 all variables. Fields come back float32, as dask arrays of ``time_chunk`` times (all
 levels) per chunk: one 2-D field per chunk by default; more for small grids, where
 per-chunk overhead would cost more than the read.
@@ -29,15 +30,17 @@ DIMS = {"surface": ("time", "latitude", "longitude"), "upper_air": ("time", "lev
 
 @dataclass(frozen=True)
 class Selection:
-    """What to take from the inputs; None bounds mean all available times."""
+    """What to take from the inputs. A None group or ``levels`` means every candidate the inputs
+    offer (``data.vocabulary``); ``variables`` narrows every group; None bounds mean all times."""
 
-    surface: Sequence[str]
-    upper_air: Sequence[str]
-    static: Sequence[str]
-    levels: Sequence[int]
+    surface: Sequence[str] | None = None
+    upper_air: Sequence[str] | None = None
+    static: Sequence[str] | None = None
+    levels: Sequence[int] | None = None
     start: np.datetime64 | None = None
     end: np.datetime64 | None = None
     time_step_hours: int | None = None  # None keeps the input step; a multiple of it subsamples
+    variables: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,10 @@ class Combined:
 
 
 def is_static(dataset: xr.Dataset) -> bool:
-    """A static input: only static variables and no time axis, or a single time."""
-    names = set(map(str, dataset.data_vars))
-    return bool(names) and names <= set(STATIC) and dataset.sizes.get("time", 1) == 1
+    """A static input: only fields without a time axis, or known static fields at a single time."""
+    single_time = dataset.sizes.get("time", 1) == 1
+    return bool(dataset.data_vars) and all("time" not in variable.dims or (name in STATIC and single_time)
+                                           for name, variable in dataset.data_vars.items())
 
 
 def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selection, time_chunk: int = 1) -> Combined:
@@ -76,6 +80,7 @@ def combine_inputs(inputs: Sequence[tuple[str, xr.Dataset]], selection: Selectio
             fields[name] = _select_period(name, joined, selection).assign_coords(grid)
             spans += piece_spans
     _check_same_times(fields)
+    _check_members_across_variables(fields)
     dataset, step = _select_steps(xr.Dataset(fields), selection, spans)
     for name in selection.static:
         source, holder = next((s, d) for s, d in static_inputs + dynamic_inputs if name in d)
@@ -91,8 +96,9 @@ def _require_variables(inputs, dynamic_inputs, selection: Selection) -> None:
     if missing:
         found = "; ".join(f"{source}: {sorted(map(str, d.data_vars)) or 'none'}" for source, d in inputs[:8])
         more = f"; ... ({len(inputs) - 8} more inputs)" if len(inputs) > 8 else ""
-        raise InputError(f"variables {missing} not found in any input (names are recognised as ERA5 short names, "
-                         f"GRIB names or WeatherBench2 names); the inputs hold: {found}{more}")
+        raise InputError(f"variables {missing} not found in any input (ERA5 short names, GRIB names and "
+                         f"WeatherBench2 names become the short names; others keep their own); the inputs hold: "
+                         f"{found}{more}")
 
 
 def _describe_grid(dataset: xr.Dataset) -> str:
@@ -113,7 +119,7 @@ def _check_grid(source: str, dataset: xr.Dataset, reference_source: str, referen
 def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequence[int],
            time_chunk: int = 1) -> tuple[str, xr.DataArray]:
     field = dataset[name]
-    expected = DIMS[group]
+    expected = DIMS[group][:1] + ("member",) * ("member" in field.dims) + DIMS[group][1:]
     if set(field.dims) != set(expected):
         raise InputError(f"{source}: variable {name!r} has dims {field.dims}; expected {expected}")
     if group == "upper_air":
@@ -124,7 +130,8 @@ def _field(source: str, dataset: xr.Dataset, name: str, group: str, levels: Sequ
         field = field.sel(level=sorted(levels))
     field = field.transpose(*expected)
     _check_ascending(source, field["time"].values)
-    chunks = {"time": time_chunk, "level": 1 if time_chunk == 1 else -1, "latitude": -1, "longitude": -1}
+    chunks = {"time": time_chunk, "member": 1 if time_chunk == 1 else -1, "level": 1 if time_chunk == 1 else -1,
+              "latitude": -1, "longitude": -1}
     return source, field.chunk({d: chunks[d] for d in field.dims}).astype(np.float32)
 
 
@@ -137,17 +144,60 @@ def _check_ascending(source: str, times: np.ndarray) -> None:
 
 
 def _join_in_time(name: str, pieces: list[tuple[str, xr.DataArray]]):
+    """One field along time from its files. Files that overlap in time are accepted when they hold
+    identical values at the shared times (the later file's copy is dropped) and refused otherwise."""
     pieces = sorted(pieces, key=lambda piece: piece[1]["time"].values[0])
-    for (source_a, a), (source_b, b) in zip(pieces, pieces[1:]):
-        last, first = a["time"].values[-1], b["time"].values[0]
-        if first <= last:
-            raise InputError(f"variable {name!r}: {source_a} holds times up to {last} and {source_b} from {first}; "
-                             f"expected each time in exactly one file (duplicate or overlapping inputs?)")
-    spans = [(p["time"].values[0], p["time"].values[-1], source) for source, p in pieces]
-    fields = [p for _, p in pieces]
+    _check_same_members(name, pieces)
+    kept = pieces[:1]
+    for source_b, b in pieces[1:]:
+        source_a, a = kept[-1]
+        if b["time"].values[0] <= a["time"].values[-1]:
+            b = _after_identical_overlap(name, source_a, a, source_b, b)
+        if b.sizes["time"]:
+            kept.append((source_b, b))
+    spans = [(p["time"].values[0], p["time"].values[-1], source) for source, p in kept]
+    fields = [p for _, p in kept]
     joined = fields[0] if len(fields) == 1 else xr.concat(
         fields, dim="time", join="override", coords="minimal", compat="override", combine_attrs="override")
     return joined, spans
+
+
+def _after_identical_overlap(name: str, source_a: str, a: xr.DataArray, source_b: str, b: xr.DataArray):
+    """``b`` after the last time of ``a``, once the times they share are checked to hold the same values
+    (this reads the shared times now: an overlap is a few steps, a duplicated file all of them)."""
+    last = a["time"].values[-1]
+    shared = b["time"].values[b["time"].values <= last]
+    if not np.isin(shared, a["time"].values).all():
+        raise InputError(f"variable {name!r}: {source_a} holds times up to {last} and {source_b} from "
+                         f"{b['time'].values[0]}, and their times interleave; expected each time in one file, "
+                         f"or files that repeat the same times with the same values")
+    for time in shared:
+        if not np.array_equal(a.sel(time=time).values, b.sel(time=time).values, equal_nan=True):
+            raise InputError(f"variable {name!r}: {source_a} and {source_b} both hold time {time} with different "
+                             f"values; expected each time in one file (duplicate or overlapping inputs?), or "
+                             f"identical values where files overlap")
+    return b.isel(time=slice(shared.size, None))
+
+
+def _check_same_members(name: str, pieces: list[tuple[str, xr.DataArray]]) -> None:
+    def members(field: xr.DataArray) -> list | None:
+        return field["member"].values.tolist() if "member" in field.dims else None
+
+    source, reference = pieces[0]
+    for other_source, other in pieces[1:]:
+        if members(other) != members(reference):
+            raise InputError(f"variable {name!r}: {source} holds ensemble members {members(reference)} and "
+                             f"{other_source} holds {members(other)}; expected the same members in every file")
+
+
+def _check_members_across_variables(fields: dict[str, xr.DataArray]) -> None:
+    labels = {name: field["member"].values.tolist() if "member" in field.dims else None
+              for name, field in fields.items()}
+    reference_name, reference = next(iter(labels.items()), (None, None))
+    for name, members in labels.items():
+        if members != reference:
+            raise InputError(f"variables {reference_name!r} and {name!r} hold different ensemble members "
+                             f"({reference} and {members}); expected the same members for all variables")
 
 
 def _check_same_times(fields: dict[str, xr.DataArray]) -> None:

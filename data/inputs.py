@@ -70,7 +70,7 @@ def input_format(path: Path) -> str:
     return "grib" if path.suffix.lower() in GRIB_SUFFIXES else "netcdf"
 
 
-def open_input(path: Path, member: int | None = None) -> xr.Dataset:
+def open_input(path: Path, member: int | str | None = None) -> xr.Dataset:
     """The normalised, lazily indexed dataset of one input (no dask yet: data is read on demand)."""
     kind = input_format(path)
     try:

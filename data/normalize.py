@@ -1,13 +1,18 @@
-"""Bring one input dataset to the store's conventions: canonical names, units and orientation.
+"""Bring one input dataset to the store's conventions: axes, names, units and orientation.
 
-Reanalysis files spell the same thing many ways: ``latitude``/``lat`` (90 -> -90 or the
-reverse), ``longitude`` in 0..360 or -180..180, pressure levels as ``level``,
-``isobaricInhPa``, ``pressure_level`` or ``plev`` (hPa or Pa), time as ``time`` or
-``valid_time``, variables as ERA5 short names (``t2m``), GRIB names (``2t``) or
-WeatherBench2 names (``2m_temperature``). :func:`normalize_dataset` recognises
-coordinates by name or CF attributes and returns a dataset with dims ``time, level,
-latitude, longitude`` (latitude ascending, longitude ascending in [0, 360), level in
-integer hPa ascending, time datetime64[ns]) and the schema's short variable names.
+Reanalysis files spell the same thing many ways. Axes are recognised by name
+(``latitude``/``lat``, ``level``/``isobaricInhPa``/``plev``, ``time``/``valid_time``...) or
+by their CF attributes (``axis``, ``standard_name``, ``units`` such as ``degrees_north``,
+``hPa`` or ``<unit> since <date>``, ``positive``), never by position: an axis without
+coordinate values is refused. :func:`normalize_dataset` returns a dataset with dims
+``time, level, latitude, longitude`` (latitude ascending, longitude ascending in [0, 360),
+level in integer hPa ascending, time datetime64[ns]).
+
+The vocabulary is open: every numeric variable over time, latitude and longitude (and
+optionally a pressure level) is kept. Known ERA5 short names, GRIB names and WeatherBench2
+names become the schema's short names (``2m_temperature`` -> ``t2m``); other variables keep
+their own names, units and long names. Variables over other axes are dropped, and why is
+recorded in the dataset's ``skipped_variables`` attribute for the run's report.
 Everything stays lazy: reordering is an index on the file's lazily indexed arrays.
 """
 
@@ -17,12 +22,14 @@ import numpy as np
 import xarray as xr
 
 from data.schema import STATIC, SURFACE, UPPER_AIR
+from data.time_axis import decode_time
 
 
 class InputError(ValueError):
     """An input file that cannot be used; the message names the file, variable and what was expected."""
 
 
+AXES = ("time", "level", "latitude", "longitude", "member")
 COORDINATE_NAMES = {
     "time": ("time", "valid_time"),
     "level": ("level", "isobaricInhPa", "pressure_level", "plev"),
@@ -34,10 +41,16 @@ COORDINATE_UNITS = {
     "latitude": {"degrees_north", "degree_north", "degrees_n", "degree_n", "degreesn", "degreen"},
     "longitude": {"degrees_east", "degree_east", "degrees_e", "degree_e", "degreese", "degreee"},
 }
-COORDINATE_STANDARD_NAMES = {"time": "time", "level": "air_pressure", "latitude": "latitude", "longitude": "longitude"}
+COORDINATE_STANDARD_NAMES = {"time": {"time"}, "level": {"air_pressure"}, "latitude": {"latitude"},
+                             "longitude": {"longitude"}, "member": {"realization"}}
+CF_AXES = {"time": "T", "level": "Z", "latitude": "Y", "longitude": "X"}
 HECTOPASCAL_UNITS = {"hpa", "millibars", "millibar", "mbar", "mb", "hectopascal", "hectopascals"}
 PASCAL_UNITS = {"pa", "pascal", "pascals"}
-STANDARD_CALENDARS = {"standard", "gregorian", "proleptic_gregorian"}
+AXIS_HINTS = {
+    "time": "name time/valid_time, axis='T', standard_name='time' or units '<unit> since <date>'",
+    "latitude": "name latitude/lat, axis='Y', standard_name='latitude' or units 'degrees_north'",
+    "longitude": "name longitude/lon, axis='X', standard_name='longitude' or units 'degrees_east'",
+}
 
 # name in a file -> schema short name (ERA5/CDS short names, GRIB shortNames, WeatherBench2 names)
 VARIABLE_ALIASES = {
@@ -60,22 +73,28 @@ COORDINATE_ATTRIBUTES = {
     "level": {"standard_name": "air_pressure", "long_name": "pressure level", "units": "hPa", "positive": "down"},
     "latitude": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north"},
     "longitude": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east"},
+    "member": {"standard_name": "realization", "long_name": "ensemble member"},
 }
 KNOWN_VARIABLES = {**SURFACE, **UPPER_AIR, **STATIC}
 
 
-def normalize_dataset(dataset: xr.Dataset, source: str, member: int | None = None) -> xr.Dataset:
-    """Canonical coordinates and variable names for one opened input (opened with ``decode_times=False``).
+def normalize_dataset(dataset: xr.Dataset, source: str, member: int | str | None = None) -> xr.Dataset:
+    """Canonical axes and variable names for one opened input (opened with ``decode_times=False``).
 
-    ``member`` selects one ensemble member by its label; a dataset with several members and
-    no ``member`` is refused. Variables the schema does not know are dropped.
+    ``member`` selects one ensemble member by its label, or ``"all"`` keeps the ``member``
+    axis; a dataset with several members and no ``member`` is refused. Variables that are
+    not fields over the recognised axes are dropped, with the reason recorded.
     """
-    found = {kind: _find_coordinate(dataset, kind) for kind in COORDINATE_NAMES}
+    found = {kind: _find_coordinate(dataset, kind, source) for kind in AXES}
     for kind in ("latitude", "longitude"):
         if found[kind] is None:
-            raise InputError(f"{source}: no {kind} coordinate (looked for names {COORDINATE_NAMES[kind]} or "
-                             f"units {sorted(COORDINATE_UNITS[kind])[:2]}); found {sorted(map(str, dataset.variables))}")
-    dataset = _select_member(dataset, found.pop("member"), source, member)
+            raise InputError(f"{source}: no {kind} axis identified (looked for {AXIS_HINTS[kind]}); the file "
+                             f"holds {sorted(map(str, dataset.variables))}")
+    if found["time"] is None:
+        _refuse_unidentified_time(dataset, found, source)
+    dataset = _select_member(dataset, found["member"], source, member)
+    if member != "all":
+        found["member"] = None
     renames = {name: kind for kind, name in found.items() if name is not None and name != kind}
     dataset = dataset.drop_vars([kind for kind in renames.values() if kind in dataset.variables]).rename(renames)
     present = [kind for kind, name in found.items() if name is not None]
@@ -88,66 +107,73 @@ def normalize_dataset(dataset: xr.Dataset, source: str, member: int | None = Non
             dataset = dataset.expand_dims(kind)
 
     if "time" in present:
-        dataset = dataset.assign_coords(time=decode_time(dataset["time"], found["time"], source))
+        try:
+            dataset = dataset.assign_coords(time=decode_time(dataset["time"], found["time"]))
+        except ValueError as error:
+            raise InputError(f"{source}: {error}") from None
     if "level" in present:
         dataset = dataset.assign_coords(level=_levels_in_hectopascal(dataset["level"], found["level"], source))
     dataset = _orient_grid(dataset, source)
-    dataset = _rename_variables(dataset, source)
+    dataset = _candidate_variables(dataset, source)
     dataset = dataset.drop_vars([name for name in dataset.coords if name not in COORDINATE_ATTRIBUTES])
     for kind in dataset.coords:
         dataset[kind].attrs = dict(COORDINATE_ATTRIBUTES[kind])
     return dataset
 
 
-def _find_coordinate(dataset: xr.Dataset, kind: str) -> str | None:
-    """A dimension by name first, then any coordinate by name, then by CF units or standard_name."""
-    names = COORDINATE_NAMES[kind]
-    for candidates in (dataset.dims, dataset.coords):
-        for name in names:
-            if name in candidates:
-                return name
-    for name, variable in dataset.coords.items():
-        units = str(variable.attrs.get("units", "")).lower()
-        standard_name = COORDINATE_STANDARD_NAMES.get(kind)  # None for kinds without one (member)
-        if units in COORDINATE_UNITS.get(kind, ()) or (
-                standard_name is not None and variable.attrs.get("standard_name") == standard_name):
-            return str(name)
-    return None
+def _find_coordinate(dataset: xr.Dataset, kind: str, source: str) -> str | None:
+    """A dimension or coordinate by name, then a coordinate by its CF attributes; an axis found
+    as a dimension without coordinate values is refused (positions are not coordinates)."""
+    found = next((name for candidates in (dataset.dims, dataset.coords) for name in COORDINATE_NAMES[kind]
+                  if name in candidates), None)
+    if found is None:
+        found = next((str(name) for name, variable in dataset.coords.items() if _has_cf_attributes(variable, kind)),
+                     None)
+    if found is not None and found not in dataset.variables:
+        raise InputError(f"{source}: dimension {found!r} ({kind}) has no coordinate values; expected a "
+                         f"coordinate variable {found!r} holding its {kind}s (they are never made up from "
+                         f"row positions)")
+    return found
 
 
-def _select_member(dataset: xr.Dataset, name: str | None, source: str, member: int | None) -> xr.Dataset:
-    if name is None:
+def _has_cf_attributes(variable: xr.DataArray, kind: str) -> bool:
+    attrs = variable.attrs
+    units = str(attrs.get("units", "")).strip().lower()
+    if attrs.get("standard_name") in COORDINATE_STANDARD_NAMES[kind]:
+        return True
+    if kind == "level":  # a vertical axis is a pressure level only when its units say pressure
+        pressure = units in HECTOPASCAL_UNITS | PASCAL_UNITS
+        return pressure and (str(attrs.get("axis", "")).upper() == "Z" or "positive" in attrs)
+    if str(attrs.get("axis", "")).upper() == CF_AXES.get(kind):
+        return True
+    return units in COORDINATE_UNITS.get(kind, ()) or (kind == "time" and " since " in units)
+
+
+def _refuse_unidentified_time(dataset: xr.Dataset, found: dict[str, str | None], source: str) -> None:
+    """Without a time axis a file holds static fields only; a field with another axis is refused."""
+    known = {name for name in found.values() if name is not None}
+    for name, variable in dataset.data_vars.items():
+        others = [str(d) for d in variable.dims if d not in known]
+        if {found["latitude"], found["longitude"]} <= set(variable.dims) and others:
+            raise InputError(f"{source}: no time axis identified: variable {name!r} has dimension {others[0]!r}, "
+                             f"which is none of time, pressure level, latitude, longitude or ensemble member "
+                             f"(a time axis needs {AXIS_HINTS['time']})")
+
+
+def _select_member(dataset: xr.Dataset, name: str | None, source: str, member: int | str | None) -> xr.Dataset:
+    if name is None:  # inputs without members (static fields, say) serve every member
         return dataset
     labels = np.atleast_1d(dataset[name].values).tolist()
+    if member == "all":
+        return dataset if dataset[name].ndim == 1 else dataset.expand_dims(name)
     if member is not None and member not in labels:
         raise InputError(f"{source}: ensemble member {member} requested, but {name!r} holds members {labels}")
     if member is None and len(labels) > 1:
         raise InputError(f"{source}: ensemble dimension {name!r} holds {len(labels)} members {labels}; "
-                         f"choose one with --member N (the store holds one member)")
+                         f"choose one with --member N, or keep them all with --members all")
     if dataset[name].ndim == 1:
         dataset = dataset.sel({name: labels[0] if member is None else member})
     return dataset.drop_vars(name)
-
-
-def decode_time(time: xr.DataArray, name: str, source: str) -> xr.Variable:
-    """datetime64[ns] times; refuses non-standard calendars and units other than '<unit> since <date>'."""
-    variable = time.variable
-    if np.issubdtype(variable.dtype, np.datetime64):
-        return variable.astype("datetime64[ns]")
-    units = str(variable.attrs.get("units", ""))
-    calendar = str(variable.attrs.get("calendar", "standard"))
-    expected = "expected '<hours|days|minutes|seconds> since <date>' on a standard (gregorian) calendar"
-    if " since " not in units:
-        raise InputError(f"{source}: time coordinate {name!r} has units {units!r}; {expected}")
-    if calendar.lower() not in STANDARD_CALENDARS:
-        raise InputError(f"{source}: time coordinate {name!r} uses calendar {calendar!r}; {expected} "
-                         f"(one of {sorted(STANDARD_CALENDARS)})")
-    try:
-        decoded = xr.coders.CFDatetimeCoder(time_unit="ns").decode(variable, name=name)
-        return xr.Variable(decoded.dims, np.asarray(decoded.values, dtype="datetime64[ns]"))
-    except (ValueError, OverflowError, TypeError) as error:
-        raise InputError(f"{source}: cannot decode time coordinate {name!r} with units {units!r} and calendar "
-                         f"{calendar!r} ({error}); {expected}") from None
 
 
 def _levels_in_hectopascal(level: xr.DataArray, name: str, source: str) -> np.ndarray:
@@ -177,23 +203,45 @@ def _orient_grid(dataset: xr.Dataset, source: str) -> xr.Dataset:
     return dataset.isel(latitude=np.argsort(latitude), longitude=np.argsort(longitude))
 
 
-def _rename_variables(dataset: xr.Dataset, source: str) -> xr.Dataset:
-    """Schema short names; geopotential without a level dimension is the surface geopotential."""
-    renames: dict[str, str] = {}
+def _candidate_variables(dataset: xr.Dataset, source: str) -> xr.Dataset:
+    """The fields over recognised axes, under schema names where known (geopotential without a level
+    is the surface geopotential); the rest are dropped with the reason in ``skipped_variables``."""
+    # a single height above ground, say (2 m temperature over time, height, latitude, longitude), is no axis
+    dataset = dataset.assign({name: variable.squeeze(single, drop=True) for name, variable in dataset.data_vars.items()
+                              if (single := [d for d in variable.dims if d not in AXES and dataset.sizes[d] == 1])})
+    kept, skipped, renames = [], {}, {}
     for name, variable in dataset.data_vars.items():
-        canonical = VARIABLE_ALIASES.get(str(name), VARIABLE_ALIASES.get(str(name).lower()))
+        reason = _not_a_field(variable)
+        if reason:
+            skipped[str(name)] = reason
+            continue
+        canonical = VARIABLE_ALIASES.get(str(name), VARIABLE_ALIASES.get(str(name).lower(), str(name)))
         if canonical == "z" and "level" not in variable.dims:
             canonical = "orography"
-        if canonical is None:
-            continue
         if canonical in renames.values():
             other = next(k for k, v in renames.items() if v == canonical)
             raise InputError(f"{source}: variables {other!r} and {name!r} both map to {canonical!r}; "
                              f"expected one of them")
+        kept.append(str(name))
         renames[str(name)] = canonical
-    dataset = dataset[list(renames)].rename(renames)
+    dataset = dataset[kept].rename({k: v for k, v in renames.items() if k != v})
     for name, variable in dataset.data_vars.items():
         attrs = {key: variable.attrs[key] for key in CF_VARIABLE_ATTRIBUTES if key in variable.attrs}
-        long_name, units = KNOWN_VARIABLES[name]
-        variable.attrs = {"long_name": long_name, "units": units, **attrs, "short_name": name}
+        long_name, units = KNOWN_VARIABLES.get(name, (variable.attrs.get("long_name", name), attrs.get("units")))
+        variable.attrs = {"long_name": long_name, **({"units": units} if units is not None else {}),
+                          **{k: v for k, v in attrs.items() if k != "units"}, "short_name": name}
+    dataset.attrs = {"skipped_variables": skipped}
     return dataset
+
+
+def _not_a_field(variable: xr.DataArray) -> str | None:
+    """Why a variable is no channel or static field, or None for one."""
+    if not np.issubdtype(variable.dtype, np.number) or np.issubdtype(variable.dtype, np.timedelta64):
+        return f"not numeric ({variable.dtype})"
+    dims = tuple(map(str, variable.dims))
+    other = [d for d in dims if d not in AXES]
+    if other:
+        return f"dims {dims}: {other[0]!r} is none of time, pressure level, latitude, longitude, ensemble member"
+    if not {"latitude", "longitude"} <= set(dims):
+        return f"dims {dims}: not a field over latitude and longitude"
+    return None

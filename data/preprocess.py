@@ -5,8 +5,8 @@ The run, in order (each step is skipped on a restart once it is recorded as done
 1. open every input lazily (``data.inputs``), normalise and combine them into one dask
    dataset of the selected variables, levels and times (``data.combine``);
 2. per-channel statistics over the statistics period (``data.stats``), missing values
-   (NaN: netCDF fill values decode to it) left out; under ``on_nan="fail"`` a missing
-   value there stops the run before anything is written;
+   (NaN: netCDF fill values decode to it) left out; a missing value of a variable whose
+   policy is ``fail`` (``data.missing_values``) stops the run before anything is written;
 3. the store skeleton: every array with its full time axis, chunks ``time=1, level=1``
    and one spatial chunk per tile, coordinates and static fields, root attributes with
    ``complete=False``;
@@ -19,8 +19,9 @@ A run killed anywhere restarts from its records and ends with the same bytes as 
 uninterrupted run; the records hold the run's inputs and selection, and a restart with
 different ones is refused. ``append=True`` extends a complete store with a later period
 (the time axis must continue regularly) and keeps its statistics unless asked to
-recompute them. Missing values are counted per field (channel, time); ``on_nan="fill"``
-replaces them with the channel mean of the statistics period (0 after normalisation).
+recompute them. Missing values are counted per field (channel, time); the ``fill`` and
+``mask`` policies replace them with the channel mean of the statistics period (0 after
+normalisation), ``mask`` adding a 0/1 channel of where the source had values.
 
 Stores are local paths: the progress folder and the atomic record writes need a file system.
 """
@@ -28,6 +29,7 @@ Stores are local paths: the progress folder and the atomic record writes need a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -35,7 +37,7 @@ import shutil
 import time as clock
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,12 @@ from tqdm.auto import tqdm
 from data import inputs as input_files
 from data.combine import Combined, Selection, combine_inputs
 from data.normalize import InputError
-from data.schema import Channel, StoreAttrs, StoreError, field_encoding, model_channel_order
+from data.missing_values import MASK_SUFFIX, NanPolicy, NanPolicyError, mask_name
+from data.vocabulary import find_candidates, resolve_selection
+from data.schema import Channel, StoreAttrs, field_encoding, model_channel_order
 from data.stats import MissingField, channel_statistics, static_statistics
 from parallel.tiling import store_tile_chunks  # geometry only
 
-NAN_POLICIES = ("fail", "fill")
 BATCH_BYTES = 256 * 2**20  # default batch: about this much uncompressed data per region write
 MIN_BATCHES = 20  # ... but at least this many batches (progress, restart granularity) where times allow
 READ_BYTES = 32 * 2**20  # small grids: read several times per task, about this much, to keep dask overhead low
@@ -87,14 +90,18 @@ class Summary:
     batches_skipped: int  # found finished (restart) or, for a finished store, all of them
     missing: list[MissingField]
     on_nan: str
+    selection_report: list[str] = field(default_factory=list)  # what was taken, what skipped and why
+    members: list[int] | None = None  # ensemble member labels of a store with a member dimension
 
     def describe(self) -> str:
         rate = self.written_bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
         lines = [
+            *self.selection_report,
             f"store      {self.store}",
             f"channels   {len(self.channels)}: {' '.join(self.channels)}",
             f"static     {' '.join(self.static) or 'none'}",
             f"levels     {' '.join(map(str, self.levels)) + ' hPa' if self.levels else 'none'}",
+            *([f"members    {len(self.members)}: {' '.join(map(str, self.members))}"] if self.members else []),
             f"time       {_iso(self.first_time)} .. {_iso(self.last_time)}, {self.n_times} steps of "
             f"{self.time_step_hours} h",
             f"grid       {self.grid[0]} x {self.grid[1]} (latitude x longitude), tile grid "
@@ -207,9 +214,53 @@ def _combine_in_batches(opened, selection: Selection, grid: tuple[int, int], bat
     return combined, batch_size // time_chunk * time_chunk
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a run will write: its inputs, the resolved selection and channels, the lazy combined data."""
+
+    paths: list[Path]
+    existing: dict[str, Any] | None  # the store an append extends
+    selection: Selection
+    report: list[str]  # what was taken, what skipped and why
+    channels: list[Channel]
+    grid: tuple[int, int]
+    combined: Combined
+    batch_size: int
+    statistics_batch: int
+
+
+def _plan(inputs, selection: Selection, policy: NanPolicy, member, output: Path, record: ProgressRecord,
+          append: bool, batch_size: int | None, progress: bool) -> Plan:
+    """Open the inputs (metadata only), resolve the selection and combine the fields lazily."""
+    paths = input_files.expand_inputs(inputs)
+    opened = [(str(path), input_files.open_input(path, member))
+              for path in tqdm(paths, desc="opening inputs", unit="file", disable=not progress)]
+    existing = _existing_store(output, record) if append else None
+    if existing is not None:
+        selection = _continue_after(existing, _store_selection(existing["attrs"], selection))
+    selection, report = resolve_selection(selection, find_candidates(opened))
+    if progress:
+        tqdm.write("\n".join(report))
+    if batch_size is not None and batch_size < 1:
+        raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
+    channels = model_channel_order(policy.with_masks(selection.surface), policy.with_masks(selection.upper_air),
+                                   list(selection.levels))
+    if not channels:
+        raise PreprocessError(f"no time-dependent fields selected ({report[0]}); a store needs at least one "
+                              f"surface or upper-air variable")
+    grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
+    statistics_batch = max(1, BATCH_BYTES // (4 * len(channels) * grid[0] * grid[1]))  # never need to resume
+    combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
+    combined = _with_mask_fields(combined, policy.masked([*selection.surface, *selection.upper_air]))
+    if member == "all" and "member" not in combined.dataset.dims:
+        raise PreprocessError("--members all: no input has an ensemble member axis (looked for dimensions "
+                              "number, member, realization, ensemble_member or standard_name 'realization')")
+    return Plan(paths, existing, selection, report, channels, grid, combined, batch_size, statistics_batch)
+
+
 def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Selection, *,
                tile_grid: tuple[int, int] = (1, 1), statistics_period: tuple[str, str] | None = None,
-               member: int | None = None, on_nan: str = "fail", append: bool = False, overwrite: bool = False,
+               member: int | str | None = None, on_nan: str = "fail", append: bool = False, overwrite: bool = False,
                recompute_statistics: bool = False, batch_size: int | None = None, scheduler: str | None = None,
                workers: int | None = None, progress: bool = True,
                after_batch: Callable[[int], None] | None = None) -> Summary:
@@ -222,8 +273,10 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
             chunks align to.
         statistics_period: first and last day (inclusive, ISO dates or times) of the
             statistics; default all written times (append: the store's, kept).
-        member: ensemble member to take from inputs with an ensemble dimension.
-        on_nan: 'fail' (refuse missing values) or 'fill' (channel mean, reported).
+        member: ensemble member to take from inputs with an ensemble dimension, or 'all' to keep
+            the ``member`` dimension in the store (statistics pooled over members).
+        on_nan: missing-value policy, for all or per variable: 'fail', 'fill', 'mask' or e.g.
+            'sst=mask,fail' (``data.missing_values.NanPolicy``).
         append: extend a complete store with the later times of ``inputs``.
         overwrite: replace whatever is at ``output`` (and its progress records).
         recompute_statistics: with ``append``, recompute statistics over ``statistics_period``
@@ -236,8 +289,10 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         after_batch: called with each batch index once the batch is recorded (progress hooks, tests).
     """
     started = clock.perf_counter()
-    if on_nan not in NAN_POLICIES:
-        raise PreprocessError(f"on_nan={on_nan!r}: expected one of {NAN_POLICIES}")
+    try:
+        policy = NanPolicy.parse(on_nan)
+    except NanPolicyError as error:
+        raise PreprocessError(str(error)) from None
     output = Path(output).absolute()
     record = ProgressRecord(output)
     if overwrite and not append:
@@ -245,24 +300,12 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
 
-    paths = input_files.expand_inputs(inputs)
-    opened = [(str(path), input_files.open_input(path, member))
-              for path in tqdm(paths, desc="opening inputs", unit="file", disable=not progress)]
-    existing = _existing_store(output, record) if append else None
-    if existing is not None:
-        selection = _continue_after(existing, selection)
-    if batch_size is not None and batch_size < 1:
-        raise PreprocessError(f"batch_size={batch_size}: expected at least 1 time step")
-    channels = model_channel_order(list(selection.surface), list(selection.upper_air), list(selection.levels))
-    grid = (opened[0][1].sizes["latitude"], opened[0][1].sizes["longitude"])  # combine checks all are equal
-    bytes_per_time = 4 * len(channels) * grid[0] * grid[1]
-    statistics_batch = max(1, BATCH_BYTES // bytes_per_time)  # batches of the statistics never need to resume
-    combined, batch_size = _combine_in_batches(opened, selection, grid, batch_size, statistics_batch)
-    dataset = combined.dataset
-    chunks = spatial_chunks(grid, tile_grid)
+    plan = _plan(inputs, selection, policy, member, output, record, append, batch_size, progress)
+    existing, selection, channels, combined = plan.existing, plan.selection, plan.channels, plan.combined
+    dataset, chunks = combined.dataset, spatial_chunks(plan.grid, tile_grid)
 
-    run = _run_identity(paths, selection, combined, append=append, member=member, on_nan=on_nan, tile_grid=tile_grid,
-                        batch_size=batch_size, statistics_period=statistics_period,
+    run = _run_identity(plan.paths, selection, combined, append=append, member=member, on_nan=policy.text(),
+                        tile_grid=tile_grid, batch_size=plan.batch_size, statistics_period=statistics_period,
                         recompute_statistics=recompute_statistics)
     if existing is not None:
         _check_append(existing, dataset, channels, selection, combined.time_step_hours, tile_grid, output)
@@ -271,29 +314,34 @@ def preprocess(inputs: Sequence[str | Path], output: str | Path, selection: Sele
     else:
         finished = _check_create(output, record, run)
         if finished is not None:
-            return finished
+            return replace(finished, selection_report=plan.report)
     resumed = _resume(record, run, output)
 
     with dask_scheduler(scheduler, workers):
         if "statistics" not in resumed:
             resumed["statistics"] = _statistics(combined, channels, selection, statistics_period, existing,
-                                                on_nan, statistics_batch, progress, recompute_statistics)
+                                                policy, plan.statistics_batch, progress, recompute_statistics)
             record.write(resumed)
         statistics = resumed["statistics"]
         if not resumed.get("skeleton"):
-            _write_skeleton(output, dataset, channels, selection, statistics, run, existing, tile_grid, chunks)
+            with disk_space_for(output, "the store's skeleton (metadata, coordinates, static fields)",
+                                dataset.nbytes):
+                _write_skeleton(output, dataset, channels, selection, statistics, run, existing, tile_grid, chunks)
             resumed["skeleton"] = True
             record.write(resumed)
         offset = existing["n_times"] if existing else 0
-        written, written_steps, skipped, missing = _write_batches(output, combined, channels, statistics, on_nan, batch_size,
-                                                   offset, record, progress, after_batch)
+        written, written_steps, skipped, missing = _write_batches(
+            output, combined, channels, statistics, policy, plan.batch_size, offset, record, progress, after_batch)
         if append and recompute_statistics:
             statistics = _statistics_from_store(output, channels, list(selection.static),
-                                                statistics["statistics_period"], statistics_batch, progress)
-        _finalise(output, paths, record, resumed, statistics, existing, missing, workers)
+                                                statistics["statistics_period"], plan.statistics_batch, progress)
+        with disk_space_for(output, "the store's final attributes", 0):
+            _finalise(output, plan.paths, record, resumed, statistics, existing, missing, workers)
 
-    return _summary(output, channels, selection, tile_grid, chunks, started, written_steps * bytes_per_time,
-                    written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=on_nan)
+    written_bytes = written_steps * 4 * len(channels) * plan.grid[0] * plan.grid[1]
+    summary = _summary(output, channels, selection, tile_grid, chunks, started, written_bytes,
+                       written_batches=len(written), skipped_batches=skipped, missing=missing, on_nan=policy.text())
+    return replace(summary, selection_report=plan.report)
 
 
 def _selection_to_json(selection: Selection, step_hours: int) -> dict[str, Any]:
@@ -354,6 +402,18 @@ def _existing_store(output: Path, record: ProgressRecord) -> dict[str, Any]:
     return {"attrs": parsed, "raw_attrs": attrs, "times": times[:n_times], "n_times": n_times}
 
 
+def _store_selection(attrs: StoreAttrs, selection: Selection) -> Selection:
+    """An append takes the store's variables and levels unless the selection names its own."""
+    surface = [c.variable for c in attrs.channels if c.level is None]
+    upper_air = list(dict.fromkeys(c.variable for c in attrs.channels if c.level is not None))
+    levels = sorted({c.level for c in attrs.channels if c.level is not None})
+    stored = {c.variable for c in attrs.channels}  # mask channels come from the policy, not the inputs
+    surface = [v for v in surface if not (v.endswith(MASK_SUFFIX) and v[: -len(MASK_SUFFIX)] in stored)]
+    upper_air = [v for v in upper_air if not (v.endswith(MASK_SUFFIX) and v[: -len(MASK_SUFFIX)] in stored)]
+    defaults = {"surface": surface, "upper_air": upper_air, "static": list(attrs.static_channels), "levels": levels}
+    return replace(selection, **{key: value for key, value in defaults.items() if getattr(selection, key) is None})
+
+
 def _continue_after(existing: dict[str, Any], selection: Selection) -> Selection:
     """Start the appended period one step after the store's last time unless asked otherwise."""
     step = np.timedelta64(existing["attrs"].time_step_hours, "h")
@@ -394,7 +454,7 @@ def _check_append_statistics(existing, period, recompute: bool) -> None:
 
 
 # ------------------------------------------------------------------------------- statistics
-def _statistics(combined: Combined, channels: list[Channel], selection: Selection, period, existing, on_nan: str,
+def _statistics(combined: Combined, channels: list[Channel], selection: Selection, period, existing, policy,
                 batch_size: int, progress: bool, recompute: bool) -> dict[str, Any]:
     """Statistics of the statistics period (JSON-ready); for an append, the store's unless recomputed."""
     dataset = combined.dataset
@@ -417,15 +477,17 @@ def _statistics(combined: Combined, channels: list[Channel], selection: Selectio
         result = channel_statistics(window, channels, batch_size=batch_size, progress=progress)
     except Exception as error:
         raise _read_error(combined, window["time"].values, error) from error
-    if result.missing and on_nan == "fail":
-        raise _missing_error(result.missing, "statistics period")
+    refused = _refused(result.missing, channels, policy)
+    if refused:
+        raise _missing_error(refused, "statistics period")
     static_mean, static_std, static_missing = static_statistics(dataset, list(selection.static))
     for name, count in zip(selection.static, static_missing):
-        if count and on_nan == "fail":
+        if count and policy.of(name) == "fail":
             raise PreprocessError(f"static variable {name!r} has {count} missing values (NaN or fill value); "
                                   f"expected none. Pass --on-nan fill to replace them with the field mean")
-    _check_positive(result.std, [c.name for c in channels], static_std, list(selection.static))
-    return {"mean": result.mean, "std": result.std, "tendency_std": result.tendency_std,
+    mean, std = _unscaled_masks(channels, result.mean, result.std)
+    _check_positive(std, [c.name for c in channels], static_std, list(selection.static))
+    return {"mean": mean, "std": std, "tendency_std": result.tendency_std,
             "static_mean": static_mean, "static_std": static_std,
             "statistics_period": [_iso(window["time"].values[0]), _iso(window["time"].values[-1])]}
 
@@ -447,7 +509,8 @@ def _check_positive(std, names, static_std, static_names) -> None:
     for name, value in zip([*names, *static_names], [*std, *static_std]):
         if not value > 0:
             raise PreprocessError(f"channel {name!r} has standard deviation {value} over the statistics period; "
-                                  f"normalisation needs a positive value (a constant or empty field?)")
+                                  f"normalisation needs a positive value (a constant or empty field?); leave it "
+                                  f"out with --variables or the group's flag")
 
 
 def _day_start(text: str) -> np.datetime64:
@@ -469,7 +532,9 @@ def _missing_error(missing: list[MissingField], where: str) -> PreprocessError:
     points = sum(m.count for m in missing)
     return PreprocessError(f"{points} missing values (NaN or fill value) in {len(missing)} fields of the {where}: "
                            f"{describe_missing(missing)}; expected none. Pass --on-nan fill to replace them with "
-                           f"the channel mean of the statistics period (normalised value 0)")
+                           f"the channel mean of the statistics period (normalised value 0), or --on-nan mask to "
+                           f"fill them and add a 0/1 mask channel; for every variable, or per variable as "
+                           f"--on-nan sst=mask")
 
 
 def _read_error(combined: Combined, times: np.ndarray, error: Exception) -> InputError:
@@ -486,13 +551,13 @@ def _encoding(dataset: xr.Dataset, chunks: tuple[int, int]) -> dict[str, dict[st
 
 
 def _store_attrs(channels, selection: Selection, statistics, tile_grid, step_hours: int, sources,
-                 history: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+                 history: list[dict[str, Any]], complete: bool, members: list[int] | None) -> dict[str, Any]:
     attrs = StoreAttrs(
         channels=channels, static_channels=list(selection.static), time_step_hours=step_hours,
         tile_grid=tuple(tile_grid), mean=statistics["mean"], std=statistics["std"],
         tendency_std=statistics["tendency_std"], static_mean=statistics["static_mean"],
         static_std=statistics["static_std"], statistics_period=tuple(statistics["statistics_period"]),
-        sources=sources, complete=complete).to_json()
+        sources=sources, complete=complete, members=members).to_json()
     return {**attrs, "preprocess": history}
 
 
@@ -507,8 +572,9 @@ def _write_skeleton(output: Path, dataset: xr.Dataset, channels, selection: Sele
     dynamic = [name for name in dataset.data_vars if name not in selection.static]
     if existing is None:
         skeleton = _filled_static(dataset, selection.static, statistics)
+        members = dataset["member"].values.tolist() if "member" in dataset.dims else None
         skeleton.attrs = _store_attrs(channels, selection, statistics, tile_grid, run["selection"]["time_step_hours"],
-                                      [], [{"run": run}], complete=False)
+                                      [], [{"run": run}], complete=False, members=members)
         skeleton.to_zarr(output, mode="w", compute=False, encoding=_encoding(skeleton, chunks), zarr_format=3,
                          consolidated=False)
         return
@@ -520,7 +586,7 @@ def _write_skeleton(output: Path, dataset: xr.Dataset, channels, selection: Sele
         extension.to_zarr(output, append_dim="time", compute=False, consolidated=False, zarr_format=3)
 
 
-def _write_batches(output: Path, combined: Combined, channels, statistics, on_nan: str, batch_size: int,
+def _write_batches(output: Path, combined: Combined, channels, statistics, policy: NanPolicy, batch_size: int,
                    offset: int, record: ProgressRecord, progress: bool, after_batch):
     """Region writes of every unfinished batch.
 
@@ -528,9 +594,8 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
     missing fields of all batches (this run's and those recorded by a killed one).
     """
     dataset = combined.dataset
-    names = list(dict.fromkeys(c.variable for c in channels))
-    fill = _fill_values(dataset, channels, statistics)
     n_times = dataset.sizes["time"]
+    bytes_per_time = sum(dataset[name].nbytes for name in {c.variable for c in channels}) // max(1, n_times)
     done = record.finished_batches()
     batches = [(i, start, min(start + batch_size, n_times)) for i, start in enumerate(range(0, n_times, batch_size))]
     written, written_steps = [], 0
@@ -539,22 +604,11 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
         for index, start, stop in batches:
             if index in done:
                 continue
-            batch = dataset[names].isel(time=slice(start, stop))
-            missing_counts = {name: batch[name].isnull().sum(("latitude", "longitude")) for name in names}
-            if on_nan == "fill":
-                batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names})
-            batch = batch.drop_vars([c for c in ("level", "latitude", "longitude") if c in batch.coords])
-            write = batch.to_zarr(output, region={"time": slice(offset + start, offset + stop)}, compute=False,
-                                  consolidated=False, zarr_format=3)
-            try:
-                _, counts = dask.compute(write, missing_counts)
-            except Exception as error:
-                raise _read_error(combined, batch["time"].values, error) from error
-            missing = _missing_fields(counts, channels, batch["time"].values)
-            if missing and on_nan == "fail":
-                raise _missing_error(missing, f"times {batch['time'].values[0]}..{batch['time'].values[-1]}")
-            record.finish_batch(index, missing)
-            done[index] = missing
+            times = dataset["time"].values[[start, stop - 1]]
+            with disk_space_for(output, f"batch {index} (times {_iso(times[0])}..{_iso(times[1])})",
+                                (n_times - start) * bytes_per_time):
+                done[index] = _write_batch(output, combined, channels, statistics, policy, slice(start, stop), offset)
+                record.finish_batch(index, done[index])
             written.append(index)
             written_steps += stop - start
             bar.update(stop - start)
@@ -562,6 +616,49 @@ def _write_batches(output: Path, combined: Combined, channels, statistics, on_na
                 after_batch(index)
     missing = [m for index in sorted(done) for m in done[index]]
     return written, written_steps, len(batches) - len(written), missing
+
+
+def _write_batch(output: Path, combined: Combined, channels, statistics, policy: NanPolicy, times: slice,
+                 offset: int) -> list[MissingField]:
+    """One region write of the times ``times``, missing values filled per policy; returns the missing fields."""
+    names = list(dict.fromkeys(c.variable for c in channels))
+    fill = _fill_values(combined.dataset, channels, statistics)
+    batch = combined.dataset[names].isel(time=times)
+    missing_counts = {name: batch[name].isnull().sum([d for d in batch[name].dims if d not in ("time", "level")])
+                      for name in names}  # per time and level, over the grid and any members
+    batch = batch.assign({name: batch[name].fillna(fill[name]) for name in names if policy.of(name) != "fail"})
+    batch = batch.drop_vars([c for c in ("member", "level", "latitude", "longitude") if c in batch.coords])
+    write = batch.to_zarr(output, region={"time": slice(offset + times.start, offset + times.stop)}, compute=False,
+                          consolidated=False, zarr_format=3)
+    try:
+        _, counts = dask.compute(write, missing_counts)
+    except Exception as error:
+        if is_disk_full(error):
+            raise
+        raise _read_error(combined, batch["time"].values, error) from error
+    missing = _missing_fields(counts, channels, batch["time"].values)
+    refused = _refused(missing, channels, policy)
+    if refused:
+        raise _missing_error(refused, f"times {batch['time'].values[0]}..{batch['time'].values[-1]}")
+    return missing
+
+
+def _with_mask_fields(combined: Combined, masked: Sequence[str]) -> Combined:
+    """The 0/1 mask field (1 where the source has a value) of each masked variable, read with it."""
+    masks = {mask_name(name): combined.dataset[name].notnull().astype(np.float32) for name in masked}
+    return replace(combined, dataset=combined.dataset.assign(masks)) if masks else combined
+
+
+def _unscaled_masks(channels: list[Channel], mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """Mask channels keep their 0/1 values after normalisation: mean 0, std 1."""
+    is_mask = [c.variable.endswith(MASK_SUFFIX) for c in channels]
+    return ([0.0 if m else v for m, v in zip(is_mask, mean)], [1.0 if m else v for m, v in zip(is_mask, std)])
+
+
+def _refused(missing: list[MissingField], channels: list[Channel], policy: NanPolicy) -> list[MissingField]:
+    """The missing fields whose variable's policy is 'fail'."""
+    variable_of = {c.name: c.variable for c in channels}
+    return [m for m in missing if policy.of(variable_of[m.channel]) == "fail"]
 
 
 def _fill_values(dataset: xr.Dataset, channels: list[Channel], statistics) -> dict[str, Any]:
@@ -619,6 +716,34 @@ def _finalise(output: Path, paths: list[Path], record: ProgressRecord, resumed, 
     record.remove()
 
 
+# ------------------------------------------------------------------------------- disk space
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_space_for(output: Path, what: str, needed_bytes: int) -> Iterator[None]:
+    """A full disk (or quota) while writing ``what`` becomes one message: the store, what was being
+    written, the space the rest needs and the space free. Finished batches are recorded, so a rerun
+    after freeing space resumes."""
+    try:
+        yield
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        folder = next(p for p in (output, *output.parents) if p.exists())
+        free = shutil.disk_usage(folder).free
+        raise PreprocessError(
+            f"{output}: no space left on the device ({error.strerror or error}) while writing {what}; the rest of "
+            f"the store needs up to {_gib(needed_bytes)} (uncompressed; compression usually saves a third) and "
+            f"{_gib(free)} are free on {folder}. Free space, then rerun the same command: it resumes after the last "
+            f"finished batch") from None
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
 # ------------------------------------------------------------------------------- scheduler
 @contextlib.contextmanager
 def dask_scheduler(scheduler: str | None, workers: int | None) -> Iterator[None]:
@@ -636,7 +761,7 @@ def dask_scheduler(scheduler: str | None, workers: int | None) -> Iterator[None]
             yield
         return
     try:
-        client = Client(scheduler, timeout="30s")
+        client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))  # 30 s by default
     except OSError as error:
         raise PreprocessError(f"--scheduler {scheduler}: cannot connect to a dask scheduler there ({error}); "
                               f"expected an address like tcp://host:8786, 'local' or 'threads'") from error
@@ -658,7 +783,7 @@ def _summary(output: Path, channels, selection: Selection, tile_grid, chunks, st
         spatial_chunks=tuple(chunks), statistics_period=tuple(attrs.statistics_period),
         size_on_disk=sum(p.stat().st_size for p in output.rglob("*") if p.is_file()),
         seconds=clock.perf_counter() - started, written_bytes=written_bytes, batches_written=written_batches,
-        batches_skipped=skipped_batches, missing=list(missing), on_nan=on_nan)
+        batches_skipped=skipped_batches, missing=list(missing), on_nan=on_nan, members=attrs.members)
 
 
 def _summary_of_store(output: Path, run: dict[str, Any]) -> Summary:

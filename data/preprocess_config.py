@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from data.combine import Selection
-from data.schema import STATIC, SURFACE, UPPER_AIR
+from data.missing_values import NanPolicy
 
 
 class DataConfigError(ValueError):
@@ -22,38 +22,35 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    surface: list[str] = list(SURFACE)
-    upper_air: list[str] = list(UPPER_AIR)
-    static: list[str] = ["lsm", "orography"]
-    levels: list[int] = []
+    # None: every candidate the inputs offer (data.vocabulary); a list narrows the group
+    variables: list[str] | None = None  # narrows every group
+    surface: list[str] | None = None
+    upper_air: list[str] | None = None
+    static: list[str] | None = None
+    levels: list[int] | None = None
     start: str | None = None  # first time (ISO date or date-time), default the inputs' first
     end: str | None = None  # last time, inclusive; a bare date means its last time step
     time_step_hours: int | None = None  # default the inputs' step; a multiple of it subsamples
     statistics_period: tuple[str, str] | None = None  # first and last day, inclusive
     tile_grid: tuple[int, int] = (1, 1)
-    member: int | None = None
-    on_nan: Literal["fail", "fill"] = "fail"
+    member: int | Literal["all"] | None = None  # 'all': keep the member dimension (--members all)
+    on_nan: str | dict[str, str] = "fail"  # data.missing_values: 'fill', 'sst=mask,fail' or {sst: mask}
     batch_size: int | None = None
 
-    @field_validator("surface", "upper_air", "static")
+    @field_validator("on_nan")
     @classmethod
-    def _known_names(cls, names: list[str], info) -> list[str]:
-        known = {"surface": SURFACE, "upper_air": UPPER_AIR, "static": STATIC}[info.field_name]
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise ValueError(f"unknown {info.field_name} variables {unknown}; expected names from {list(known)}")
-        return names
+    def _policy(cls, spec):
+        NanPolicy.parse(spec)  # raises NanPolicyError (a ValueError) naming the part at fault
+        return spec
 
     def selection(self) -> Selection:
-        if self.upper_air and not self.levels:
-            raise ValueError(f"upper-air variables {self.upper_air} need pressure levels: set 'levels' or --levels")
         end = self.end
         if end is not None and len(end) <= 10:  # a date: include all of its time steps
             end = str(np.datetime64(end, "D") + np.timedelta64(1, "D") - np.timedelta64(1, "ns"))
         return Selection(surface=self.surface, upper_air=self.upper_air, static=self.static, levels=self.levels,
                          start=None if self.start is None else np.datetime64(self.start, "ns"),
                          end=None if end is None else np.datetime64(end, "ns"),
-                         time_step_hours=self.time_step_hours)
+                         time_step_hours=self.time_step_hours, variables=self.variables)
 
 
 def load_data_config(path: Path | None, overrides: dict) -> DataConfig:

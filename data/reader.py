@@ -152,6 +152,9 @@ class TileReader:
             raise StoreError(f"{self.store}: store is incomplete (root attribute 'complete' is not true): "
                              f"the preprocessing run that wrote it did not finish. Rerun the preprocessing "
                              f"(launch/preprocess.py) for this store before reading it.")
+        if self.attrs.members:
+            raise StoreError(f"{self.store}: an ensemble store of {len(self.attrs.members)} members (a 'member' "
+                             f"dimension); the tile reader reads stores of one member: preprocess with --member N")
         _check_statistics(self.attrs, self.store)
 
         latitudes = _coordinate(group, "latitude", self.store)

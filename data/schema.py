@@ -7,8 +7,10 @@ A store is a zarr v3 group written by xarray (``consolidated=False``):
   (degrees_east, ascending in [0, 360));
 * upper-air variables ``(time, level, latitude, longitude)`` float32, surface variables
   ``(time, latitude, longitude)`` float32, static variables ``(latitude, longitude)``
-  float32 - all with canonical short names (:data:`UPPER_AIR`, :data:`SURFACE`,
-  :data:`STATIC`) and CF attributes;
+  float32 - under canonical short names where the schema knows them (:data:`UPPER_AIR`,
+  :data:`SURFACE`, :data:`STATIC`), otherwise the input's names, with CF attributes;
+* an ensemble store (``members`` in the root attributes) has a ``member`` dimension after
+  ``time`` in every dynamic variable, one chunk per member, and statistics pooled over members;
 * chunks ``time=1``, ``level=1`` and spatial chunks equal to one tile of the declared tile
   grid, so a rank reading its tile and channel slice reads exactly its own chunks;
   compressed with Blosc lz4 + byte shuffle (:func:`field_encoding`; readers take any codec);
@@ -86,7 +88,7 @@ def field_encoding(dims: tuple[str, ...], spatial_chunks: tuple[int, int], compr
     """
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    sizes = {"time": 1, "level": 1, "latitude": spatial_chunks[0], "longitude": spatial_chunks[1]}
+    sizes = {"time": 1, "member": 1, "level": 1, "latitude": spatial_chunks[0], "longitude": spatial_chunks[1]}
     compressors = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),) if compressed else None
     return {"chunks": tuple(sizes[d] for d in dims), "compressors": compressors}
 
@@ -111,6 +113,7 @@ class StoreAttrs:
     static_std: list[float] = field(default_factory=list)
     statistics_period: tuple[str, str] | None = None  # ISO dates, inclusive
     sources: list[dict[str, Any]] = field(default_factory=list)  # {path, size, sha256}
+    members: list[int] | None = None  # ensemble member labels of a store with a member dimension
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
 

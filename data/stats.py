@@ -14,6 +14,9 @@ point counts once) and population statistics (ddof=0), as in ``numpy.std``. The 
 of a channel is ``x(t + step) - x(t)`` for consecutive store times, counted when both
 times lie in the statistics period.
 
+An ensemble's members are pooled like more fields of the same channel (one mean and std
+per channel over all members), and each member's tendency is its own.
+
 Missing values (NaN, which is what netCDF fill values decode to) are left out, as in
 ``numpy.nanmean``/``numpy.nanstd``: each field carries its count of valid points and the
 pooling weights fields by it. The fields that had missing values are reported, so the
@@ -101,10 +104,10 @@ def channel_statistics(dataset: xr.Dataset, channels: Sequence[Channel], *, batc
             (computed,) = dask.compute(lazy)
             for name, moments in computed.items():
                 for part, values in zip(parts[name], moments):
-                    part.append(values.values)
+                    part.append(_fields_first(values))
             bar.update(stop - start)
 
-    times = dataset["time"].values
+    times = np.repeat(dataset["time"].values, dataset.sizes.get("member", 1))  # time of each field row
     mean, std, tendency_std, missing = [], [], [], []
     for channel in channels:
         moments = [np.concatenate(p) for p in parts[channel.variable]]
@@ -121,6 +124,14 @@ def channel_statistics(dataset: xr.Dataset, channels: Sequence[Channel], *, batc
                     for i in np.flatnonzero(count < field_size)]
     missing.sort(key=lambda field: field.time)  # stable: channel order within a time
     return ChannelStatistics(mean, std, tendency_std, missing)
+
+
+def _fields_first(moments: xr.DataArray) -> np.ndarray:
+    """Per-field moments as rows ``(time[, member]) x levels``: an ensemble's members pool like more times."""
+    if "member" not in moments.dims:
+        return moments.values
+    moments = moments.transpose("time", "member", ...)
+    return moments.values.reshape(-1, *moments.shape[2:])
 
 
 def static_statistics(dataset: xr.Dataset, names: Sequence[str]) -> tuple[list[float], list[float], list[int]]:

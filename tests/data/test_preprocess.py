@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import dask
 import netCDF4
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
+import zarr.storage._local
 
 import data.preprocess as preprocess_module
 from data.combine import Selection
@@ -184,6 +188,34 @@ def test_killed_run_resumes_to_the_bytes_of_a_clean_run(inputs, clean_store, tmp
     assert store_files(output) == store_files(clean_store)
 
 
+def full_disk_at(marker: str):
+    """zarr's file write raising ENOSPC for keys containing ``marker``, as a full disk does."""
+    original = zarr.storage._local._put
+
+    def put(path, value, exclusive=False):
+        if marker in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(path, value, exclusive)
+    return put
+
+
+@pytest.mark.parametrize("marker, what", [("t2m/c/5/", r"batch 1 \(times 2020-01-02T00:00:00..2020-01-02T18:00:00\)"),
+                                          ("lsm/c/", r"the store's skeleton \(metadata, coordinates, static fields\)")],
+                         ids=["batch", "skeleton"])
+def test_a_full_disk_stops_with_one_message_and_a_rerun_completes(inputs, clean_store, tmp_path, monkeypatch,
+                                                                  marker, what):
+    output = tmp_path / "store.zarr"
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr.storage._local, "_put", full_disk_at(marker))
+        with pytest.raises(PreprocessError, match=rf"^{output}: no space left on the device \(No space left on "
+                                                  rf"device\) while writing {what}; the rest of the store needs up "
+                                                  rf"to \d+\.\d\d GiB .* GiB are free on .*rerun the same command"):
+            run(inputs, output, tile_grid=(1, 2))
+    summary = run(inputs, output, tile_grid=(1, 2))  # space freed: the same command finishes the store
+    assert summary.batches_written + summary.batches_skipped == 3
+    assert store_files(output) == store_files(clean_store)
+
+
 def test_killed_run_does_not_redo_finished_batches(inputs, tmp_path, monkeypatch):
     output = tmp_path / "store.zarr"
     with pytest.raises(Killed):
@@ -219,6 +251,28 @@ def test_rerun_of_a_finished_store_writes_nothing_and_other_runs_are_refused(inp
     assert store_files(clean_store) == before
     with pytest.raises(PreprocessError, match="exists and is not a store this run is resuming.*--overwrite"):
         run(inputs, clean_store, tile_grid=(1, 1))
+
+
+# ------------------------------------------------------------------------ schedulers
+def test_dask_distributed_clusters_write_the_bytes_of_the_threaded_run(inputs, clean_store, tmp_path):
+    """A local cluster the run starts, and an existing cluster reached at its tcp:// address."""
+    from distributed import LocalCluster
+
+    run(inputs, tmp_path / "local.zarr", tile_grid=(1, 2), scheduler="local", workers=2)
+    assert store_files(tmp_path / "local.zarr") == store_files(clean_store)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        run(inputs, tmp_path / "tcp.zarr", tile_grid=(1, 2), scheduler=cluster.scheduler_address)
+    assert store_files(tmp_path / "tcp.zarr") == store_files(clean_store)
+
+
+def test_an_unreachable_scheduler_is_named(inputs, tmp_path):
+    from tests.distributed import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(PreprocessError, match=rf"--scheduler {address}: cannot connect to a dask scheduler there"):
+        run(inputs, tmp_path / "store.zarr", scheduler=address, workers=1)
 
 
 # ------------------------------------------------------------------------ append
@@ -280,7 +334,8 @@ def _reverse_time(dataset):
 
 
 def _calendar(dataset):
-    dataset["time"].attrs["calendar"] = "360_day"
+    dataset["time"].attrs.update(calendar="360_day", units="hours since 2020-02-29 00:00:00")
+    dataset["time"] = dataset["time"] - dataset["time"][0]  # 2020-02-29, ..., then 2020-02-30
     return dataset
 
 
@@ -295,7 +350,8 @@ def _units(dataset):
     (SINGLE, _shift_longitude, rf"{SINGLE}: grid 9x16 .* differs from the grid .* expected all inputs on one grid"),
     (SINGLE, _repeat_time, rf"{SINGLE}: time 2020-01-01T06:00:00.* \(index 1\) is repeated"),
     (SINGLE, _reverse_time, rf"{SINGLE}: time .* is followed by the earlier .*expected strictly ascending"),
-    (SINGLE, _calendar, rf"{SINGLE}: time coordinate 'time' uses calendar '360_day'"),
+    (SINGLE, _calendar, rf"{SINGLE}: time coordinate 'time' uses calendar '360_day', and its date "
+                        r"2020-02-30T00:00:00 \(index 4\) exists in no real calendar; convert it"),
     (SINGLE, _units, rf"{SINGLE}: time coordinate 'time' has units 'hours after 1900-01-01'"),
 ], ids=["missing-variable", "missing-level", "other-grid", "repeated-time", "descending-time", "calendar",
         "time-units"])
@@ -396,9 +452,12 @@ def test_command_line_writes_a_store_the_reader_opens(inputs, tmp_path):
 
 def test_command_line_errors_name_the_config_key(inputs, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text("levels: [500]\nsurface: [t2m, sst]\n")
-    with pytest.raises(SystemExit, match=r"key surface: .*unknown surface variables \['sst'\]"):
+    config.write_text("levels: [500, high]\n")
+    with pytest.raises(SystemExit, match=r"key levels.1: Input should be a valid integer"):
         cli_main([str(inputs), "--output", str(tmp_path / "s.zarr"), "--config", str(config)])
+    config.write_text("levels: [500]\nsurface: [t2m, sst]\n")  # an open vocabulary: refused by the inputs
+    assert cli_main([str(inputs), "--output", str(tmp_path / "s.zarr"), "--config", str(config), "--quiet"]) == 1
+    assert "variables ['sst'] not found in any input" in capsys.readouterr().err
     config.write_text("levels: [500]\ntile_grids: [1, 2]\n")
     with pytest.raises(SystemExit, match=r"key tile_grids: Extra inputs are not permitted"):
         cli_main([str(inputs), "--output", str(tmp_path / "s.zarr"), "--config", str(config)])
