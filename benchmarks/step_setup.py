@@ -37,10 +37,10 @@ PRECISIONS = {
 def benchmark_run(preset_name: str, batch: int, zero: int, precision: str, compiled: bool, device: str,
                   store: str | None = None, readers: int = 4, reader_kind: str = "thread",
                   checkpointing: bool = False, dropout: float | None = None, bayesian: str = "none",
-                  samples: int = 1, sample_ranks: int = 1) -> RunConfig:
+                  samples: int = 1, sample_ranks: int = 1, fp8: str = "none") -> RunConfig:
     """The run config of one benchmark case (validated like any run's)."""
     deepspeed, overrides = PRECISIONS[precision](zero)
-    model_overrides = {"activation_checkpointing": checkpointing, "bayesian": bayesian}
+    model_overrides = {"activation_checkpointing": checkpointing, "bayesian": bayesian, "fp8": fp8}
     if dropout is not None:
         model_overrides["dropout"] = dropout
     return load_run_config(values={

@@ -51,7 +51,7 @@ def run_case(args, batch: int, compiled: bool, data: str, ceiling: float) -> dic
     run = benchmark_run(args.preset, batch, args.zero, args.precision, compiled, args.device,
                         store=args.store if data == "zarr" else None, readers=args.readers,
                         reader_kind=args.reader_kind, checkpointing=args.checkpointing, dropout=args.dropout,
-                        bayesian=args.bayesian, samples=args.samples)
+                        bayesian=args.bayesian, samples=args.samples, fp8=args.fp8)
     step = build_step(run, ProcessMesh.build(run.mesh, device.type), device)
     source = batch_source(step)
     counter = itertools.count()  # the training step: each draws its own weights (a Bayesian model)
@@ -79,7 +79,7 @@ def run_case(args, batch: int, compiled: bool, data: str, ceiling: float) -> dic
     tflops = 3 * flops * batch * args.samples / (median * 1e-3) / 1e12
     row = dict(preset=args.preset, batch=batch, compiled=compiled, data=data, zero=args.zero,
                precision=args.precision, checkpointing=args.checkpointing, dropout=step.model.config.dropout,
-               bayesian=args.bayesian, samples=args.samples,
+               bayesian=args.bayesian, samples=args.samples, fp8=args.fp8,
                ms=median, ms_p10=float(np.percentile(step_ms, 10)), ms_p90=float(np.percentile(step_ms, 90)),
                tflops=tflops, mfu=tflops / ceiling if ceiling else float("nan"), flops_per_sample=flops,
                parameters=sum(p.numel() for p in step.model.parameters()), warmup_s=warm_s,
@@ -170,11 +170,11 @@ def profile_steps(step: TrainingStep, source, rows: int, out: Path | None = None
 def print_table(rows: list[dict], ceiling: float, config_name: str) -> None:
     print(f"\n{config_name}: TFLOP/s = 3 x forward FLOPs x batch x samples / step; MFU against the {ceiling:.0f} "
           f"TFLOP/s bf16 matmul ceiling measured in this process")
-    head = (f"{'bayesian':>14} {'S':>2} {'batch':>5} {'compile':>7} {'data':>6} {'ZeRO':>4} {'precision':>9} {'ckpt':>4} {'ms/step':>8} "
+    head = (f"{'fp8':>10} {'bayesian':>14} {'S':>2} {'batch':>5} {'compile':>7} {'data':>6} {'ZeRO':>4} {'precision':>9} {'ckpt':>4} {'ms/step':>8} "
             f"{'p10-p90':>13} {'TFLOP/s':>7} {'MFU':>6} {'peak GiB':>8} {'states GiB':>10} {'wait ms':>7} {'graphs':>6} {'breaks':>6}")
     print(head)
     for r in rows:
-        print(f"{r['bayesian']:>14} {r['samples']:>2} {r['batch']:>5} {('on' if r['compiled'] else 'off'):>7} {r['data']:>6} {r['zero']:>4} "
+        print(f"{r['fp8']:>10} {r['bayesian']:>14} {r['samples']:>2} {r['batch']:>5} {('on' if r['compiled'] else 'off'):>7} {r['data']:>6} {r['zero']:>4} "
               f"{r['precision']:>9} {('on' if r['checkpointing'] else 'off'):>4} {r['ms']:>8.1f} "
               f"{r['ms_p10']:>6.1f}-{r['ms_p90']:<6.1f} {r['tflops']:>7.1f} {r['mfu']:>6.1%} "
               f"{r.get('peak_gib', float('nan')):>8.1f} {r.get('static_gib', float('nan')):>10.1f} "
@@ -242,6 +242,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
     parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
+    parser.add_argument("--fp8", default="none", choices=("none", "tensorwise"),
+                        help="model.fp8: FP8 matrix products in the mixing layers")
     parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")

@@ -36,7 +36,7 @@ echo "== 3/5 train on 2 processes (deepspeed launcher, domain 1x2) -> $out/run"
 rm -rf "$out/run"
 deepspeed --num_gpus 2 launch/train.py --config configs/train/demo.yaml \
     --set "data.store=$out/era5.zarr" --set "checkpoint.dir=$out/run" --set "training.steps=$steps" \
-    --set "training.rollout=[{from_step: 0, steps: 1}, {from_step: $((steps * 2 / 3)), steps: 2}]"
+    --set "training.rollout=[{from_step: 0, steps: 1}, {from_step: $((steps / 2)), steps: 2}, {from_step: $((steps * 4 / 5)), steps: 4}]"
 
 echo "== 4/5 forecast 2 days ahead from the checkpoint, on 2 processes -> $out/forecast.zarr"
 deepspeed --num_gpus 2 launch/forecast.py --checkpoint "$out/run/model.pt" --store "$out/era5.zarr" \
@@ -46,6 +46,26 @@ echo "== 5/5 evaluate against persistence and climatology -> $out/evaluation"
 python launch/evaluate.py --forecast "$out/forecast.zarr" --store "$out/era5.zarr" --output "$out/evaluation" \
     --climatology-period 2020-01-01:2020-03-15
 
+if $ensemble; then
+    echo "== 6/8 fine-tune on the CRPS of 2 members, one per sample rank (mesh.sample = 2) -> $out/ensemble-run"
+    rm -rf "$out/ensemble-run"
+    deepspeed --num_gpus 2 launch/train.py --config configs/train/demo-ensemble.yaml --init-from "$out/run/model.pt" \
+        --set "data.store=$out/era5.zarr" --set "checkpoint.dir=$out/ensemble-run"
+
+    echo "== 7/8 an 8-member ensemble forecast, 4 members on each of 2 sample ranks -> $out/ensemble.zarr"
+    deepspeed --num_gpus 2 launch/forecast.py --checkpoint "$out/ensemble-run/model.pt" --store "$out/era5.zarr" \
+        --output "$out/ensemble.zarr" --init 2020-03-26T00:2020-04-05T00:12 --steps 8 --members 8 --sample 2 \
+        --overwrite
+
+    echo "== 8/8 CRPS, spread/skill and rank histograms of the ensemble -> $out/ensemble-evaluation"
+    python launch/evaluate.py --forecast "$out/ensemble.zarr" --store "$out/era5.zarr" \
+        --output "$out/ensemble-evaluation" --climatology-period 2020-01-01:2020-03-15
+fi
+
 echo
 echo "demo outputs in $out/: netcdf/ (inputs), era5.zarr (store), run/ (checkpoints, metrics.jsonl, model.pt),"
-echo "forecast.zarr, evaluation/ (scores.json, rmse.png, map_*.png)"
+echo "forecast.zarr, evaluation/ (scores.json, scorecard.md, rmse.png, map_*.png)"
+if $ensemble; then
+    echo "ensemble-run/, ensemble.zarr, ensemble-evaluation/ (scorecard.md with CRPS and spread/skill,"
+    echo "rank_histogram.png; the deterministic model's MAE, which the CRPS compares with, is in evaluation/)"
+fi

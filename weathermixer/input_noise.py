@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from parallel.rng import flat_index, mix_keys, normal_from_key, stream_seed
@@ -9,12 +11,14 @@ from weathermixer.model import WeatherMixer
 
 
 class InputNoise:
-    """The per-sample augmentation of the inputs: ``state + fraction * eps`` in normalised units
-    (``fraction`` of each channel's standard deviation), ``eps`` a function of (seed, step,
+    """The per-sample augmentation of the inputs: ``state + fraction * scale * eps`` in normalised
+    units (``fraction`` of each channel's standard deviation, times ``channel_scale``, one factor
+    per state channel, e.g. its tendency std over its std), ``eps`` a function of (seed, step,
     sample, time index, global grid point and channel), so a sample's noise is the same on any
     mesh; padded rows stay zero. ``fraction`` 0: the inputs as they are."""
 
-    def __init__(self, model: WeatherMixer, seed: int, fraction: float, stored_rows: int):
+    def __init__(self, model: WeatherMixer, seed: int, fraction: float, stored_rows: int,
+                 channel_scale: Sequence[float] | None = None):
         self.seed, self.fraction = seed, fraction
         if fraction == 0:
             return
@@ -27,6 +31,10 @@ class InputNoise:
         self.flat = flat_index(tuple(i.to(device) for i in index), (config.model_lat, config.model_lon,
                                                                    config.in_channels), device)
         self.key = torch.zeros((), dtype=torch.int64, device=device)
+        local = model.state_channels.indices[model.mesh.tensor_rank]
+        scale = torch.ones(config.in_channels, dtype=torch.float64) if channel_scale is None else \
+            torch.as_tensor(channel_scale, dtype=torch.float64)
+        self.amplitude = (fraction * scale[local]).to(device)  # per local channel, in normalised units
 
     def __call__(self, state: torch.Tensor, time_indices: tuple[int, ...], step: int, sample: int) -> torch.Tensor:
         if self.fraction == 0:
@@ -34,5 +42,5 @@ class InputNoise:
         self.key.fill_(stream_seed(self.seed, "input-noise", step, sample))
         noise = torch.stack([normal_from_key(mix_keys(self.key, int(index)), self.flat) for index in time_indices])
         out = state.clone()
-        out[:, :self.rows] += (self.fraction * noise).to(state.dtype)
+        out[:, :self.rows] += (self.amplitude * noise).to(state.dtype)
         return out

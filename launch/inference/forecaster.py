@@ -33,7 +33,7 @@ from data.forecast_store import (ForecastError, ForecastLayout, Progress, create
 from data.schema import StoreAttrs, StoreError
 from launch.runtime.compile import compile_step
 from launch.training.checkpoint_format import CheckpointError, Consolidated, load_consolidated
-from launch.runtime.rank_inputs import RankInputs, check_store_matches, store_attrs
+from launch.runtime.rank_inputs import RankInputs, check_store_matches, noise_channel_scale, store_attrs
 from parallel.fp8 import check_fp8_device
 from parallel.mesh import MeshConfig, ProcessMesh
 from parallel.sharding import load_full_state
@@ -168,11 +168,13 @@ class _Normalisation:
 class Members:
     """A forecast's ensemble: ``count`` members (None: one deterministic forecast), drawn from
     forecast seed ``seed``; ``input_noise`` perturbs each member's initial state by that fraction
-    of each channel's standard deviation (None: the checkpoint's ``training.input_noise``)."""
+    of each channel's standard deviation or tendency standard deviation (``noise_scale``; None:
+    the checkpoint's ``training.input_noise`` and ``input_noise_scale``)."""
 
     count: int | None = None
     seed: int = 0
     input_noise: float | None = None
+    noise_scale: str = "std"  # its unit per channel: "std" or "tendency" (the checkpoint's training.input_noise_scale)
 
     def resolve(self, metadata: dict, config, mesh: MeshConfig) -> "Members":
         """Checked against the model and the mesh, with the input noise decided."""
@@ -186,16 +188,15 @@ class Members:
         if self.count % mesh.sample:
             raise ForecastError(f"--members {self.count} over mesh sample = {mesh.sample}: expected a multiple "
                                 f"of the sample ranks (each holds members / sample of them)")
-        noise = self.input_noise
-        if noise is None:
-            noise = float(metadata.get("run_config", {}).get("training", {}).get("input_noise", 0.0))
+        training = metadata.get("run_config", {}).get("training", {})
+        noise = float(training.get("input_noise", 0.0)) if self.input_noise is None else self.input_noise
         if noise < 0:
             raise ForecastError(f"--input-noise {noise}: expected a fraction >= 0")
         if not config.is_bayesian and noise == 0 and self.count > 1:
             raise ForecastError(f"--members {self.count}: the checkpoint's model has no Bayesian layers and the "
                                 f"input noise is 0, so every member would be the same forecast; expected a "
                                 f"Bayesian checkpoint or --input-noise > 0")
-        return Members(self.count, self.seed, noise)
+        return Members(self.count, self.seed, noise, training.get("input_noise_scale", "std"))
 
     def of_rank(self, mesh: ProcessMesh) -> list[int | None]:
         """The members this sample rank rolls out."""
@@ -254,6 +255,7 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     partial, done = partial_path(output), Progress(output)
     request = {"checkpoint": checkpoint, "checkpoint_step": metadata.get("step"), "store": store, "init": init,
                "steps": steps, "members": members.count, "seed": members.seed, "input_noise": members.input_noise,
+               "input_noise_scale": members.noise_scale,
                "dtype": str(dtype), "spatial_chunks": list(layout.spatial_chunks)}
     with _on_every_rank(f"creating the forecast store {partial}"):
         if _rank() == 0:
@@ -265,7 +267,8 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
                 "seed": members.seed, "input_noise": members.input_noise, "request": request}, progress)
     channels = model.state_channels.indices[process_mesh.tensor_rank].tolist()
     rollout = _Rollout(model, inputs, _Normalisation(metadata, checked.attrs, channels), layout, partial, done,
-                       members, InputNoise(model, members.seed, members.input_noise, len(layout.latitudes)))
+                       members, InputNoise(model, members.seed, members.input_noise, len(layout.latitudes),
+                                           noise_channel_scale(checked.attrs, members.noise_scale, store)))
     with _on_every_rank(f"writing the forecast into {partial}"):
         rollout.run(times, steps, batch_size, device, dtype, progress)
     with _on_every_rank(f"completing the forecast store {output}"):

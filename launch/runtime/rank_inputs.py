@@ -33,6 +33,17 @@ def store_latitudes(store: str) -> np.ndarray:
     return np.asarray(zarr.open_group(str(store), mode="r")["latitude"][:])
 
 
+def noise_channel_scale(attrs: StoreAttrs, kind: str, store: str) -> np.ndarray | None:
+    """Per state channel, the input noise's unit in standard deviations: None (``std``: one
+    standard deviation) or, for ``tendency``, the channel's 6-hour tendency std over its std."""
+    if kind == "std":
+        return None
+    if len(attrs.tendency_std) != len(attrs.std):
+        raise StoreError(f"{store}: no tendency statistics (tendency_std) for input noise scaled by the tendency; "
+                         f"expected a store written by launch/preprocess.py, or input_noise_scale = std")
+    return np.asarray(attrs.tendency_std, dtype=np.float64) / np.asarray(attrs.std, dtype=np.float64)
+
+
 def config_for_store(config: ModelConfig, store: str) -> ModelConfig:
     """``config`` with grid and channel counts taken from the store (time features as forcings)."""
     attrs, n_lat, n_lon = store_attrs(store)

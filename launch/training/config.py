@@ -105,7 +105,9 @@ class TrainingSection(Section):
     # (every sample rank of a data rank sees the same batch, with its own weight draws and noise)
     samples: int = Field(1, ge=1)
     kl_weight: float = Field(1.0, ge=0)  # beta ("heat"): loss = mse + kl_weight * KL / (times x values per time)
-    input_noise: float = Field(0.0, ge=0)  # per-sample input noise, a fraction of each channel's std
+    input_noise: float = Field(0.0, ge=0)  # per-sample input noise, a fraction of each channel's ...
+    # ... std ("std") or 6-hour tendency std ("tendency": each channel perturbed as much as it changes in a step)
+    input_noise_scale: Literal["std", "tendency"] = "std"
     # "mse": each sample's weighted MSE (the NLL); "crps": the samples are ensemble members scored
     # together by the almost fair CRPS (crps_alpha = 1: fair; anemoi's default 0.95)
     loss: Literal["mse", "crps"] = "mse"

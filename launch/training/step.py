@@ -14,7 +14,7 @@ import torch
 
 from data.schema import StoreAttrs
 from launch.runtime.compile import compiled
-from launch.runtime.rank_inputs import config_for_store, store_attrs, store_latitudes
+from launch.runtime.rank_inputs import config_for_store, noise_channel_scale, store_attrs, store_latitudes
 from launch.training.config import RunConfig
 from launch.training.device_batches import Batch
 from launch.training.engine import initialize_engine
@@ -79,7 +79,7 @@ class TrainingStep:
     """
 
     def __init__(self, run: RunConfig, config: ModelConfig, mesh: ProcessMesh, device: torch.device,
-                 latitudes: np.ndarray, channel_weights: torch.Tensor):
+                 latitudes: np.ndarray, channel_weights: torch.Tensor, noise_scale: np.ndarray | None = None):
         self.run, self.mesh = run, mesh
         if config.fp8 != "none":
             check_fp8_device(device)
@@ -97,7 +97,8 @@ class TrainingStep:
             if t.loss == "crps" else None
         self.samples_per_rank = run.training.samples // mesh.config.sample
         self.set_training_size(1)
-        self.augment = InputNoise(self.model, run.training.seed, run.training.input_noise, len(latitudes))
+        self.augment = InputNoise(self.model, run.training.seed, run.training.input_noise, len(latitudes),
+                                  noise_scale)
         from deepspeed.runtime.torch_autocast import autocast_if_enabled  # deepspeed imports after DS_ACCELERATOR
 
         self._autocast = functools.partial(autocast_if_enabled, self.engine)
@@ -105,6 +106,9 @@ class TrainingStep:
         self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
         loss_fn = self.crps_fn or self.loss_fn
         self._loss = compiled(loss_fn) if run.training.compile else loss_fn
+        # the KL reads every mu and rho: one fused pass compiled, a dozen element-wise passes eager
+        kl = self.model.kl_divergence
+        self._kl = compiled(kl) if run.training.compile and config.is_bayesian else kl
         master = run.optimizer.master_weights
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or master else torch.float32
 
@@ -114,7 +118,8 @@ class TrainingStep:
         store = run.data.store
         attrs, _, _ = store_attrs(store)
         return cls(run, config_for_store(run.model.build(), store), mesh, device, store_latitudes(store),
-                   loss_channel_weights(attrs, run.training.loss_weights))
+                   loss_channel_weights(attrs, run.training.loss_weights),
+                   noise_channel_scale(attrs, run.training.input_noise_scale, store))
 
     def set_training_size(self, n_train: int) -> None:
         """The number of training samples N of the ELBO.
@@ -150,7 +155,7 @@ class TrainingStep:
         else:  # one score of all members; DeepSpeed's mean over the sample ranks would divide its gradient
             data_loss = self._loss(torch.stack(predictions), targets)
             scale = float(self.mesh.config.sample)
-        kl = self.model.kl_divergence() if self.model.config.is_bayesian else torch.zeros_like(data_loss)
+        kl = self._kl() if self.model.config.is_bayesian else torch.zeros_like(data_loss)
         loss = data_loss + self.kl_scale * kl
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
