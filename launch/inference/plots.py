@@ -91,7 +91,8 @@ def plot_rank_histograms(result: dict[str, Any], channels: list[str], path: Path
         axis.set_ylabel("frequency (area-weighted)")
         axis.set_xticks(np.arange(members + 1))
         axis.grid(alpha=0.3, axis="y")
-        axis.legend(fontsize="small", title="lead")
+        axis.set_ylim(0, 1.3 * max([1 / (members + 1)] + [max(histograms[k]) for k in picks]))  # room for the legend
+        axis.legend(fontsize="small", ncol=len(picks) + 1, loc="upper center")
     for axis in list(axes.flat)[len(channels):]:
         axis.set_visible(False)
     figure.suptitle(f"Rank histograms, {len(result['init_times'])} init times")
