@@ -21,7 +21,7 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=${DEMO_DIR:-outputs/demo}
-steps=${DEMO_STEPS:-500}
+steps=${DEMO_STEPS:-800}
 mkdir -p "$out"
 
 echo "== 1/5 synthetic ERA5-like netCDF files -> $out/netcdf"
