@@ -130,7 +130,7 @@ class TileReader:
     def __init__(self, store: str | Path, *, lat_range: tuple[int, int], lon_range: tuple[int, int],
                  channels: Sequence[int] | None = None, static_channels: Sequence[int] | None = None,
                  model_lat: int | None = None, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = False, normalize: bool = True) -> None:
+                 pin_memory: bool = False, normalize: bool = True, member: int | None = None) -> None:
         self.store = str(store)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"TileReader: dtype must be a floating torch dtype, got {dtype!r}")
@@ -144,7 +144,8 @@ class TileReader:
         self.arguments = dict(store=self.store, lat_range=tuple(lat_range), lon_range=tuple(lon_range),
                               channels=None if channels is None else list(channels),
                               static_channels=None if static_channels is None else list(static_channels),
-                              model_lat=model_lat, dtype=dtype, pin_memory=pin_memory, normalize=normalize)
+                              model_lat=model_lat, dtype=dtype, pin_memory=pin_memory, normalize=normalize,
+                              member=member)
 
         group = _open_group(self.store)
         self.attrs = StoreAttrs.from_json(dict(group.attrs), store=self.store)
@@ -152,9 +153,8 @@ class TileReader:
             raise StoreError(f"{self.store}: store is incomplete (root attribute 'complete' is not true): "
                              f"the preprocessing run that wrote it did not finish. Rerun the preprocessing "
                              f"(launch/preprocess.py) for this store before reading it.")
-        if self.attrs.members:
-            raise StoreError(f"{self.store}: an ensemble store of {len(self.attrs.members)} members (a 'member' "
-                             f"dimension); the tile reader reads stores of one member: preprocess with --member N")
+        self.ensemble = bool(self.attrs.members)
+        self.use_member(member)
         _check_statistics(self.attrs, self.store)
 
         latitudes = _coordinate(group, "latitude", self.store)
@@ -181,8 +181,8 @@ class TileReader:
         self.longitudes = longitudes[self._columns]
 
         self._select_channels(channels, static_channels)
-        self._reads = _plan_reads(group, self.attrs, self.channel_indices, self.store)
-        self.alignment = _alignment(self._reads, self._rows, self._columns)
+        self._reads = _plan_reads(group, self.attrs, self.channel_indices, self.store, self.ensemble)
+        self.alignment = _alignment(self._reads, self._rows, self._columns, self.ensemble)
         if not self.alignment.aligned:
             warnings.warn(
                 f"{self.store}: tile rows [{lat0}, {lat1}) x columns [{lon0}, {lon1}) is not made of whole "
@@ -192,6 +192,20 @@ class TileReader:
                 f"chunks of the model grid's tile size for this domain decomposition.",
                 ChunkAlignmentWarning, stacklevel=2)
         self._static = self._read_static(group)
+
+    def use_member(self, member: int | None) -> None:
+        """Read ensemble member ``member`` (an index into the store's ``members``) from now on; a
+        store with a member dimension needs one, a store without takes None."""
+        members = self.attrs.members or []
+        if not self.ensemble and member is not None:
+            raise StoreError(f"{self.store}: member {member} asked for, but the store has no member dimension")
+        if self.ensemble and (member is None or not 0 <= int(member) < len(members)):
+            raise StoreError(f"{self.store}: an ensemble store of {len(members)} members (a 'member' dimension): "
+                             f"expected a member index 0..{len(members) - 1} (a forecast's --initial-members, or "
+                             f"preprocess with --member N), got {member}")
+        self.member = None if member is None else int(member)
+        if hasattr(self, "arguments"):
+            self.arguments["member"] = self.member
 
     def _select_channels(self, channels: Sequence[int] | None, static_channels: Sequence[int] | None) -> None:
         """The channels this reader reads, their names and normalisation constants."""
@@ -333,10 +347,11 @@ class TileReader:
 
     async def _read_variable(self, read: _VariableRead, times: slice, stored: np.ndarray) -> None:
         array = read.array.async_array
+        member = () if self.member is None else (self.member,)
         if read.levels is None:
-            selection, channels = (times, self._rows, self._columns), int(read.positions[0])
+            selection, channels = (times, *member, self._rows, self._columns), int(read.positions[0])
         else:
-            selection, channels = (times, read.levels, self._rows, self._columns), read.channels
+            selection, channels = (times, *member, read.levels, self._rows, self._columns), read.channels
         if channels is None:  # levels scattered over the channel axis
             stored[:, read.positions] = await array.get_orthogonal_selection(selection)
         else:  # one channel or a block of consecutive channels: decode in place
@@ -463,8 +478,10 @@ def _check_indices(indices: Sequence[int] | None, size: int, name: str, what: st
     return indices
 
 
-def _plan_reads(group: zarr.Group, attrs: StoreAttrs, channel_indices: list[int], store: str) -> list[_VariableRead]:
+def _plan_reads(group: zarr.Group, attrs: StoreAttrs, channel_indices: list[int], store: str,
+                ensemble: bool = False) -> list[_VariableRead]:
     """One read per variable: its selected levels (ascending) and their output positions."""
+    member = ("member",) if ensemble else ()
     by_variable: dict[str, list[tuple[int | None, int]]] = {}
     for position, index in enumerate(channel_indices):
         channel = attrs.channels[index]
@@ -477,10 +494,10 @@ def _plan_reads(group: zarr.Group, attrs: StoreAttrs, channel_indices: list[int]
     reads = []
     for name, members in by_variable.items():
         if members[0][0] is None:
-            array = _array(group, name, SURFACE_DIMS, store)
+            array = _array(group, name, (SURFACE_DIMS[0], *member, *SURFACE_DIMS[1:]), store)
             reads.append(_VariableRead(name, array, np.asarray([p for _, p in members]), None))
             continue
-        array = _array(group, name, UPPER_AIR_DIMS, store)
+        array = _array(group, name, (UPPER_AIR_DIMS[0], *member, *UPPER_AIR_DIMS[1:]), store)
         missing = [level for level, _ in members if level not in level_index]
         if missing:
             raise StoreError(f"{store}: levels {missing} of variable {name!r} missing from coordinate 'level' "
@@ -498,7 +515,7 @@ def _fetched(first: int, stop: int, chunk: int, size: int) -> int:
     return min(math.ceil(stop / chunk) * chunk, size) - first // chunk * chunk if stop > first else 0
 
 
-def _alignment(reads: list[_VariableRead], rows: slice, columns: slice) -> ChunkAlignment:
+def _alignment(reads: list[_VariableRead], rows: slice, columns: slice, ensemble: bool = False) -> ChunkAlignment:
     tile_bytes = fetched_bytes = 0
     misaligned = []
     for read in reads:
@@ -512,7 +529,9 @@ def _alignment(reads: list[_VariableRead], rows: slice, columns: slice) -> Chunk
         else:
             indices = np.arange(read.levels.start, read.levels.stop) if isinstance(read.levels, slice) else read.levels
             n_levels = len(indices)
-            fetched_levels = sum(min(chunks[1], shape[1] - c * chunks[1]) for c in np.unique(indices // chunks[1]))
+            axis = 2 if ensemble else 1  # the level axis follows time (and member)
+            fetched_levels = sum(min(chunks[axis], shape[axis] - c * chunks[axis])
+                                 for c in np.unique(indices // chunks[axis]))
         # one time index touches one time chunk, all of it
         variable_tile = n_levels * plane * itemsize
         variable_fetched = min(chunks[0], shape[0]) * fetched_levels * fetched_plane * itemsize

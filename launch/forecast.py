@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the members' weight samples and perturbations")
     parser.add_argument("--input-noise", type=float, default=None, help="members' initial-state perturbation, a "
                         "fraction of each channel's std (default: the checkpoint's training.input_noise)")
+    parser.add_argument("--initial-members", action="store_true", help="start member m from member m mod N of "
+                        "an ensemble analysis (a --store with a member dimension of N)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--batch-size", type=int, default=1, help="init times rolled out together")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     try:
         device = init_distributed(args.device, deepspeed=False)
         mesh = MeshConfig(sample=args.sample, domain=args.domain, tensor=args.tensor)
-        members = Members(args.members, args.seed, args.input_noise)
+        members = Members(args.members, args.seed, args.input_noise, from_analysis=args.initial_members)
         output = run_forecast(args.checkpoint, args.store, args.output, args.init, args.steps, mesh=mesh,
                               device=device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
                               overwrite=args.overwrite, compile=args.compile, members=members)

@@ -175,9 +175,15 @@ class Members:
     seed: int = 0
     input_noise: float | None = None
     noise_scale: str = "std"  # its unit per channel: "std" or "tendency" (the checkpoint's training.input_noise_scale)
+    from_analysis: bool = False  # member m starts from the store's analysis member m mod (its members)
 
-    def resolve(self, metadata: dict, config, mesh: MeshConfig) -> "Members":
-        """Checked against the model and the mesh, with the input noise decided."""
+    def resolve(self, metadata: dict, config, mesh: MeshConfig, analysis_members: int = 0) -> "Members":
+        """Checked against the model, the mesh and the store (``analysis_members``: the size of its
+        member dimension, 0 without one), with the input noise decided."""
+        if self.from_analysis and (self.count is None or not analysis_members):
+            raise ForecastError(f"--initial-members starts each of --members M from a member of an ensemble "
+                                f"analysis: expected --members and a store with a member dimension (preprocess "
+                                f"with --members all); got members {self.count}, {analysis_members} in the store")
         if self.count is None:
             if mesh.sample > 1:
                 raise ForecastError(f"mesh sample = {mesh.sample}: the sample axis holds ensemble members; "
@@ -192,11 +198,11 @@ class Members:
         noise = float(training.get("input_noise", 0.0)) if self.input_noise is None else self.input_noise
         if noise < 0:
             raise ForecastError(f"--input-noise {noise}: expected a fraction >= 0")
-        if not config.is_bayesian and noise == 0 and self.count > 1:
+        if not config.is_bayesian and noise == 0 and self.count > 1 and not self.from_analysis:
             raise ForecastError(f"--members {self.count}: the checkpoint's model has no Bayesian layers and the "
                                 f"input noise is 0, so every member would be the same forecast; expected a "
                                 f"Bayesian checkpoint or --input-noise > 0")
-        return Members(self.count, self.seed, noise, training.get("input_noise_scale", "std"))
+        return Members(self.count, self.seed, noise, training.get("input_noise_scale", "std"), self.from_analysis)
 
     def of_rank(self, mesh: ProcessMesh) -> list[int | None]:
         """The members this sample rank rolls out."""
@@ -242,20 +248,21 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     if config.fp8 != "none":
         check_fp8_device(device)
     process_mesh = ProcessMesh.build(mesh, device_type=device.type)
-    members = members.resolve(metadata, config, process_mesh.config)
+    analysis = len(checked.attrs.members or [])
+    members = members.resolve(metadata, config, process_mesh.config, analysis)
     model = WeatherMixer(config, process_mesh)
     load_full_state(model, checked.consolidated.state_dict)
     model.to(device=device, dtype=dtype).eval()
     if compile:
         compile_step(model)
-    inputs = RankInputs(store, model)
+    inputs = RankInputs(store, model, member=0 if members.from_analysis else None)
     times = parse_init_times(init, inputs.reader.times, checked.step_hours, store)
     leads = np.arange(steps + 1) * np.timedelta64(checked.step_hours, "h")
     layout = _layout(model, store, checked.attrs, min(config.model_lat, checked.grid[0]), members.count)
     partial, done = partial_path(output), Progress(output)
     request = {"checkpoint": checkpoint, "checkpoint_step": metadata.get("step"), "store": store, "init": init,
                "steps": steps, "members": members.count, "seed": members.seed, "input_noise": members.input_noise,
-               "input_noise_scale": members.noise_scale,
+               "input_noise_scale": members.noise_scale, "from_analysis": members.from_analysis,
                "dtype": str(dtype), "spatial_chunks": list(layout.spatial_chunks)}
     with _on_every_rank(f"creating the forecast store {partial}"):
         if _rank() == 0:
@@ -327,6 +334,8 @@ class _Rollout:
         time_index = {t: i for i, t in enumerate(inputs.reader.times)}
         step = np.timedelta64(int(inputs.reader.step_hours), "h")  # the checkpoint's (checked equal)
         with _on_every_rank("reading the initial states", mesh.model_group):
+            if self.members.from_analysis:
+                inputs.reader.use_member(member % len(inputs.reader.attrs.members))
             samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
             state, static, _, _ = inputs.batch(samples, device, dtype)
             state = self.normalisation.to_model(state)

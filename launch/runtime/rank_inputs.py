@@ -73,7 +73,7 @@ class RankInputs:
     is one cheap pass instead of host passes over every sample.
     """
 
-    def __init__(self, store: str, model: WeatherMixer, pin_memory: bool = False):
+    def __init__(self, store: str, model: WeatherMixer, pin_memory: bool = False, member: int | None = None):
         self.model = model
         layers, rank = model.layers, model.mesh.tensor_rank
         (lat0, lat1), (lon0, lon1) = layers.tile_bounds()
@@ -82,7 +82,8 @@ class RankInputs:
         self.reader = TileReader(store, lat_range=(lat0, lat1), lon_range=(lon0, lon1),
                                  channels=model.state_channels.indices[rank].tolist(),
                                  static_channels=layers.channels(config.static_channels).indices[rank].tolist(),
-                                 model_lat=config.model_lat, pin_memory=pin_memory, normalize=False)
+                                 model_lat=config.model_lat, pin_memory=pin_memory, normalize=False,
+                                 member=member)
         self._static_cache: tuple[tuple, torch.Tensor] | None = None
 
     def batch(self, samples: list[Sample], device: torch.device | str, dtype: torch.dtype = torch.float32):

@@ -65,6 +65,15 @@ def test_all_members_keep_a_member_dimension_with_pooled_statistics(ensemble, tm
     np.testing.assert_allclose(attrs.tendency_std[0], np.diff(values, axis=1).std(), rtol=1e-10)  # per member
     with pytest.raises(StoreError, match=r"an ensemble store of 3 members .*preprocess with --member N"):
         TileReader(tmp_path / "store.zarr", lat_range=(0, GRID[0]), lon_range=(0, GRID[1]))
+    reader = TileReader(tmp_path / "store.zarr", lat_range=(0, GRID[0]), lon_range=(0, GRID[1]), member=0,
+                        normalize=False)
+    for k in (0, 2):  # one reader, any member: an ensemble forecast's initial conditions
+        reader.use_member(k)
+        sample = reader.sample(2, lead_steps=1)
+        np.testing.assert_array_equal(sample.inputs[..., 0].numpy(), stored["sst"].values[2, k])
+        np.testing.assert_array_equal(sample.targets[0, ..., 1].numpy(), stored["w"].sel(level=500).values[3, k])
+    with pytest.raises(StoreError, match=r"expected a member index 0..2"):
+        reader.use_member(3)
 
 
 def test_all_members_of_inputs_without_members_are_refused(tmp_path):

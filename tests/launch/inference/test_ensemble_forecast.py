@@ -134,3 +134,35 @@ def test_refuses_members_that_do_not_fit_the_mesh(case, tmp_path, capsys):
                           str(tmp_path / "out.zarr"), "--init", INIT, "--steps", "1", "--members", "0"])
     assert code == 1 and "expected members >= 1" in capsys.readouterr().err
 
+
+
+def _ensemble_analysis(store: Path, path: Path, members: int = 3) -> Path:
+    """``store`` as an ensemble analysis: member k is the store's state plus k per channel."""
+    dataset = xr.open_zarr(store, consolidated=False)
+    attrs = dict(dataset.attrs)
+    dynamic = [name for name in dataset.data_vars if "time" in dataset[name].dims]
+    for name in dynamic:
+        stacked = xr.concat([dataset[name] + k for k in range(members)], dim="member")
+        dataset[name] = stacked.transpose("time", "member", ...).chunk({"time": 1, "member": 1})
+        dataset[name].encoding = {}
+    dataset = dataset.assign_coords(member=("member", np.arange(members)))
+    dataset.attrs = {**attrs, "members": list(range(members))}
+    dataset.to_zarr(path, zarr_format=3, consolidated=False)
+    return path
+
+
+def test_members_start_from_the_members_of_an_ensemble_analysis(case, tmp_path):
+    analysis = _ensemble_analysis(case["store"], tmp_path / "analysis.zarr")
+    checkpoint = make_checkpoint(analysis, tmp_path / "plain.pt")
+    path = run_forecast(checkpoint, analysis, tmp_path / "ic.zarr", INIT, STEPS, dtype=torch.float64,
+                        progress=False, members=Members(4, from_analysis=True))
+    forecast = xr.open_zarr(path, consolidated=False)["2m_temperature"]
+    truth = xr.open_zarr(analysis, consolidated=False)["t2m"].sel(time=forecast["time"].values)
+    for member in range(4):  # member 3 starts from analysis member 0 again
+        np.testing.assert_allclose(forecast.isel(prediction_timedelta=0, realization=member).values,
+                                   truth.isel(member=member % 3).values, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(forecast.isel(realization=3).values, forecast.isel(realization=0).values)
+    assert not np.allclose(forecast.isel(realization=1).values, forecast.isel(realization=0).values)
+    with pytest.raises(ForecastError, match="--initial-members starts each of --members M"):
+        run_forecast(checkpoint, case["store"], tmp_path / "no.zarr", INIT, STEPS, progress=False,
+                     members=Members(2, from_analysis=True))
