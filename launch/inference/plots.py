@@ -15,13 +15,29 @@ STYLES = {"model": dict(color="C0", marker="o"), "persistence": dict(color="C1",
           "climatology": dict(color="C2", linestyle=":")}
 
 
-def plot_rmse(result: dict[str, Any], channels: list[str], path: Path) -> Path:
-    """One panel per channel: RMSE of the model and both baselines against lead time."""
+def _channel_panels(channels: list[str]):
+    """A figure with one panel per channel, two columns; returns (figure, panels in channel order)."""
     columns = min(2, len(channels))
     rows = -(-len(channels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False)
+    for axis in list(axes.flat)[len(channels):]:
+        axis.set_visible(False)
+    return figure, list(axes.flat)[:len(channels)]
+
+
+def _save(figure, title: str, path: Path) -> Path:
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_rmse(result: dict[str, Any], channels: list[str], path: Path) -> Path:
+    """One panel per channel: RMSE of the model and both baselines against lead time."""
+    figure, panels = _channel_panels(channels)
     leads = np.asarray(result["lead_hours"])
-    for axis, name in zip(axes.flat, channels):
+    for axis, name in zip(panels, channels):
         scores = result["scores"][name]
         for method, style in STYLES.items():
             values = np.asarray([np.nan if v is None else v for v in scores[method]["rmse"]], dtype=float)
@@ -34,13 +50,7 @@ def plot_rmse(result: dict[str, Any], channels: list[str], path: Path) -> Path:
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
-    for axis in list(axes.flat)[len(channels):]:
-        axis.set_visible(False)
-    figure.suptitle(f"Latitude-weighted RMSE, {len(result['init_times'])} init times")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, f"Latitude-weighted RMSE, {len(result['init_times'])} init times", path)
 
 
 def plot_map(truth: np.ndarray, forecast: np.ndarray, latitudes: np.ndarray, longitudes: np.ndarray,
@@ -70,10 +80,8 @@ def plot_map(truth: np.ndarray, forecast: np.ndarray, latitudes: np.ndarray, lon
 def plot_rank_histograms(result: dict[str, Any], channels: list[str], path: Path, max_leads: int = 4) -> Path:
     """One panel per channel: the truth's rank among the members at up to ``max_leads`` leads
     (flat at the dashed line for a reliable ensemble; U-shaped when the spread is too small)."""
-    columns = min(2, len(channels))
-    rows = -(-len(channels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False)
-    for axis, name in zip(axes.flat, channels):
+    figure, panels = _channel_panels(channels)
+    for axis, name in zip(panels, channels):
         histograms = result["scores"][name]["model"]["rank_histogram"]
         scored = [k for k, h in enumerate(histograms) if h is not None and result["lead_hours"][k] > 0]
         picks = [scored[round(i * (len(scored) - 1) / max(1, max_leads - 1))] for i in range(min(max_leads,
@@ -93,10 +101,4 @@ def plot_rank_histograms(result: dict[str, Any], channels: list[str], path: Path
         axis.grid(alpha=0.3, axis="y")
         axis.set_ylim(0, 1.3 * max([1 / (members + 1)] + [max(histograms[k]) for k in picks]))  # room for the legend
         axis.legend(fontsize="small", ncol=len(picks) + 1, loc="upper center")
-    for axis in list(axes.flat)[len(channels):]:
-        axis.set_visible(False)
-    figure.suptitle(f"Rank histograms, {len(result['init_times'])} init times")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, f"Rank histograms, {len(result['init_times'])} init times", path)

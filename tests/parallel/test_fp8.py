@@ -17,8 +17,8 @@ import torch
 from parallel.fp8 import BACKWARD, FORWARD, FP8Error, FP8MatMul, _to_fp8, check_fp8_device
 from parallel.layers import LayerFactory
 from tests.distributed import spawn
-from tests.parallel.equivalence import build_mesh, compare_gradients, copy_into, relative_error
-from tests.parallel.test_layers import PATCH, TOKEN_GRID, build_case
+from tests.parallel.equivalence import build_mesh, relative_error
+from tests.parallel.test_layers import PATCH, TOKEN_GRID, compare_case
 
 FP8_CASES = ["channel-widen", "channel-narrow", "token-to-features/weight", "token-to-features/activations",
              "features-to-token/weight", "features-to-token/activations"]
@@ -54,34 +54,17 @@ def test_tensorwise_scale_maps_the_largest_value_to_the_format_maximum():
     assert not zeros.float().abs().sum()
 
 
+def _fp8(module, layers):
+    module.fp8 = FP8MatMul(layers.mesh.model_group)  # the serial mesh has none: one rank
+
+
 def check_fp8_layers(rank, world_size, meshes):
     results = []
-    serial_layers = LayerFactory(None, TOKEN_GRID, PATCH)
     for domain, tensor in meshes:
         layers = LayerFactory(build_mesh(domain, tensor), TOKEN_GRID, PATCH)
         for name in FP8_CASES:
-            generator = torch.Generator().manual_seed(FP8_CASES.index(name))
-            serial, _, _, in_shape, out_shape = build_case(name, serial_layers)
-            serial = serial.double()
-            serial.fp8 = FP8MatMul()
-            with torch.no_grad():
-                for param in serial.parameters():
-                    param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
-            x = torch.randn(in_shape, generator=generator, dtype=torch.float64, requires_grad=True)
-            weights = torch.randn(out_shape, generator=generator, dtype=torch.float64)
-            expected = serial(x)
-            (expected * weights).sum().backward()
-            module, take_input, take_output, _, _ = build_case(name, layers)
-            module = module.double()
-            module.fp8 = FP8MatMul(layers.mesh.model_group)
-            copy_into(module, serial)
-            local_x = take_input(x.detach()).clone().requires_grad_()
-            out = module(local_x)
-            (out * take_output(weights)).sum().backward()
-            gradients = compare_gradients(module, serial)
-            worst = max(gradients, key=gradients.get)
-            results.append((name, domain, tensor, relative_error(out, take_output(expected)),
-                            relative_error(local_x.grad, take_input(x.grad)), worst, gradients[worst]))
+            results.append((name, domain, tensor,
+                            *compare_case(name, layers, torch.float64, FP8_CASES.index(name), prepare=_fp8)))
     return results
 
 

@@ -123,35 +123,47 @@ CASES = ["channel-widen", "channel-narrow", "token-to-features", "features-to-to
          "features-to-token/weight", "features-to-token/activations"]
 
 
+def compare_case(name: str, layers: LayerFactory, dtype: torch.dtype, seed: int, prepare=None) -> tuple:
+    """One case on ``layers``' mesh against the serial layer: (output error, input-gradient error,
+    worst parameter, its gradient error). ``prepare(module, layers)`` adjusts both layers
+    after they are built (e.g. FP8 products)."""
+    generator = torch.Generator().manual_seed(seed)  # the same on every rank
+    serial_layers = LayerFactory(None, TOKEN_GRID, PATCH)
+    serial, _, _, in_shape, out_shape = build_case(name, serial_layers)
+    serial = serial.to(dtype)
+    if prepare is not None:
+        prepare(serial, serial_layers)
+    with torch.no_grad():  # random values everywhere, LayerNorm affine included
+        for param in serial.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=dtype))
+    x = torch.randn(in_shape, generator=generator, dtype=dtype, requires_grad=True)
+    weights = torch.randn(out_shape, generator=generator, dtype=dtype)
+    expected = serial(x)
+    (expected * weights).sum().backward()
+
+    module, take_input, take_output, _, _ = build_case(name, layers)
+    module = module.to(dtype)
+    if prepare is not None:
+        prepare(module, layers)
+    copy_into(module, serial)
+    local_x = take_input(x.detach()).clone().requires_grad_()
+    out = module(local_x)
+    (out * take_output(weights)).sum().backward()
+    gradients = compare_gradients(module, serial)
+    worst = max(gradients, key=gradients.get)
+    return (relative_error(out, take_output(expected)), relative_error(local_x.grad, take_input(x.grad)), worst,
+            gradients[worst])
+
+
 def check_layers(rank, world_size, meshes, dtypes):
     """Every case on every mesh, in every dtype: (case, mesh, dtype, output, input-grad, worst param grad)."""
     results = []
-    serial_layers = LayerFactory(None, TOKEN_GRID, PATCH)
     for domain, tensor in meshes:
         layers = LayerFactory(build_mesh(domain, tensor), TOKEN_GRID, PATCH)
         for dtype in dtypes:
             for name in CASES:
-                generator = torch.Generator().manual_seed(CASES.index(name))  # the same on every rank
-                serial, _, _, in_shape, out_shape = build_case(name, serial_layers)
-                serial = serial.to(dtype)
-                with torch.no_grad():  # random values everywhere, LayerNorm affine included
-                    for param in serial.parameters():
-                        param.copy_(torch.randn(param.shape, generator=generator, dtype=dtype))
-                x = torch.randn(in_shape, generator=generator, dtype=dtype, requires_grad=True)
-                weights = torch.randn(out_shape, generator=generator, dtype=dtype)
-                expected = serial(x)
-                (expected * weights).sum().backward()
-
-                module, take_input, take_output, _, _ = build_case(name, layers)
-                module = module.to(dtype)
-                copy_into(module, serial)
-                local_x = take_input(x.detach()).clone().requires_grad_()
-                out = module(local_x)
-                (out * take_output(weights)).sum().backward()
-                gradients = compare_gradients(module, serial)
-                worst = max(gradients, key=gradients.get)
-                results.append((name, domain, tensor, str(dtype), relative_error(out, take_output(expected)),
-                                relative_error(local_x.grad, take_input(x.grad)), worst, gradients[worst]))
+                results.append((name, domain, tensor, str(dtype),
+                                *compare_case(name, layers, dtype, CASES.index(name))))
     return results
 
 
