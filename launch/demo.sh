@@ -22,42 +22,43 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extension
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=${DEMO_DIR:-outputs/demo}
 steps=${DEMO_STEPS:-800}
+stages=$($ensemble && echo 8 || echo 5)
 mkdir -p "$out"
 
-echo "== 1/5 synthetic ERA5-like netCDF files -> $out/netcdf"
+echo "== 1/$stages synthetic ERA5-like netCDF files -> $out/netcdf"
 [ -f "$out/netcdf/.complete" ] || { python -m data.synthetic "$out/netcdf" --grid 33x64 --steps 400 \
     && touch "$out/netcdf/.complete"; }
 
-echo "== 2/5 preprocess into a zarr store -> $out/era5.zarr"
+echo "== 2/$stages preprocess into a zarr store -> $out/era5.zarr"
 python launch/preprocess.py "$out/netcdf" --output "$out/era5.zarr" --config configs/data/demo.yaml \
     --tile-grid 1x2 --statistics-period 2020-01-01,2020-03-15
 
-echo "== 3/5 train on 2 processes (deepspeed launcher, domain 1x2) -> $out/run"
+echo "== 3/$stages train on 2 processes (deepspeed launcher, domain 1x2) -> $out/run"
 rm -rf "$out/run"
 deepspeed --num_gpus 2 launch/train.py --config configs/train/demo.yaml \
     --set "data.store=$out/era5.zarr" --set "checkpoint.dir=$out/run" --set "training.steps=$steps" \
     --set "training.rollout=[{from_step: 0, steps: 1}, {from_step: $((steps / 2)), steps: 2}, {from_step: $((steps * 4 / 5)), steps: 4}]"
 
-echo "== 4/5 forecast 2 days ahead from the checkpoint, on 2 processes -> $out/forecast.zarr"
+echo "== 4/$stages forecast 2 days ahead from the checkpoint, on 2 processes -> $out/forecast.zarr"
 deepspeed --num_gpus 2 launch/forecast.py --checkpoint "$out/run/model.pt" --store "$out/era5.zarr" \
     --output "$out/forecast.zarr" --init 2020-03-26T00:2020-04-05T00:12 --steps 8 --domain 1x2 --overwrite
 
-echo "== 5/5 evaluate against persistence and climatology -> $out/evaluation"
+echo "== 5/$stages evaluate against persistence and climatology -> $out/evaluation"
 python launch/evaluate.py --forecast "$out/forecast.zarr" --store "$out/era5.zarr" --output "$out/evaluation" \
     --climatology-period 2020-01-01:2020-03-15
 
 if $ensemble; then
-    echo "== 6/8 fine-tune on the CRPS of 2 members, one per sample rank (mesh.sample = 2) -> $out/ensemble-run"
+    echo "== 6/$stages fine-tune on the CRPS of 2 members, one per sample rank (mesh.sample = 2) -> $out/ensemble-run"
     rm -rf "$out/ensemble-run"
     deepspeed --num_gpus 2 launch/train.py --config configs/train/demo-ensemble.yaml --init-from "$out/run/model.pt" \
         --set "data.store=$out/era5.zarr" --set "checkpoint.dir=$out/ensemble-run"
 
-    echo "== 7/8 an 8-member ensemble forecast, 4 members on each of 2 sample ranks -> $out/ensemble.zarr"
+    echo "== 7/$stages an 8-member ensemble forecast, 4 members on each of 2 sample ranks -> $out/ensemble.zarr"
     deepspeed --num_gpus 2 launch/forecast.py --checkpoint "$out/ensemble-run/model.pt" --store "$out/era5.zarr" \
         --output "$out/ensemble.zarr" --init 2020-03-26T00:2020-04-05T00:12 --steps 8 --members 8 --sample 2 \
         --overwrite
 
-    echo "== 8/8 CRPS, spread/skill and rank histograms of the ensemble -> $out/ensemble-evaluation"
+    echo "== 8/$stages CRPS, spread/skill and rank histograms of the ensemble -> $out/ensemble-evaluation"
     python launch/evaluate.py --forecast "$out/ensemble.zarr" --store "$out/era5.zarr" \
         --output "$out/ensemble-evaluation" --climatology-period 2020-01-01:2020-03-15
 fi
