@@ -14,8 +14,11 @@ once and checks them. Between them it queues the next steps without waiting.
 
 Stop and resume: SIGINT/SIGTERM set a flag that all ranks agree on at the next settle step; they
 then write a checkpoint and exit. A run whose ``checkpoint.dir`` holds a complete checkpoint
-resumes from it: weights, optimizer, schedule, sampler position and every RNG state, so the
-continued losses equal the uninterrupted run's.
+resumes from it: weights, optimizer moments and step counts, schedule, sampler position and every
+RNG state, so the continued losses equal the uninterrupted run's. On another mesh (data, sample,
+domain or tensor sizes, ZeRO stage or optimizer) the same state is resharded; the data order
+depends on the global batch only (``data/sampler.py``), which must stay the same, and the counter-based
+streams (weight draws, input noise) on the step; dropout streams, one per rank, start anew.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampl
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False):
+    def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False,
+                 resume_from: str | None = None):
         self.run, self.device, self.quiet = run, device, quiet
         self.rank = dist.get_rank()
         self.run_dir = Path(run.checkpoint.dir)
@@ -75,7 +79,7 @@ class Trainer:
         self._stop_requested = False
         if init_from is not None:
             self.checkpoints.load_weights(init_from)
-        self._resume()
+        self._resume(resume_from)
 
     # ---------------------------------------------------------------- the loop
     def train(self, stop_after: int | None = None, profile: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -183,17 +187,21 @@ class Trainer:
         self.metrics.write({"step": self.step, **self.validator(self.model, self.step_fn.dtype)})
 
     # ---------------------------------------------------------------- resume and metadata
-    def _resume(self) -> None:
-        state = self.checkpoints.resume()
-        if state is None:
-            return
-        if "resharded_from" in state:  # another layout: the weights; optimizer and schedule restart
-            self._say(f"loaded the weights of {state['resharded_from']} (trained on mesh {state['mesh']}) into "
-                      f"{self.mesh.describe()}; optimizer state and schedule start afresh")
+    def _resume(self, source: str | None) -> None:
+        state = self.checkpoints.resume(source)
+        if state is None or state.get("sampler") is None:  # nothing, or the weights alone of an old checkpoint
             return
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self._say(f"resumed from {state['folder']} at step {self.step}")
+        self.metrics.forget_after(self.step)  # the rows of steps after the checkpoint come again
+        if state["resharded"]:
+            m = state["mesh"]
+            self._say(f"resumed from {state['folder']} at step {self.step}, resharded from mesh data={m['data']} "
+                      f"sample={m['sample']} domain={m['domain'][0]}x{m['domain'][1]} tensor={m['tensor']} to "
+                      f"{self.mesh.describe()}: weights, optimizer moments, schedule and sampler position carried "
+                      f"over; dropout streams start anew")
+        else:
+            self._say(f"resumed from {state['folder']} at step {self.step}")
 
     def metadata(self) -> dict[str, Any]:
         """What makes a checkpoint self-describing (read by forecasting and resuming)."""

@@ -83,6 +83,7 @@ class TrainingStep:
             model = WeatherMixer(config, mesh, seed=run.training.seed)
         seed_dropout(run.training.seed, mesh.data_rank, mesh.sample_rank, mesh.model_rank)
         optimizer = build_optimizer(model, run)
+        self.base_optimizer = optimizer  # the torch optimizer (DeepSpeed's ZeRO and bf16 ones wrap it)
         schedule = build_schedule(optimizer, run.schedule, run.training.steps)
         self.engine, self.optimizer, self.scheduler = initialize_engine(model, optimizer, run.deepspeed_config(),
                                                                         mesh, lr_scheduler=schedule)
