@@ -1,15 +1,19 @@
-"""Resuming on another mesh: runs through the real launcher on CPU ranks.
+"""Resuming on another mesh, pruning, damaged checkpoints: runs through the real launcher on CPU ranks.
 
 * N steps on mesh A, then the rest on mesh B, give the losses of the whole run on mesh B (float32
   rounding): for a change of domain x tensor, of the data degree at the same global batch (and of
   ZeRO stage and process count on the way), and of the sample degree; a change of the global
   batch is refused with one message.
+* Pruning goes by step number and completion: never the checkpoint ``latest`` names or a newer one.
+* A damaged newest checkpoint (a truncated file, no ``COMPLETE`` marker) is passed over with a
+  warning naming the file; ``--resume-from`` picks one.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,58 @@ def test_a_change_of_the_global_batch_is_refused_with_one_message(store, tmp_pat
     assert "Traceback" not in output, output[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000003"  # nothing was overwritten
 
+
+@pytest.fixture(scope="module")
+def finished_run(store, tmp_path_factory) -> Path:
+    """Six steps on one process with checkpoints at steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    launch(1, run_values(store, run_dir))
+    return run_dir
+
+
+def copy_of(run: Path, destination: Path) -> Path:
+    shutil.copytree(run / "checkpoints", destination / "checkpoints")
+    shutil.copy(run / "metrics.jsonl", destination / "metrics.jsonl")
+    return destination
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no-marker"])
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(store, finished_run, tmp_path, damage):
+    run_dir = copy_of(finished_run, tmp_path)
+    newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    if damage == "truncated":
+        truncate(newest / "optimizer" / "model_rank_0.pt")
+        reason = (rf"checkpoint file {re.escape(str(newest / 'optimizer' / 'model_rank_0.pt'))} \(optimizer state "
+                  rf"of model rank 0 of 1\) cannot be read .*truncated or damaged")
+    else:
+        (newest / "COMPLETE").unlink()
+        reason = "no COMPLETE marker: the run that wrote it stopped while saving"
+    result = launch(1, run_values(store, run_dir))
+    assert re.search(rf"warning: skipped checkpoint {re.escape(str(newest))}: {reason}", result.stderr), \
+        result.stderr[-3000:]
+    assert losses(run_dir) == losses(finished_run)  # resumed from step 3: steps 4-6 again, bitwise
+    assert (newest / "COMPLETE").exists() and (run_dir / "checkpoints" / "latest").read_text() == newest.name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))  # rows 4-6 once
+
+
+def test_resume_from_names_the_checkpoint(store, finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    launch(1, run_values(store, run_dir), "--resume-from", str(run_dir / "checkpoints" / "step_00000003"))
+    assert losses(run_dir) == losses(finished_run)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file_once(store, finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    damaged = run_dir / "checkpoints" / "step_00000003" / "shards" / "model_rank_0.pt"
+    truncate(damaged)
+    result = launch(1, run_values(store, run_dir), "--resume-from", str(damaged.parent.parent), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert output.count(f"checkpoint file {damaged} (weights of model rank 0 of 1) cannot be read") == 1, output[-3000:]
