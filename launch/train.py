@@ -44,23 +44,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch.distributed as dist
 
-    from launch.runtime.distributed import init_distributed, shutdown_distributed
+    from launch.runtime.distributed import CollectiveTimeout, init_distributed, shutdown_distributed
     from launch.training.checkpoint_format import CheckpointError
     from launch.training.loop import Trainer
     from parallel.mesh import MeshError
 
-    device = init_distributed(run.training.device)
+    device = init_distributed(run.training.device, timeout_seconds=run.training.collective_timeout_seconds)
+    together = False  # whether every rank ends here together (then they wait for each other)
     try:
         try:
             run.mesh.resolve(dist.get_world_size())
             trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet, resume_from=args.resume_from)
-            return trainer.train(stop_after=args.stop_after, profile=profile)
+            result = trainer.train(stop_after=args.stop_after, profile=profile)
+            together = True
+            return result
         except (MeshError, CheckpointError) as error:  # every rank raises it: one of them says it
+            together = True
             if dist.get_rank() == 0:
                 print(f"launch/train.py: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
+        except CollectiveTimeout as error:  # the ranks that were waiting say it
+            print(f"launch/train.py: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     finally:
-        shutdown_distributed()
+        shutdown_distributed(barrier=together)
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -17,6 +18,10 @@ import torch.distributed as dist
 
 class DeviceError(ValueError):
     """A device was asked for that this machine does not have."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than its timeout for the other ranks (names where and how long)."""
 
 
 def _free_port() -> int:
@@ -34,11 +39,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", *, deepspeed: bool = True) -> torch.device:
+def init_distributed(device: str = "auto", *, deepspeed: bool = True, timeout_seconds: float | None = None
+                     ) -> torch.device:
     """Start torch.distributed for this process and return its device.
 
     ``deepspeed``: through ``deepspeed.init_distributed`` (training: the engine needs DeepSpeed's
-    communication layer); otherwise torch's own (inference needs no DeepSpeed)."""
+    communication layer); otherwise torch's own (inference needs no DeepSpeed). ``timeout_seconds``:
+    the longest any collective waits, in the world and in every group made later (the mesh's,
+    DeepSpeed's); torch's default is 30 minutes."""
     if "RANK" not in os.environ:  # a plain `python ...`: one process, no launcher
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -46,21 +54,44 @@ def init_distributed(device: str = "auto", *, deepspeed: bool = True) -> torch.d
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
+    timeout = None if timeout_seconds is None else timedelta(seconds=timeout_seconds)
+    if timeout is not None:
+        set_default_timeout(timeout)
     if deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", resolved.type)
         import deepspeed as ds  # after DS_ACCELERATOR: it picks its accelerator on import
 
-        ds.init_distributed(dist_backend=backend, verbose=False)
+        ds.init_distributed(dist_backend=backend, verbose=False, **({} if timeout is None else {"timeout": timeout}))
     elif not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     return resolved
 
 
-def shutdown_distributed() -> None:
-    """End the process group (after a barrier: a rank leaving early aborts the others at exit)
-    and release DeepSpeed's CPU shared memory."""
+def set_default_timeout(timeout: timedelta) -> None:
+    """The timeout of process groups made without one (``new_group``, ``init_device_mesh``).
+
+    torch gives them its 30-minute default rather than the world's timeout, and takes the
+    default from these module globals at each ``new_group`` call."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether a collective's exception says that it timed out (gloo: "Timed out waiting";
+    NCCL's watchdog: "collective operation timeout")."""
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """End the process group and release DeepSpeed's CPU shared memory. ``barrier``: first wait
+    for every rank (a rank leaving early aborts the others at exit); not after an error that
+    not every rank may have met (the barrier would wait for a rank that never comes)."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     release_shared_memory()
 

@@ -110,6 +110,9 @@ class TrainingSection(Section):
     # together by the almost fair CRPS (crps_alpha = 1: fair; anemoi's default 0.95)
     loss: Literal["mse", "crps"] = "mse"
     crps_alpha: float = Field(0.95, ge=0, le=1)
+    # the longest a collective may wait for the other ranks: a frozen or unreachable rank ends the
+    # job after this long with a message naming the step (torch's and DeepSpeed's default: 30 min)
+    collective_timeout_seconds: float = Field(300.0, gt=0)
 
     @field_validator("rollout")
     @classmethod

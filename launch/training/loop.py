@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ import torch.distributed as dist
 
 from data.process_prefetch import PREFETCHERS
 from data.sampler import ReplicaSampler, valid_time_indices
+from launch.runtime.distributed import CollectiveTimeout, is_timeout
+from launch.runtime.launcher_watch import LauncherWatch
 from launch.runtime.rank_inputs import RankInputs, store_attrs
 from launch.training.checkpointer import Checkpointer
 from launch.training.config import RunConfig
@@ -77,6 +80,8 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run_dir, run.checkpoint.keep, self.step_fn, self.metadata)
         self.step, self.epoch = 0, 0
         self._stop_requested = False
+        self._watch: LauncherWatch | None = None
+        self._phase = "the start of training"
         if init_from is not None:
             self.checkpoints.load_weights(init_from)
         self._resume(resume_from)
@@ -85,6 +90,21 @@ class Trainer:
     def train(self, stop_after: int | None = None, profile: tuple[int, int] | None = None) -> dict[str, Any]:
         """Train to ``training.steps``; ``stop_after`` steps of this invocation end it early with a
         checkpoint (for jobs shorter than the run); ``profile=(first, last)`` records those steps."""
+        try:
+            return self._train(stop_after, profile)
+        except RuntimeError as error:  # torch.distributed's DistBackendError among them
+            if not is_timeout(error):
+                raise
+            raise CollectiveTimeout(
+                f"rank {self.rank}: {self._phase} did not finish: a collective waited longer than "
+                f"training.collective_timeout_seconds = {self.run.training.collective_timeout_seconds:g} s for the "
+                f"other ranks (one of them is frozen, has died or cannot be reached); the job ends here, the same "
+                f"command resumes from the latest checkpoint") from None
+        finally:
+            if self._watch is not None:
+                self._watch.close()
+
+    def _train(self, stop_after: int | None, profile: tuple[int, int] | None) -> dict[str, Any]:
         run, t = self.run, self.run.training
         self._stop_at = None if stop_after is None else self.step + stop_after
         self._install_signal_handlers()
@@ -110,6 +130,7 @@ class Trainer:
         """Steps until the epoch's samples run out or the run ends; True when it stopped early."""
         t = self.run.training
         while self.step < t.steps:
+            self._phase = f"step {self.step + 1}"
             if self._profiler is not None:
                 self._profiler.step_begins(self.step + 1)
             micro_batches = [batches.next() for _ in range(t.gradient_accumulation)]
@@ -144,9 +165,11 @@ class Trainer:
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.4f}", rollout=lead, refresh=False)
         if validate_now:
+            self._phase = f"the validation at step {self.step}"
             self._validate()
         stop = self._agree_to_stop() or stop_after_reached
         if checkpoint_now or stop:
+            self._phase = f"the checkpoint of step {self.step}"
             self.checkpoints.save({"step": self.step, "epoch": self.epoch,
                                    "sampler": self.sampler.state_dict(consumed)})
         if stop:
@@ -221,11 +244,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- plumbing
     def _install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM, and the launcher above this rank exiting (DeepSpeed's runner forwards
+        no signal), ask for a stop with a checkpoint at the next settle step."""
         def request_stop(signum, frame):
             self._stop_requested = True
 
+        def launcher_gone(pid: int, command: str) -> None:
+            self._stop_requested = True
+            if self.rank == 0:
+                print(f"the launcher {command!r} (pid {pid}) has exited; stopping with a checkpoint at the next "
+                      f"settle step", file=sys.stderr, flush=True)
+
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, request_stop)
+        self._watch = LauncherWatch(launcher_gone)
 
     def _settle(self) -> tuple[float, float, float]:
         """The replica-mean ``(loss, nll, kl)`` of the latest pending step, after checking every pending step's.
