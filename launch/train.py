@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
 
     from launch.runtime.distributed import CollectiveTimeout, init_distributed, shutdown_distributed
+    from data.schema import StoreError
     from launch.training.checkpoint_format import CheckpointError
     from launch.training.loop import Trainer
     from parallel.mesh import MeshError
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = trainer.train(stop_after=args.stop_after, profile=profile)
             together = True
             return result
-        except (MeshError, CheckpointError) as error:  # every rank raises it: one of them says it
+        except (MeshError, StoreError, CheckpointError) as error:  # every rank raises it: one of them says it
             together = True
             if dist.get_rank() == 0:
                 print(f"launch/train.py: {error}", file=sys.stderr, flush=True)

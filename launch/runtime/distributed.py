@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def init_distributed(device: str = "auto", *, deepspeed: bool = True, timeout_se
                           MASTER_PORT=str(_free_port()))
     resolved = resolve_device(device)
     backend = "nccl" if resolved.type == "cuda" else "gloo"
+    if deepspeed and resolved.type == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
+        remove_stale_shared_memory()  # of earlier runs killed with -9
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     timeout = None if timeout_seconds is None else timedelta(seconds=timeout_seconds)
@@ -96,6 +99,35 @@ def shutdown_distributed(barrier: bool = True) -> None:
     release_shared_memory()
 
 
+SHARED_MEMORY_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def remove_stale_shared_memory(min_age_seconds: float = 60.0) -> list[Path]:
+    """Unlink this user's DeepSpeed CPU all-reduce segments (see :func:`release_shared_memory`)
+    that no process maps and that are older than ``min_age_seconds``: those of runs killed with
+    -9, which never unlink theirs (a starting run maps its own within seconds). The removed paths."""
+    segments = list(Path("/dev/shm").glob(f"{SHARED_MEMORY_PREFIX}_{os.getuid()}_*"))
+    if not segments:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or another user's
+            continue
+        mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if SHARED_MEMORY_PREFIX in line)
+    removed, now = [], time.time()
+    for segment in segments:
+        try:
+            stale = now - segment.stat().st_mtime > min_age_seconds
+        except FileNotFoundError:
+            continue
+        if stale and str(segment) not in mapped:
+            segment.unlink(missing_ok=True)
+            removed.append(segment)
+    return removed
+
+
 def release_shared_memory() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce segment from ``/dev/shm``.
 
@@ -104,6 +136,6 @@ def release_shared_memory() -> None:
     Call it after the last collective (the ranks mapped each other's segments at start-up;
     unlinking removes the name only). Nothing to do on GPUs.
     """
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+    name = "_".join([SHARED_MEMORY_PREFIX, str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
                      os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")])
     (Path("/dev/shm") / name).unlink(missing_ok=True)

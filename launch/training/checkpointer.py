@@ -129,12 +129,16 @@ class Checkpointer:
         return None
 
     def _space(self, folder: Path) -> tuple[int, int]:
-        """Bytes a checkpoint needs (weights and two moments in float32) and bytes free at ``folder``."""
-        elements = sum(int(np.prod(p.shard.global_shape)) for p in self.step.model.parameters())
+        """Bytes a checkpoint needs (the last one's size, else weights and two moments in float32)
+        and bytes free at ``folder``."""
+        if self.last_saved is not None and self.last_saved.is_dir():
+            needed = sum(path.stat().st_size for path in self.last_saved.rglob("*") if path.is_file())
+        else:
+            needed = 12 * sum(int(np.prod(p.shard.global_shape)) for p in self.step.model.parameters())
         existing = folder
         while not existing.exists():
             existing = existing.parent
-        return 12 * elements, shutil.disk_usage(existing).free
+        return needed, shutil.disk_usage(existing).free
 
     def _agree(self, problem: str | None, folder: Path) -> None:
         """Every rank learns whether any rank failed; all raise the first rank's message together."""

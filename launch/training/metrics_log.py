@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,12 @@ class MetricsLog:
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
             except ImportError:  # tensorboard is optional
-                self._writer = None
+                print(f"warning: logging.tensorboard is on but the tensorboard package is not installed: the metrics "
+                      f"go to {self.path} only (pip install tensorboard, or set logging.tensorboard: false)",
+                      file=sys.stderr, flush=True)
+                return
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
 
 
 def _keeps(line: str, step: int) -> bool:
