@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = trainer.train(stop_after=args.stop_after, profile=profile)
             together = True
             return result
-        except (MeshError, StoreError, CheckpointError) as error:  # every rank raises it: one of them says it
+        except (MeshError, StoreError, CheckpointError, FloatingPointError) as error:  # every rank: one says it
             together = True
             if dist.get_rank() == 0:
                 print(f"launch/train.py: {error}", file=sys.stderr, flush=True)

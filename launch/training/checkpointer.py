@@ -51,15 +51,13 @@ class CheckpointMismatch(CheckpointError):
 class Checkpointer:
     """The checkpoints of one run in ``<run_dir>/checkpoints``; every rank calls every method."""
 
-    def __init__(self, run_dir: Path, keep: int, step: TrainingStep, metadata: Callable[[], dict[str, Any]],
-                 warn: Callable[[str], None] | None = None):
+    def __init__(self, run_dir: Path, keep: int, step: TrainingStep, metadata: Callable[[], dict[str, Any]]):
         self.run_dir, self.keep, self.step = Path(run_dir), keep, step
         self.folder = self.run_dir / "checkpoints"
         self.metadata = metadata
         self.mesh = step.model.mesh
         self.rank = dist.get_rank()
         self.optimizer_state = OptimizerState(step.model, step.base_optimizer, step.optimizer)
-        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
         self.last_saved: Path | None = None
 
     # ---------------------------------------------------------------- save
@@ -85,8 +83,9 @@ class Checkpointer:
         problem = None
         if self.rank == 0:
             meta = {**self.metadata(), "resume": self._resume_state(trainer_state)}
+            finished = time.strftime("%Y-%m-%dT%H:%M:%S\n")
             problem = self._write([(folder / META_FILE, "metadata", json.dumps(meta, indent=1)),
-                                   (folder / COMPLETE_MARKER, "completion marker", time.strftime("%Y-%m-%dT%H:%M:%S\n")),
+                                   (folder / COMPLETE_MARKER, "completion marker", finished),
                                    (self.folder / "latest", "pointer to the newest checkpoint", folder.name)], folder)
             if problem is None:
                 prune(self.folder, folder, self.keep)
@@ -112,21 +111,20 @@ class Checkpointer:
                     atomic_write_bytes(path, lambda file: torch.save(value, file))
             except OSError as error:
                 if error.errno in NO_SPACE:
-                    needed, free = self._space(folder)
-                    return (f"checkpoint {folder}: no space left writing {path.name} ({what}): {error.strerror}; "
-                            f"a checkpoint of this run needs about {_size(needed)}, {_size(free)} are free there. "
-                            f"Free space (or lower checkpoint.keep) and rerun the same command: it resumes from "
-                            f"the checkpoint before this one")
+                    return self._no_space(folder, f"no space left writing {path.name} ({what}): {error.strerror}")
                 return f"checkpoint {folder}: cannot write {path} ({what}): {error}"
         return None
 
     def _space_problem(self, folder: Path) -> str | None:
         needed, free = self._space(folder)
-        if free < needed:
-            return (f"checkpoint {folder}: not enough disk space: a checkpoint of this run needs about "
-                    f"{_size(needed)}, {_size(free)} are free there. Free space (or lower checkpoint.keep) and rerun "
-                    f"the same command: it resumes from the latest complete checkpoint")
-        return None
+        return self._no_space(folder, "not enough disk space", needed, free) if free < needed else None
+
+    def _no_space(self, folder: Path, what: str, needed: int | None = None, free: int | None = None) -> str:
+        if needed is None:
+            needed, free = self._space(folder)
+        return (f"checkpoint {folder}: {what}: a checkpoint of this run needs about {_size(needed)}, {_size(free)} "
+                f"are free there. Free space (or lower checkpoint.keep) and rerun the same command: it resumes from "
+                f"the latest complete checkpoint")
 
     def _space(self, folder: Path) -> tuple[int, int]:
         """Bytes a checkpoint needs (the last one's size, else weights and two moments in float32)
@@ -198,7 +196,7 @@ class Checkpointer:
         for folder, reason in passed_over:
             step = checkpoint_step(folder)
             if step is None or step >= floor:
-                self.warn(f"skipped checkpoint {folder}: {reason}")
+                warn(f"skipped checkpoint {folder}: {reason}")
 
     def _load(self, folder: Path) -> dict[str, Any]:
         """Load ``folder`` into this run; raises :class:`CheckpointError` naming the file at fault, or
@@ -230,10 +228,10 @@ class Checkpointer:
     def _check_fits(self, folder: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
         if meta["model_config"] != expected["model_config"]:
             raise CheckpointMismatch(f"{folder} holds a model with config {meta['model_config']}, this run "
-                                  f"builds {expected['model_config']}; use another checkpoint.dir or the same model")
+                                     f"builds {expected['model_config']}; use another checkpoint.dir or the same model")
         if meta["store_fingerprint"] != expected["store_fingerprint"]:
             raise CheckpointMismatch(f"{folder} was trained on a store with other channels or statistics than "
-                                  f"{expected['store']}; expected the same store contents")
+                                     f"{expected['store']}; expected the same store contents")
         saved = meta.get("resume", {}).get("global_batch")
         t, mesh = self.step.run.training, self.mesh.config
         mine = global_batch(mesh.data, t.micro_batch, t.gradient_accumulation)
@@ -268,8 +266,8 @@ class Checkpointer:
         the mesh that wrote it, the weights alone on another."""
         if meta["mesh"] != expected["mesh"]:
             self.load_weights(folder)
-            self.warn(f"{folder} predates mesh-free optimizer state: loaded its weights into "
-                      f"{self.mesh.describe()}; optimizer state and schedule start afresh")
+            warn(f"{folder} predates mesh-free optimizer state: loaded its weights into {self.mesh.describe()}; "
+                 f"optimizer state and schedule start afresh")
             return {"step": 0, "epoch": 0, "sampler": None, "folder": folder, "mesh": meta["mesh"], "resharded": True}
         try:
             self.step.engine.load_checkpoint(str(folder.parent), tag=folder.name)
@@ -300,6 +298,10 @@ class Checkpointer:
             save_consolidated(path, full.model_config, full.state_dict, full.metadata)
         dist.barrier()
         return path
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def global_batch(data: int, micro_batch: int, gradient_accumulation: int) -> dict[str, int]:

@@ -44,10 +44,13 @@ from launch.training.config import RunConfig
 from launch.training.device_batches import DeviceBatches
 from launch.training.metrics_log import MetricsLog
 from launch.training.profiling import StepProfiler
-from launch.training.step import TrainingStep
+from launch.training.step import FINITE, TrainingStep
 from launch.training.validation import Validator, validation_indices
 from parallel.mesh import ProcessMesh
 from weathermixer.counts import training_flops
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # training.nonfinite_loss = skip stops after more non-finite steps than this in a row
 
 
 def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampler:
@@ -111,7 +114,10 @@ class Trainer:
         self._progress = self._progress_bar()
         self._last: dict[str, Any] = {}
         self._window = (time.perf_counter(), 0)
-        self._pending: dict[int, torch.Tensor] = {}  # step -> its loss on the device, since the last settle step
+        # step -> its (loss, nll, kl) and first non-finite channels on the device, and its time
+        # indices, since the last settle step
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]] = {}
+        self._nonfinite_in_a_row = 0
         self._profiler = (StepProfiler(*profile, self.run_dir / "profile", self.rank, self.device)
                           if profile else None)
         with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
@@ -137,10 +143,14 @@ class Trainer:
             if any(b is None for b in micro_batches):
                 return False  # epoch exhausted; the partial step is dropped and the next epoch begins
             lead = t.rollout_steps(self.step)
-            losses = [self.step_fn.micro_step(batch, lead, self.step) for batch in micro_batches]
+            losses, traces = [], []
+            for batch in micro_batches:
+                losses.append(self.step_fn.micro_step(batch, lead, self.step))
+                traces.append(self.step_fn.nonfinite)
             self.step += 1
             self._window = (self._window[0], self._window[1] + 1)
-            self._pending[self.step] = torch.stack(losses).double().mean(dim=0)  # (loss, nll, kl)
+            self._pending[self.step] = (torch.stack(losses).double().mean(dim=0), torch.stack(traces).amin(dim=0),
+                                        [batch.time_indices for batch in micro_batches])
             if self._profiler is not None and (written := self._profiler.step_ends(self.step)):
                 self._say(f"profile of steps {self._profiler.first}..{self._profiler.last} written to {written[0]} "
                           f"(timeline) and {written[1]} (table)")
@@ -263,20 +273,63 @@ class Trainer:
         """The replica-mean ``(loss, nll, kl)`` of the latest pending step, after checking every pending step's.
 
         One all-reduce and one device->host copy for all steps since the last settle step (the
-        only place the loop waits for the device). Every rank sees the same values, so all raise
-        together, before this step validates or writes a checkpoint."""
-        losses = torch.stack(list(self._pending.values()))
+        only place the loop waits for the device). Every rank sees the same values, so all apply
+        the ``training.nonfinite_loss`` policy together, before this step validates or writes a
+        checkpoint."""
+        losses = torch.stack([loss for loss, _, _ in self._pending.values()])
         group = self.mesh.replica_group
         if group is not None:
             dist.all_reduce(losses, group=group)
             losses /= self.mesh.replicas
         values = losses.tolist()
+        bad = []
         for step, (loss, _, _) in zip(self._pending, values):
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the training loss is {loss}; lower optimizer.lr or check "
-                                         f"the store's statistics")
+            if math.isfinite(loss):
+                self._nonfinite_in_a_row = 0
+            else:
+                bad.append((step, loss))
+                self._nonfinite_in_a_row += 1
+        if bad:
+            self._nonfinite(bad)
         self._pending = {}
         return values[-1]
+
+    def _nonfinite(self, bad: list[tuple[int, float]]) -> None:
+        """Name where each non-finite loss comes from (step, rank, channel), then stop or skip."""
+        traces = {step: (self._pending[step][1].tolist(), self._pending[step][2]) for step, _ in bad}
+        reports = [None] * dist.get_world_size()
+        m = self.mesh
+        dist.all_gather_object(reports, (f"rank {self.rank} (data {m.data_rank}, sample {m.sample_rank}, domain "
+                                         f"{m.domain_rank}, tensor {m.tensor_rank})", traces))
+        messages = [self._describe_nonfinite(step, loss, reports) for step, loss in bad]
+        policy = self.run.training.nonfinite_loss
+        if policy == "stop" or self._nonfinite_in_a_row > MAX_SKIPPED_IN_A_ROW:
+            why = ("training.nonfinite_loss = stop; 'skip' leaves such steps out" if policy == "stop" else
+                   f"{self._nonfinite_in_a_row} steps in a row: the run diverged")
+            raise FloatingPointError(f"{messages[0]}; stopping before the next checkpoint ({why})")
+        if self.rank == 0:
+            for message in messages:
+                print(f"warning: {message}; the step's update was left out (training.nonfinite_loss = skip)",
+                      file=sys.stderr, flush=True)
+
+    def _describe_nonfinite(self, step: int, loss: float, reports: list) -> str:
+        """Where the non-finite loss of ``step`` comes from: the ranks whose inputs or targets hold
+        NaN or Inf (their channel, the samples' times), else those whose predictions do (the
+        model diverged; a NaN in one tile reaches every tile's prediction)."""
+        names, times = self.attrs.channel_names, self.inputs.reader.times
+        data, predictions = [], []
+        for where, traces in reports:
+            (inputs, targets, outputs), batches = traces[step]
+            when = ", ".join(str(times[i])[:16] for indices in batches for i in indices)
+            if min(inputs, targets) < FINITE:
+                what, channel = ("inputs", inputs) if inputs < FINITE else ("targets", targets)
+                data.append(f"{where}: the {what} of channel {names[channel]} hold NaN or Inf (samples at {when})")
+            elif outputs < FINITE:
+                predictions.append(f"{where}: the prediction of channel {names[outputs]} is not finite while the "
+                                   f"inputs and targets are (the weights or activations diverged: lower optimizer.lr)")
+        found = data or predictions or ["every rank's inputs, targets and predictions are finite (the loss overflowed)"]
+        more = f"; {len(found) - 3} more ranks" if len(found) > 3 else ""
+        return f"step {step}: the training loss is {loss}; " + "; ".join(found[:3]) + more
 
     def _agree_to_stop(self) -> bool:
         """True on every rank when any rank was asked to stop (every rank reaches the same settle steps)."""

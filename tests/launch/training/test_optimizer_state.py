@@ -98,8 +98,8 @@ def test_state_written_into_a_fresh_engine_continues_bitwise(pairs):
         for (source, _), result in zip(pairs, rank_results):
             # (DeepSpeed's unfused bf16 wrapper counts one step more: a zero-gradient step at its start)
             (steps,) = set(result["steps"])
-            assert steps >= 3 and result["after_steps"] == result["again_steps"] == [steps + 2] * len(result["steps"]), \
-                (source, result)
+            expected = [steps + 2] * len(result["steps"])
+            assert steps >= 3 and result["after_steps"] == result["again_steps"] == expected, (source, result)
             assert result["nonzero"] and result["moved"] > 0, (source, result)  # moments were there and moved
             assert result["error"] == 0, (source, result)
 

@@ -41,12 +41,13 @@ CHAINS = {
         (2, dict(mesh={"domain": [1, 2]}, deepspeed="configs/deepspeed/zero1.json"), 3),
         (2, dict(mesh={"tensor": 2}, deepspeed="configs/deepspeed/zero1.json"), None),
     ],
-    # global batch 2 throughout: data 2 x micro 1 (ZeRO-2), data 1 x micro 2 (ZeRO-0, one
-    # process), data 1 x micro 2 on domain 1x2 (ZeRO-1)
+    # global batch 2 throughout, as a user would: 2 processes (data 2 x micro 1, ZeRO-2), then 1
+    # (micro 2, ZeRO-0), then 4 (data 2 x domain 1x2 x micro 1, ZeRO-1)
     "data-degree": [
         (2, dict(training={"micro_batch": 1}, deepspeed="configs/deepspeed/zero2.json"), 2),
         (1, dict(), 2),
-        (2, dict(mesh={"domain": [1, 2]}, deepspeed="configs/deepspeed/zero1.json"), None),
+        (4, dict(mesh={"data": 2, "domain": [1, 2]}, training={"micro_batch": 1},
+                 deepspeed="configs/deepspeed/zero1.json"), None),
     ],
     # two members from input noise: both on one rank, or one on each of two sample ranks
     "sample": [
