@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="override a config entry, e.g. --set optimizer.lr=3e-4 (repeatable)")
     parser.add_argument("--init-from", help="start from these weights (consolidated .pt or checkpoint folder, "
                         "any mesh) instead of a fresh initialisation")
+    parser.add_argument("--resume-from", metavar="FOLDER", help="resume from this checkpoint folder "
+                        "(<run>/checkpoints/step_<N>, any mesh) instead of the newest complete one in checkpoint.dir")
     parser.add_argument("--stop-after", type=int, metavar="STEPS", help="checkpoint and exit after this many "
                         "steps of this invocation (for job time limits); the same command resumes")
     parser.add_argument("--profile", metavar="FIRST:LAST", help="record steps FIRST..LAST on every rank: "
@@ -42,24 +44,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch.distributed as dist
 
-    from launch.runtime.distributed import init_distributed, shutdown_distributed
+    from launch.runtime.distributed import CollectiveTimeout, init_distributed, shutdown_distributed
+    from data.schema import StoreError
+    from launch.training.checkpoint_format import CheckpointError
     from launch.training.loop import Trainer
     from parallel.fp8 import FP8Error
     from parallel.mesh import MeshError
 
-    device = init_distributed(run.training.device)
+    device = init_distributed(run.training.device, timeout_seconds=run.training.collective_timeout_seconds)
+    together = False  # whether every rank ends here together (then they wait for each other)
     try:
         try:
             run.mesh.resolve(dist.get_world_size())
-        except MeshError as error:
-            raise SystemExit(f"launch/train.py: {error}") from None
-        try:
-            trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet)
-        except FP8Error as error:
-            raise SystemExit(f"launch/train.py: {error}") from None
-        return trainer.train(stop_after=args.stop_after, profile=profile)
+            trainer = Trainer(run, device, init_from=args.init_from, quiet=args.quiet, resume_from=args.resume_from)
+            result = trainer.train(stop_after=args.stop_after, profile=profile)
+            together = True
+            return result
+        except (MeshError, StoreError, CheckpointError, FloatingPointError, FP8Error) as error:  # every rank: one says it
+            together = True
+            if dist.get_rank() == 0:
+                print(f"launch/train.py: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        except CollectiveTimeout as error:  # the ranks that were waiting say it
+            print(f"launch/train.py: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     finally:
-        shutdown_distributed()
+        shutdown_distributed(barrier=together)
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,24 @@
 """Saving, resuming and exporting a run's checkpoints (the format: :mod:`launch.training.checkpoint_format`).
 
-A checkpoint holds DeepSpeed's own files (weights, optimizer, schedule), every model rank's
-full-precision shard with its :class:`~parallel.sharding.ShardSpec`, every rank's trainer state
-(step, epoch, sampler position, RNG states) and the run's metadata; it is complete once
-``COMPLETE`` is written, and ``latest`` then names it.
+A checkpoint holds the run's whole state in a mesh-free form: every parameter's float32 value and
+Adam moments per model rank with their :class:`~parallel.sharding.ShardSpec`, the optimizer's step
+counts, the schedule, DeepSpeed's counters, the sampler position, the global batch and every rank's
+generator states. A run resumes from it on any mesh (data, sample, domain, tensor), any ZeRO stage
+and either optimizer: each rank takes its slice of each tensor. It is complete once ``COMPLETE`` is
+written, and ``latest`` then names it.
+
+Resume tries the checkpoint ``latest`` names, then the other complete ones from the newest down; a
+damaged one (a file missing, truncated or unreadable) is passed over with a warning naming the file.
+Every write agrees across the ranks: a full disk on any rank ends the save on all of them with one
+message, and the checkpoint before it stays ``latest``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,11 +28,24 @@ import torch
 import torch.distributed as dist
 
 from launch.runtime.atomic import atomic_write_bytes, atomic_write_text
-from launch.training.checkpoint_format import (COMPLETE_MARKER, META_FILE, CheckpointError, consolidate,
-                                               latest_checkpoint, load_consolidated, read_meta, save_consolidated)
-from launch.training.master_weights import MasterWeightAdam
+from launch.training.checkpoint_format import (COMPLETE_MARKER, META_FILE, CheckpointError, checkpoint_candidates,
+                                               checkpoint_name, checkpoint_step, consolidate, load_consolidated,
+                                               load_file, optimizer_file, read_meta, read_rank_state, rng_file,
+                                               save_consolidated, shards_file)
+from launch.training.optimizer_state import MASTER, MOMENTS, OptimizerState
 from launch.training.step import TrainingStep
+from parallel.rng import stream_seed
 from parallel.sharding import load_full_state
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (the same message on every rank)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A whole checkpoint that does not fit this run (another model, store or global batch)."""
 
 
 class Checkpointer:
@@ -35,81 +57,230 @@ class Checkpointer:
         self.metadata = metadata
         self.mesh = step.model.mesh
         self.rank = dist.get_rank()
+        self.optimizer_state = OptimizerState(step.model, step.base_optimizer, step.optimizer)
+        self.last_saved: Path | None = None
 
     # ---------------------------------------------------------------- save
     def save(self, trainer_state: dict[str, Any]) -> Path:
         """Write the checkpoint of ``trainer_state["step"]`` (step, epoch, sampler position)."""
-        tag = f"step_{trainer_state['step']:08d}"
-        folder = self.folder / tag
-        if self.rank == 0 and folder.exists():
-            shutil.rmtree(folder)  # an incomplete earlier attempt at this step
-        dist.barrier()
-        client_state = {"step": trainer_state["step"], "epoch": trainer_state["epoch"]}
-        self.step.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state, save_latest=False)
-        self._save_shards(folder)
-        state = {**trainer_state, **rng_states()}
-        atomic_write_bytes(folder / "trainer" / f"rank_{self.rank}.pt", lambda file: torch.save(state, file))
-        dist.barrier()
+        folder = self.folder / checkpoint_name(trainer_state["step"])
+        problem = None
         if self.rank == 0:
-            atomic_write_text(folder / META_FILE, json.dumps(self.metadata(), indent=1))
-            atomic_write_text(folder / COMPLETE_MARKER, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            atomic_write_text(self.folder / "latest", tag)
-            self._prune()
-        dist.barrier()
+            if folder.exists():
+                shutil.rmtree(folder)  # an incomplete earlier attempt at this step
+            problem = self._space_problem(folder)
+        self._agree(problem, folder)
+        values, steps = self.optimizer_state.read()  # collective over the replica group
+        writes = [(rng_file(folder, self.rank), "generator states", rng_states())]
+        if self.mesh.replica_rank == 0:  # one writer per model rank
+            shards = {name: param.shard.to_json() for name, param in self.step.model.named_parameters()}
+            writes.append((shards_file(folder, self.mesh.model_rank), "float32 weights",
+                           {name: (spec, values[name][MASTER]) for name, spec in shards.items()}))
+            writes.append((optimizer_file(folder, self.mesh.model_rank), "optimizer moments and step counts",
+                           {"steps": steps, **{key: {name: (spec, values[name][key]) for name, spec in shards.items()}
+                                               for key in MOMENTS}}))
+        self._agree(self._write(writes, folder), folder)
+        problem = None
+        if self.rank == 0:
+            meta = {**self.metadata(), "resume": self._resume_state(trainer_state)}
+            finished = time.strftime("%Y-%m-%dT%H:%M:%S\n")
+            problem = self._write([(folder / META_FILE, "metadata", json.dumps(meta, indent=1)),
+                                   (folder / COMPLETE_MARKER, "completion marker", finished),
+                                   (self.folder / "latest", "pointer to the newest checkpoint", folder.name)], folder)
+            if problem is None:
+                prune(self.folder, folder, self.keep)
+        self._agree(problem, folder)
+        self.last_saved = folder
         return folder
 
-    def _save_shards(self, folder: Path) -> None:
-        """Each model rank's parameters in full precision with their sharding (replica rank 0 writes)."""
-        full_precision = self._full_precision_parameters()  # collective over the replica group
-        if self.mesh.replica_rank == 0:
-            shards = {name: (param.shard.to_json(), full_precision[name].cpu())
-                      for name, param in self.step.model.named_parameters()}
-            atomic_write_bytes(folder / "shards" / f"model_rank_{self.mesh.model_rank}.pt",
-                               lambda file: torch.save(shards, file))
+    def _resume_state(self, trainer_state: dict[str, Any]) -> dict[str, Any]:
+        """What continues a run on any mesh besides the tensors (the same on every rank)."""
+        engine, t, mesh = self.step.engine, self.step.run.training, self.mesh.config
+        return {**trainer_state, "schedule_position": self.step.scheduler.last_epoch,
+                "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                           "skipped_steps": engine.skipped_steps},
+                "global_batch": global_batch(mesh.data, t.micro_batch, t.gradient_accumulation)}
 
-    def _full_precision_parameters(self) -> dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
+    def _write(self, writes: list[tuple[Path, str, Any]], folder: Path) -> str | None:
+        """Write each ``(path, what, value)`` (text or a torch object); the problem, or None."""
+        for path, what, value in writes:
+            try:
+                if isinstance(value, str):
+                    atomic_write_text(path, value)
+                else:
+                    atomic_write_bytes(path, lambda file: torch.save(value, file))
+            except OSError as error:
+                if error.errno in NO_SPACE:
+                    return self._no_space(folder, f"no space left writing {path.name} ({what}): {error.strerror}")
+                return f"checkpoint {folder}: cannot write {path} ({what}): {error}"
+        return None
 
-        out = {}
-        for name, param in self.step.model.named_parameters():
-            if isinstance(self.step.optimizer, MasterWeightAdam):
-                full = self.step.optimizer.master(param)
-            else:
-                full = safe_get_full_fp32_param(param)
-            out[name] = (param.detach() if full is None else full).float()
-        return out
+    def _space_problem(self, folder: Path) -> str | None:
+        needed, free = self._space(folder)
+        return self._no_space(folder, "not enough disk space", needed, free) if free < needed else None
 
-    def _prune(self) -> None:
-        complete = sorted(p for p in self.folder.glob("step_*") if (p / COMPLETE_MARKER).exists())
-        for old in complete[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _no_space(self, folder: Path, what: str, needed: int | None = None, free: int | None = None) -> str:
+        if needed is None:
+            needed, free = self._space(folder)
+        return (f"checkpoint {folder}: {what}: a checkpoint of this run needs about {_size(needed)}, {_size(free)} "
+                f"are free there. Free space (or lower checkpoint.keep) and rerun the same command: it resumes from "
+                f"the latest complete checkpoint")
+
+    def _space(self, folder: Path) -> tuple[int, int]:
+        """Bytes a checkpoint needs (the last one's size, else weights and two moments in float32)
+        and bytes free at ``folder``."""
+        if self.last_saved is not None and self.last_saved.is_dir():
+            needed = sum(path.stat().st_size for path in self.last_saved.rglob("*") if path.is_file())
+        else:
+            needed = 12 * sum(int(np.prod(p.shard.global_shape)) for p in self.step.model.parameters())
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        return needed, shutil.disk_usage(existing).free
+
+    def _agree(self, problem: str | None, folder: Path) -> None:
+        """Every rank learns whether any rank failed; all raise the first rank's message together."""
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        failed = [p for p in problems if p is not None]
+        if failed:
+            if self.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder only holds space
+            raise CheckpointWriteError(failed[0])
 
     # ---------------------------------------------------------------- resume and load
-    def resume(self) -> dict[str, Any] | None:
-        """Load the latest complete checkpoint; the trainer state to continue from (None: start
-        afresh). On another mesh only the weights load (through the mesh-free form)."""
-        folder = latest_checkpoint(self.run_dir) if self.folder.exists() else None
-        if folder is None:
-            return None
+    def resume(self, source: str | Path | None = None) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint that loads (or ``source``, a checkpoint folder):
+        the trainer state to continue from (None: start afresh).
+
+        Damaged checkpoints (a file missing or unreadable) are passed over with a warning; one
+        that does not fit this run (another model, store or global batch) is an error."""
+        if source is not None:
+            candidates, passed_over = [Path(source)], []
+            if not (Path(source) / COMPLETE_MARKER).exists():
+                raise CheckpointError(f"--resume-from {source}: not a complete checkpoint folder (expected "
+                                      f"<run>/checkpoints/step_<N> with a {COMPLETE_MARKER} marker)")
+        else:
+            candidates, passed_over = checkpoint_candidates(self.run_dir)
+        skipped = []
+        for folder in candidates:
+            try:
+                state, problem = self._load(folder), None
+            except CheckpointMismatch as error:
+                problem = (True, str(error))
+            except CheckpointError as error:
+                problem = (False, str(error))
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)  # a damaged file on any rank passes the folder over
+            failed = [p for p in problems if p is not None]
+            if not failed:
+                self._warn_passed_over(folder, passed_over + skipped)
+                self.last_saved = folder
+                return state
+            mismatch = [message for fatal, message in failed if fatal]
+            if mismatch or source is not None:
+                raise CheckpointError((mismatch or [failed[0][1]])[0])
+            skipped.append((folder, failed[0][1]))
+        self._warn_passed_over(None, passed_over + skipped)
+        if candidates:
+            raise CheckpointError(f"no checkpoint in {self.folder} could be loaded (the reasons above); move the "
+                                  f"damaged ones away to start afresh, or name one with --resume-from")
+        return None
+
+    def _warn_passed_over(self, chosen: Path | None, passed_over: list[tuple[Path, str]]) -> None:
+        """One warning per passed-over folder newer than the one resumed from (older ones are
+        leftovers that pruning removes)."""
+        if self.rank != 0:
+            return
+        floor = -1 if chosen is None else checkpoint_step(chosen)
+        for folder, reason in passed_over:
+            step = checkpoint_step(folder)
+            if step is None or step >= floor:
+                warn(f"skipped checkpoint {folder}: {reason}")
+
+    def _load(self, folder: Path) -> dict[str, Any]:
+        """Load ``folder`` into this run; raises :class:`CheckpointError` naming the file at fault, or
+        :class:`CheckpointMismatch` where the checkpoint is whole but does not fit this run."""
         meta = read_meta(folder)
         expected = self.metadata()
+        self._check_fits(folder, meta, expected)
+        if "resume" not in meta:
+            return self._load_legacy(folder, meta, expected)
+        resume = meta["resume"]
+        model = self.step.model
+        specs = {name: param.shard for name, param in model.named_parameters()}
+        values, steps = read_rank_state(folder, meta, specs)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(values[name][MASTER])  # the parameters: the masters, rounded to their dtype
+        try:
+            self.optimizer_state.write(values, steps)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {folder}: {error}") from None
+        self._load_schedule(resume)
+        same_mesh = meta["mesh"] == expected["mesh"]
+        if same_mesh:
+            set_rng_states(load_file(rng_file(folder, self.rank), f"generator states of rank {self.rank}"))
+        else:  # dropout streams are per rank: a new mesh starts new ones, keyed by the step
+            reseed_dropout(self.step.run.training.seed, resume["step"], self.mesh)
+        return {**resume, "folder": folder, "mesh": meta["mesh"], "resharded": not same_mesh}
+
+    def _check_fits(self, folder: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
         if meta["model_config"] != expected["model_config"]:
-            raise CheckpointError(f"{folder} holds a model with config {meta['model_config']}, this run builds "
-                                  f"{expected['model_config']}; use another checkpoint.dir or the same model")
+            raise CheckpointMismatch(f"{folder} holds a model with config {meta['model_config']}, this run "
+                                     f"builds {expected['model_config']}; use another checkpoint.dir or the same model")
         if meta["store_fingerprint"] != expected["store_fingerprint"]:
-            raise CheckpointError(f"{folder} was trained on a store with other channels or statistics than "
-                                  f"{expected['store']}; expected the same store contents")
+            raise CheckpointMismatch(f"{folder} was trained on a store with other channels or statistics than "
+                                     f"{expected['store']}; expected the same store contents")
+        saved = meta.get("resume", {}).get("global_batch")
+        t, mesh = self.step.run.training, self.mesh.config
+        mine = global_batch(mesh.data, t.micro_batch, t.gradient_accumulation)
+        if saved is not None and saved["times"] != mine["times"]:
+            raise CheckpointMismatch(
+                f"{folder} was trained with a global batch of {saved['times']} times per step (data "
+                f"{saved['data']} x micro_batch {saved['micro_batch']} x gradient_accumulation "
+                f"{saved['gradient_accumulation']}), this run has {mine['times']} (data {mine['data']} x "
+                f"{mine['micro_batch']} x {mine['gradient_accumulation']}). The schedule, the sampler position and "
+                f"Adam's moments belong to that batch: set training.micro_batch and training.gradient_accumulation "
+                f"so that data x micro_batch x gradient_accumulation = {saved['times']}, or start a new run from "
+                f"these weights with --init-from {folder} and another checkpoint.dir")
+
+    def _load_schedule(self, resume: dict[str, Any]) -> None:
+        """The learning-rate schedule's position and DeepSpeed's counters. Each group's rate is this
+        run's schedule at that position (``optimizer.lr``, ``schedule`` or ``training.steps`` may
+        have changed: a longer run decays further)."""
+        scheduler, engine = self.step.scheduler, self.step.engine
+        position = resume["schedule_position"]
+        rates = [base * factor(position) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": position, "_step_count": position + 1,
+                                   "_last_lr": rates})
+        for group, lr in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = lr
+        counters = resume["engine"]
+        engine.global_steps, engine.global_samples = counters["global_steps"], counters["global_samples"]
+        engine.skipped_steps = counters["skipped_steps"]
+        engine.micro_steps = counters["global_steps"] * engine.gradient_accumulation_steps()
+
+    def _load_legacy(self, folder: Path, meta: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of DeepSpeed's files (before the mesh-free optimizer state): everything on
+        the mesh that wrote it, the weights alone on another."""
         if meta["mesh"] != expected["mesh"]:
             self.load_weights(folder)
-            return {"resharded_from": folder, "mesh": meta["mesh"]}
-        self.step.engine.load_checkpoint(str(self.folder), tag=folder.name)
-        state = torch.load(folder / "trainer" / f"rank_{self.rank}.pt", map_location="cpu", weights_only=False)
+            warn(f"{folder} predates mesh-free optimizer state: loaded its weights into {self.mesh.describe()}; "
+                 f"optimizer state and schedule start afresh")
+            return {"step": 0, "epoch": 0, "sampler": None, "folder": folder, "mesh": meta["mesh"], "resharded": True}
+        try:
+            self.step.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {folder}: DeepSpeed's files cannot be loaded ({type(error).__name__}: "
+                                  f"{error})") from None
+        state = load_file(folder / "trainer" / f"rank_{self.rank}.pt", f"trainer state of rank {self.rank}")
         set_rng_states(state)
-        return {**state, "folder": folder}
+        return {**state, "folder": folder, "mesh": meta["mesh"], "resharded": False}
 
     def load_weights(self, source: str | Path) -> None:
         """Weights of any checkpoint (consolidated file or folder, any mesh), and the optimizer's
-        full-precision copy of them."""
+        full-precision copy of them; the moments and step counts stay as they are."""
         full = load_consolidated(source)
         model = self.step.model
         if full.model_config.to_dict() != model.config.to_dict():
@@ -117,23 +288,47 @@ class Checkpointer:
                                   f"builds {model.config.to_dict()}")
         device = next(model.parameters()).device
         load_full_state(model, {k: v.to(device) for k, v in full.state_dict.items()})
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for name, param in model.named_parameters():
-            value = param.shard.take(full.state_dict[name]).to(device).float()
-            if isinstance(self.step.optimizer, MasterWeightAdam):
-                self.step.optimizer.set_master(param, value)
-            elif hasattr(param, "_hp_mapping"):
-                safe_set_full_fp32_param(param, value)
+        self.optimizer_state.write_masters({name: param.shard.take(full.state_dict[name]).float()
+                                            for name, param in model.named_parameters()})
 
     def export(self, path: Path) -> Path:
-        """The latest checkpoint as one mesh-free file (rank 0 writes it)."""
-        folder = latest_checkpoint(self.run_dir)
+        """The last checkpoint saved as one mesh-free file (rank 0 writes it)."""
         if self.rank == 0:
-            full = consolidate(folder)
+            full = consolidate(self.last_saved)
             save_consolidated(path, full.model_config, full.state_dict, full.metadata)
         dist.barrier()
         return path
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def global_batch(data: int, micro_batch: int, gradient_accumulation: int) -> dict[str, int]:
+    """The training times of one step over all replicas (the sample ranks of a data rank share theirs)."""
+    return {"data": data, "micro_batch": micro_batch, "gradient_accumulation": gradient_accumulation,
+            "times": data * micro_batch * gradient_accumulation}
+
+
+def prune(folder: Path, current: Path, keep: int) -> list[Path]:
+    """Delete the checkpoints before ``current`` beyond the ``keep - 1`` newest complete ones, by
+    step number; incomplete ones before it too (they are never resumed from). ``current`` and
+    any checkpoint of a higher step are never touched. The deleted folders."""
+    step = checkpoint_step(current)
+    older = sorted((p for p in folder.iterdir() if p.is_dir() and (s := checkpoint_step(p)) is not None and s < step),
+                   key=checkpoint_step)
+    complete = [p for p in older if (p / COMPLETE_MARKER).exists()]
+    doomed = [p for p in older if not (p / COMPLETE_MARKER).exists()] + complete[:max(0, len(complete) - (keep - 1))]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def rng_states() -> dict[str, Any]:
@@ -148,3 +343,8 @@ def set_rng_states(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy_rng"])
     if state.get("device_rng") is not None:
         torch.cuda.set_rng_state(state["device_rng"])
+
+
+def reseed_dropout(seed: int, step: int, mesh) -> None:
+    """Fresh dropout streams after a change of mesh, keyed by (seed, step, this rank's place)."""
+    torch.manual_seed(stream_seed(seed, "dropout-resumed", step, mesh.data_rank, mesh.sample_rank, mesh.model_rank))

@@ -112,6 +112,13 @@ class TrainingSection(Section):
     # together by the almost fair CRPS (crps_alpha = 1: fair; anemoi's default 0.95)
     loss: Literal["mse", "crps"] = "mse"
     crps_alpha: float = Field(0.95, ge=0, le=1)
+    # the longest a collective may wait for the other ranks: a frozen or unreachable rank ends the
+    # job after this long with a message naming the step (torch's and DeepSpeed's default: 30 min)
+    collective_timeout_seconds: float = Field(300.0, gt=0)
+    # a NaN or Inf loss: "stop" the run before its next checkpoint, or "skip" the step (the
+    # optimizer leaves out an update of non-finite gradients) and go on; both name the step, the
+    # rank and the channel. Ten such steps in a row stop a skipping run too (it diverged)
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
 
     @field_validator("rollout")
     @classmethod
@@ -168,6 +175,7 @@ class RunConfig(Section):
         if self.optimizer.master_weights:
             self._check_master_weights(self.deepspeed_config())
         self._check_samples()
+        self._check_nonfinite_policy(self.deepspeed_config())
         if self.data.worker_kind == "process" and self.data.prefetch < self.training.micro_batch + self.data.workers:
             raise ValueError(f"data.prefetch = {self.data.prefetch} with data.worker_kind = 'process': a micro-batch "
                              f"holds {self.training.micro_batch} of the prefetched samples' slots until it is on the "
@@ -192,6 +200,18 @@ class RunConfig(Section):
             raise ValueError(f"model.activation_checkpointing recomputes a forward in its backward with the weight "
                              f"draw of the last sample; with training.samples / mesh.sample = "
                              f"{t.samples // sample_ranks} samples per rank expected 1 (raise mesh.sample)")
+
+    def _check_nonfinite_policy(self, config: dict[str, Any]) -> None:
+        """Skipping a step needs an optimizer that leaves out non-finite gradients: DeepSpeed's
+        ZeRO 1/2 and bf16/fp16 optimizers do; at ZeRO stage 0 the clip inside the fused step does."""
+        precision = any(config.get(key, {}).get("enabled", False) for key in ("bf16", "bfloat16", "fp16"))
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        if (self.training.nonfinite_loss == "skip" and stage == 0 and not precision
+                and float(config.get("gradient_clipping", 0.0)) <= 0):
+            raise ValueError(f"training.nonfinite_loss = 'skip' at ZeRO stage 0 without DeepSpeed's bf16: the "
+                             f"optimizer skips a non-finite update only inside its gradient clipping, but the "
+                             f"DeepSpeed config {self.deepspeed} sets gradient_clipping = "
+                             f"{config.get('gradient_clipping', 0.0)}; set it > 0 (e.g. 1.0) or use 'stop'")
 
     def _check_master_weights(self, config: dict[str, Any]) -> None:
         """optimizer.master_weights owns the precision: DeepSpeed must neither cast the model nor

@@ -14,14 +14,18 @@ once and checks them. Between them it queues the next steps without waiting.
 
 Stop and resume: SIGINT/SIGTERM set a flag that all ranks agree on at the next settle step; they
 then write a checkpoint and exit. A run whose ``checkpoint.dir`` holds a complete checkpoint
-resumes from it: weights, optimizer, schedule, sampler position and every RNG state, so the
-continued losses equal the uninterrupted run's.
+resumes from it: weights, optimizer moments and step counts, schedule, sampler position and every
+RNG state, so the continued losses equal the uninterrupted run's. On another mesh (data, sample,
+domain or tensor sizes, ZeRO stage or optimizer) the same state is resharded; the data order
+depends on the global batch only (``data/sampler.py``), which must stay the same, and the counter-based
+streams (weight draws, input noise) on the step; dropout streams, one per rank, start anew.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,16 +36,21 @@ import torch.distributed as dist
 
 from data.process_prefetch import PREFETCHERS
 from data.sampler import ReplicaSampler, valid_time_indices
+from launch.runtime.distributed import CollectiveTimeout, is_timeout
+from launch.runtime.launcher_watch import LauncherWatch
 from launch.runtime.rank_inputs import RankInputs, store_attrs
 from launch.training.checkpointer import Checkpointer
 from launch.training.config import RunConfig
 from launch.training.device_batches import DeviceBatches
 from launch.training.metrics_log import MetricsLog
 from launch.training.profiling import StepProfiler
-from launch.training.step import TrainingStep
+from launch.training.step import FINITE, TrainingStep
 from launch.training.validation import Validator, validation_indices
 from parallel.mesh import ProcessMesh
 from weathermixer.counts import training_flops
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # training.nonfinite_loss = skip stops after more non-finite steps than this in a row
 
 
 def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampler:
@@ -51,7 +60,8 @@ def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampl
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False):
+    def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False,
+                 resume_from: str | None = None):
         self.run, self.device, self.quiet = run, device, quiet
         self.rank = dist.get_rank()
         self.run_dir = Path(run.checkpoint.dir)
@@ -73,21 +83,41 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run_dir, run.checkpoint.keep, self.step_fn, self.metadata)
         self.step, self.epoch = 0, 0
         self._stop_requested = False
+        self._watch: LauncherWatch | None = None
+        self._phase = "the start of training"
         if init_from is not None:
             self.checkpoints.load_weights(init_from)
-        self._resume()
+        self._resume(resume_from)
 
     # ---------------------------------------------------------------- the loop
     def train(self, stop_after: int | None = None, profile: tuple[int, int] | None = None) -> dict[str, Any]:
         """Train to ``training.steps``; ``stop_after`` steps of this invocation end it early with a
         checkpoint (for jobs shorter than the run); ``profile=(first, last)`` records those steps."""
+        try:
+            return self._train(stop_after, profile)
+        except RuntimeError as error:  # torch.distributed's DistBackendError among them
+            if not is_timeout(error):
+                raise
+            raise CollectiveTimeout(
+                f"rank {self.rank}: {self._phase} did not finish: a collective waited longer than "
+                f"training.collective_timeout_seconds = {self.run.training.collective_timeout_seconds:g} s for the "
+                f"other ranks (one of them is frozen, has died or cannot be reached); the job ends here, the same "
+                f"command resumes from the latest checkpoint") from None
+        finally:
+            if self._watch is not None:
+                self._watch.close()
+
+    def _train(self, stop_after: int | None, profile: tuple[int, int] | None) -> dict[str, Any]:
         run, t = self.run, self.run.training
         self._stop_at = None if stop_after is None else self.step + stop_after
         self._install_signal_handlers()
         self._progress = self._progress_bar()
         self._last: dict[str, Any] = {}
         self._window = (time.perf_counter(), 0)
-        self._pending: dict[int, torch.Tensor] = {}  # step -> its loss on the device, since the last settle step
+        # step -> its (loss, nll, kl) and first non-finite channels on the device, and its time
+        # indices, since the last settle step
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]] = {}
+        self._nonfinite_in_a_row = 0
         self._profiler = (StepProfiler(*profile, self.run_dir / "profile", self.rank, self.device)
                           if profile else None)
         with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
@@ -106,16 +136,21 @@ class Trainer:
         """Steps until the epoch's samples run out or the run ends; True when it stopped early."""
         t = self.run.training
         while self.step < t.steps:
+            self._phase = f"step {self.step + 1}"
             if self._profiler is not None:
                 self._profiler.step_begins(self.step + 1)
             micro_batches = [batches.next() for _ in range(t.gradient_accumulation)]
             if any(b is None for b in micro_batches):
                 return False  # epoch exhausted; the partial step is dropped and the next epoch begins
             lead = t.rollout_steps(self.step)
-            losses = [self.step_fn.micro_step(batch, lead, self.step) for batch in micro_batches]
+            losses, traces = [], []
+            for batch in micro_batches:
+                losses.append(self.step_fn.micro_step(batch, lead, self.step))
+                traces.append(self.step_fn.nonfinite)
             self.step += 1
             self._window = (self._window[0], self._window[1] + 1)
-            self._pending[self.step] = torch.stack(losses).double().mean(dim=0)  # (loss, nll, kl)
+            self._pending[self.step] = (torch.stack(losses).double().mean(dim=0), torch.stack(traces).amin(dim=0),
+                                        [batch.time_indices for batch in micro_batches])
             if self._profiler is not None and (written := self._profiler.step_ends(self.step)):
                 self._say(f"profile of steps {self._profiler.first}..{self._profiler.last} written to {written[0]} "
                           f"(timeline) and {written[1]} (table)")
@@ -140,9 +175,11 @@ class Trainer:
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.4f}", rollout=lead, refresh=False)
         if validate_now:
+            self._phase = f"the validation at step {self.step}"
             self._validate()
         stop = self._agree_to_stop() or stop_after_reached
         if checkpoint_now or stop:
+            self._phase = f"the checkpoint of step {self.step}"
             self.checkpoints.save({"step": self.step, "epoch": self.epoch,
                                    "sampler": self.sampler.state_dict(consumed)})
         if stop:
@@ -183,17 +220,21 @@ class Trainer:
         self.metrics.write({"step": self.step, **self.validator(self.model, self.step_fn.dtype)})
 
     # ---------------------------------------------------------------- resume and metadata
-    def _resume(self) -> None:
-        state = self.checkpoints.resume()
-        if state is None:
-            return
-        if "resharded_from" in state:  # another layout: the weights; optimizer and schedule restart
-            self._say(f"loaded the weights of {state['resharded_from']} (trained on mesh {state['mesh']}) into "
-                      f"{self.mesh.describe()}; optimizer state and schedule start afresh")
+    def _resume(self, source: str | None) -> None:
+        state = self.checkpoints.resume(source)
+        if state is None or state.get("sampler") is None:  # nothing, or the weights alone of an old checkpoint
             return
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self._say(f"resumed from {state['folder']} at step {self.step}")
+        self.metrics.forget_after(self.step)  # the rows of steps after the checkpoint come again
+        if state["resharded"]:
+            m = state["mesh"]
+            self._say(f"resumed from {state['folder']} at step {self.step}, resharded from mesh data={m['data']} "
+                      f"sample={m['sample']} domain={m['domain'][0]}x{m['domain'][1]} tensor={m['tensor']} to "
+                      f"{self.mesh.describe()}: weights, optimizer moments, schedule and sampler position carried "
+                      f"over; dropout streams start anew")
+        else:
+            self._say(f"resumed from {state['folder']} at step {self.step}")
 
     def metadata(self) -> dict[str, Any]:
         """What makes a checkpoint self-describing (read by forecasting and resuming)."""
@@ -213,30 +254,82 @@ class Trainer:
 
     # ---------------------------------------------------------------- plumbing
     def _install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM, and the launcher above this rank exiting (DeepSpeed's runner forwards
+        no signal), ask for a stop with a checkpoint at the next settle step."""
         def request_stop(signum, frame):
             self._stop_requested = True
 
+        def launcher_gone(pid: int, command: str) -> None:
+            self._stop_requested = True
+            if self.rank == 0:
+                print(f"the launcher {command!r} (pid {pid}) has exited; stopping with a checkpoint at the next "
+                      f"settle step", file=sys.stderr, flush=True)
+
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, request_stop)
+        self._watch = LauncherWatch(launcher_gone)
 
     def _settle(self) -> tuple[float, float, float]:
         """The replica-mean ``(loss, nll, kl)`` of the latest pending step, after checking every pending step's.
 
         One all-reduce and one device->host copy for all steps since the last settle step (the
-        only place the loop waits for the device). Every rank sees the same values, so all raise
-        together, before this step validates or writes a checkpoint."""
-        losses = torch.stack(list(self._pending.values()))
+        only place the loop waits for the device). Every rank sees the same values, so all apply
+        the ``training.nonfinite_loss`` policy together, before this step validates or writes a
+        checkpoint."""
+        losses = torch.stack([loss for loss, _, _ in self._pending.values()])
         group = self.mesh.replica_group
         if group is not None:
             dist.all_reduce(losses, group=group)
             losses /= self.mesh.replicas
         values = losses.tolist()
+        bad = []
         for step, (loss, _, _) in zip(self._pending, values):
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the training loss is {loss}; lower optimizer.lr or check "
-                                         f"the store's statistics")
+            if math.isfinite(loss):
+                self._nonfinite_in_a_row = 0
+            else:
+                bad.append((step, loss))
+                self._nonfinite_in_a_row += 1
+        if bad:
+            self._nonfinite(bad)
         self._pending = {}
         return values[-1]
+
+    def _nonfinite(self, bad: list[tuple[int, float]]) -> None:
+        """Name where each non-finite loss comes from (step, rank, channel), then stop or skip."""
+        traces = {step: (self._pending[step][1].tolist(), self._pending[step][2]) for step, _ in bad}
+        reports = [None] * dist.get_world_size()
+        m = self.mesh
+        dist.all_gather_object(reports, (f"rank {self.rank} (data {m.data_rank}, sample {m.sample_rank}, domain "
+                                         f"{m.domain_rank}, tensor {m.tensor_rank})", traces))
+        messages = [self._describe_nonfinite(step, loss, reports) for step, loss in bad]
+        policy = self.run.training.nonfinite_loss
+        if policy == "stop" or self._nonfinite_in_a_row > MAX_SKIPPED_IN_A_ROW:
+            why = ("training.nonfinite_loss = stop; 'skip' leaves such steps out" if policy == "stop" else
+                   f"{self._nonfinite_in_a_row} steps in a row: the run diverged")
+            raise FloatingPointError(f"{messages[0]}; stopping before the next checkpoint ({why})")
+        if self.rank == 0:
+            for message in messages:
+                print(f"warning: {message}; the step's update was left out (training.nonfinite_loss = skip)",
+                      file=sys.stderr, flush=True)
+
+    def _describe_nonfinite(self, step: int, loss: float, reports: list) -> str:
+        """Where the non-finite loss of ``step`` comes from: the ranks whose inputs or targets hold
+        NaN or Inf (their channel, the samples' times), else those whose predictions do (the
+        model diverged; a NaN in one tile reaches every tile's prediction)."""
+        names, times = self.attrs.channel_names, self.inputs.reader.times
+        data, predictions = [], []
+        for where, traces in reports:
+            (inputs, targets, outputs), batches = traces[step]
+            when = ", ".join(str(times[i])[:16] for indices in batches for i in indices)
+            if min(inputs, targets) < FINITE:
+                what, channel = ("inputs", inputs) if inputs < FINITE else ("targets", targets)
+                data.append(f"{where}: the {what} of channel {names[channel]} hold NaN or Inf (samples at {when})")
+            elif outputs < FINITE:
+                predictions.append(f"{where}: the prediction of channel {names[outputs]} is not finite while the "
+                                   f"inputs and targets are (the weights or activations diverged: lower optimizer.lr)")
+        found = data or predictions or ["every rank's inputs, targets and predictions are finite (the loss overflowed)"]
+        more = f"; {len(found) - 3} more ranks" if len(found) > 3 else ""
+        return f"step {step}: the training loss is {loss}; " + "; ".join(found[:3]) + more
 
     def _agree_to_stop(self) -> bool:
         """True on every rank when any rank was asked to stop (every rank reaches the same settle steps)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+from launch.runtime.atomic import atomic_write_text
 
 
 class MetricsLog:
@@ -13,6 +16,18 @@ class MetricsLog:
         self.tensorboard, self.enabled = tensorboard, enabled
         self._file = None
         self._writer = None
+        self._purge_step: int | None = None
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a run resumed from that step's checkpoint logs
+        them again), here and in TensorBoard."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _keeps(line, step)]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        self._purge_step = step + 1
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -32,7 +47,18 @@ class MetricsLog:
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.path.parent / "tensorboard"))
             except ImportError:  # tensorboard is optional
-                self._writer = None
+                print(f"warning: logging.tensorboard is on but the tensorboard package is not installed: the metrics "
+                      f"go to {self.path} only (pip install tensorboard, or set logging.tensorboard: false)",
+                      file=sys.stderr, flush=True)
+                return
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
+
+
+def _keeps(line: str, step: int) -> bool:
+    """A record of ``step`` or before (a torn last line of a killed run goes)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step

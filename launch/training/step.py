@@ -87,6 +87,7 @@ class TrainingStep:
             model = WeatherMixer(config, mesh, seed=run.training.seed)
         seed_dropout(run.training.seed, mesh.data_rank, mesh.sample_rank, mesh.model_rank)
         optimizer = build_optimizer(model, run)
+        self.base_optimizer = optimizer  # the torch optimizer (DeepSpeed's ZeRO and bf16 ones wrap it)
         schedule = build_schedule(optimizer, run.schedule, run.training.steps)
         self.engine, self.optimizer, self.scheduler = initialize_engine(model, optimizer, run.deepspeed_config(),
                                                                         mesh, lr_scheduler=schedule)
@@ -111,6 +112,8 @@ class TrainingStep:
         self._kl = compiled(kl) if run.training.compile and config.is_bayesian else kl
         master = run.optimizer.master_weights
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or master else torch.float32
+        self._channels = self.model.state_channels.indices[mesh.tensor_rank].to(device)  # inputs, targets, outputs
+        self.nonfinite: torch.Tensor | None = None
 
     @classmethod
     def for_store(cls, run: RunConfig, mesh: ProcessMesh, device: torch.device) -> "TrainingStep":
@@ -139,7 +142,11 @@ class TrainingStep:
         return losses
 
     def forward_backward(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
-        """The loss of this rank's samples and its backward (gradients averaged over the replicas)."""
+        """The loss of this rank's samples and its backward (gradients averaged over the replicas).
+
+        ``nonfinite`` then holds, on the device, the first global channel whose inputs, targets and
+        predictions hold a NaN or Inf (:data:`FINITE` where none does): what a non-finite loss is
+        traced to."""
         predictions = []
         for k in range(self.samples_per_rank):
             sample = self.mesh.sample_rank * self.samples_per_rank + k
@@ -149,6 +156,9 @@ class TrainingStep:
                 predictions.append(self._rollout(state, batch.static, batch.forcings[:, :lead], lead,
                                                  self.run.training.rollout_mode))
         targets = batch.targets[:, :lead]
+        self.nonfinite = torch.stack([nonfinite_channel(batch.state, self._channels),
+                                      nonfinite_channel(targets, self._channels),
+                                      torch.stack([nonfinite_channel(p, self._channels) for p in predictions]).min()])
         if self.crps_fn is None:  # the mean over this rank's samples of each one's NLL
             data_loss = sum(self._loss(prediction, targets) for prediction in predictions) / len(predictions)
             scale = 1.0
@@ -160,3 +170,13 @@ class TrainingStep:
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
         return torch.stack([loss, data_loss, kl]).detach()
+
+
+FINITE = 2**31  # nonfinite_channel's answer where every channel is finite
+
+
+def nonfinite_channel(values: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """The smallest of ``channels`` (global indices of the last dimension) whose values hold a NaN
+    or Inf, else :data:`FINITE`; a device scalar (nothing waits for the host)."""
+    finite = torch.isfinite(values).all(dim=tuple(range(values.dim() - 1)))
+    return torch.where(finite, FINITE, channels).min()

@@ -136,3 +136,30 @@ def test_valid_time_indices_respect_lead_period_and_gaps():
     np.testing.assert_array_equal(valid_time_indices(times, 1, start="2018-01-01"), [5, 6])
     np.testing.assert_array_equal(valid_time_indices(times, 2, step=np.timedelta64(12, "h")), [])
     assert valid_time_indices(times, 8).size == 0
+
+
+def test_a_step_reads_the_same_times_for_any_number_of_replicas_at_one_global_batch():
+    """The data order is the global batch's (as Megatron's sampler): step s of a global batch of G
+    times reads the permutation's times s*G .. (s+1)*G - 1, whether 1, 2 or 4 replicas share them,
+    also after resuming mid-epoch with another replica count."""
+    global_batch, steps = 4, 5
+
+    def steps_read(replicas: int, resume_at: int | None = None) -> list[set[int]]:
+        samplers = [ReplicaSampler(23, replica_rank=r, num_replicas=replicas, seed=3) for r in range(replicas)]
+        streams = [iter(s) for s in samplers]
+        per_replica = global_batch // replicas
+        read = [set().union(*({next(stream) for _ in range(per_replica)} for stream in streams))
+                for _ in range(steps if resume_at is None else resume_at)]
+        if resume_at is not None:  # continue on 4 replicas from this position
+            state = samplers[0].state_dict()
+            resumed = [ReplicaSampler(23, replica_rank=r, num_replicas=4, seed=3) for r in range(4)]
+            for sampler in resumed:
+                sampler.load_state_dict(state)
+            streams = [iter(s) for s in resumed]
+            read += [set().union(*({next(stream)} for stream in streams)) for _ in range(steps - resume_at)]
+        return read
+
+    order = ReplicaSampler(23, replica_rank=0, num_replicas=1, seed=3).epoch_order()
+    expected = [set(order[s * global_batch:(s + 1) * global_batch].tolist()) for s in range(steps)]
+    assert steps_read(1) == steps_read(2) == steps_read(4) == expected
+    assert steps_read(2, resume_at=2) == expected
