@@ -59,15 +59,25 @@ def start(launcher: str, store: Path, run_dir: Path, **training) -> subprocess.P
 
 
 def ranks_of(process: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(process.pid).children(recursive=True) if "launch/train.py" in p.cmdline()
-            and any(a.startswith("--local_rank") for a in p.cmdline()) or "LOCAL_RANK" in _environ(p)]
+    """The processes that run ``launch/train.py`` as their script (not the launchers that carry it
+    as an argument; their environment may hold LOCAL_RANK from the test process itself)."""
+    return [p for p in psutil.Process(process.pid).children(recursive=True) if _script(p).endswith("launch/train.py")]
 
 
 def _environ(process: psutil.Process) -> dict:
     try:
-        return process.environ() if "launch/train.py" in process.cmdline() else {}
+        return process.environ()
     except psutil.Error:
         return {}
+
+
+def _script(process: psutil.Process) -> str:
+    """The first argument after the interpreter and its options: the script a Python process runs."""
+    try:
+        arguments = process.cmdline()[1:]
+    except psutil.Error:
+        return ""
+    return next((a for a in arguments if not a.startswith("-")), "")
 
 
 def wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> list[psutil.Process]:
