@@ -175,7 +175,8 @@ class RunConfig(Section):
         if self.optimizer.master_weights:
             self._check_master_weights(self.deepspeed_config())
         self._check_samples()
-        self._check_nonfinite_policy(self.deepspeed_config())
+        if self.training.nonfinite_loss == "skip":
+            self._check_nonfinite_policy(self.deepspeed_config())
         if self.data.worker_kind == "process" and self.data.prefetch < self.training.micro_batch + self.data.workers:
             raise ValueError(f"data.prefetch = {self.data.prefetch} with data.worker_kind = 'process': a micro-batch "
                              f"holds {self.training.micro_batch} of the prefetched samples' slots until it is on the "
@@ -206,8 +207,7 @@ class RunConfig(Section):
         ZeRO 1/2 and bf16/fp16 optimizers do; at ZeRO stage 0 the clip inside the fused step does."""
         precision = any(config.get(key, {}).get("enabled", False) for key in ("bf16", "bfloat16", "fp16"))
         stage = config.get("zero_optimization", {}).get("stage", 0)
-        if (self.training.nonfinite_loss == "skip" and stage == 0 and not precision
-                and float(config.get("gradient_clipping", 0.0)) <= 0):
+        if stage == 0 and not precision and float(config.get("gradient_clipping", 0.0)) <= 0:
             raise ValueError(f"training.nonfinite_loss = 'skip' at ZeRO stage 0 without DeepSpeed's bf16: the "
                              f"optimizer skips a non-finite update only inside its gradient clipping, but the "
                              f"DeepSpeed config {self.deepspeed} sets gradient_clipping = "

@@ -50,7 +50,7 @@ from parallel.mesh import ProcessMesh
 from weathermixer.counts import training_flops
 
 
-MAX_SKIPPED_IN_A_ROW = 10  # training.nonfinite_loss = skip stops after more non-finite steps than this in a row
+MAX_SKIPPED_IN_A_ROW = 10  # training.nonfinite_loss = skip stops at this many non-finite steps in a row
 
 
 def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampler:
@@ -303,7 +303,7 @@ class Trainer:
                                          f"{m.domain_rank}, tensor {m.tensor_rank})", traces))
         messages = [self._describe_nonfinite(step, loss, reports) for step, loss in bad]
         policy = self.run.training.nonfinite_loss
-        if policy == "stop" or self._nonfinite_in_a_row > MAX_SKIPPED_IN_A_ROW:
+        if policy == "stop" or self._nonfinite_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             why = ("training.nonfinite_loss = stop; 'skip' leaves such steps out" if policy == "stop" else
                    f"{self._nonfinite_in_a_row} steps in a row: the run diverged")
             raise FloatingPointError(f"{messages[0]}; stopping before the next checkpoint ({why})")
