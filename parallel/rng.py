@@ -76,7 +76,7 @@ def uniform_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: 
 
 def normal_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
               device: str | torch.device = "cpu") -> torch.Tensor:
-    """Standard normal float64 values of the elements ``index`` of a tensor of ``global_shape``,
+    """Standard normal float32 values of the elements ``index`` of a tensor of ``global_shape``,
     each a function of ``(seed, keys, global position)`` alone, like :func:`uniform_at`.
 
     Why: a Bayesian layer's weight noise must not depend on the mesh. Drawn from a generator
@@ -89,15 +89,17 @@ def normal_at(seed: int, *keys, index: tuple[torch.Tensor, ...], global_shape: t
 
 
 def normal_from_key(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """Standard normal float64 values at the int64 positions ``flat`` of the stream ``key`` (an
+    """Standard normal float32 values at the int64 positions ``flat`` of the stream ``key`` (an
     int64 tensor, so that a compiled graph takes a new key as an input instead of recompiling).
 
     Box-Muller on two independent uniforms per element (keys derived from ``key``): ``sqrt(-2 ln
-    u1) cos(2 pi u2)``. The uniforms have 32 bits and never reach 0, so ``|value| <= 6.8``: the
-    tail beyond is lost (probability 1e-11 per element).
+    u1) cos(2 pi u2)``. The uniforms never reach 0, so ``|value| <= 6.8``: the tail beyond is lost
+    (probability 1e-11 per element). float32, as GPU random number libraries compute normals:
+    the values feed bf16 or float32 weights, and a GPU runs float64 logarithms and cosines at a
+    small fraction of the float32 rate (the draw of a billion weights would cost milliseconds).
     """
-    radius = torch.sqrt(-2 * torch.log(_uniform(mix_keys(key, _RADIUS), flat)))
-    angle = (2 * math.pi) * _uniform(mix_keys(key, _ANGLE), flat)
+    radius = torch.sqrt(-2 * torch.log(_uniform(mix_keys(key, _RADIUS), flat, torch.float32)))
+    angle = (2 * math.pi) * _uniform(mix_keys(key, _ANGLE), flat, torch.float32)
     return radius * torch.cos(angle)
 
 
@@ -128,8 +130,9 @@ def flat_index(index: tuple[torch.Tensor, ...], global_shape: tuple[int, ...],
     return flat
 
 
-def _uniform(key: int, flat: torch.Tensor) -> torch.Tensor:
-    """``U(0, 1)`` float64 of a 64-bit key and int64 positions: both 32-bit halves of each are hashed in."""
+def _uniform(key: int, flat: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``U(0, 1)`` of a 64-bit key and int64 positions (both 32-bit halves of each are hashed in),
+    in ``dtype``; never 0 (float32 may round the largest values to 1)."""
     high = _hash32(_hash32(flat >> 32) ^ (key >> 32))
     bits = _hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high)
-    return (bits.to(torch.float64) + 0.5) / 2**32
+    return (bits.to(dtype) + 0.5) / 2**32

@@ -103,13 +103,11 @@ class TrainingStep:
         from deepspeed.runtime.torch_autocast import autocast_if_enabled  # deepspeed imports after DS_ACCELERATOR
 
         self._autocast = functools.partial(autocast_if_enabled, self.engine)
-        # one graph per rollout length and one for the loss; validation and export stay eager
-        self._rollout = compiled(self.model.rollout) if run.training.compile else self.model.rollout
+        # one graph per rollout length (and with or without the KL) and one for the loss;
+        # validation and export stay eager
+        self._forward = compiled(self._sample_forward) if run.training.compile else self._sample_forward
         loss_fn = self.crps_fn or self.loss_fn
         self._loss = compiled(loss_fn) if run.training.compile else loss_fn
-        # the KL reads every mu and rho: one fused pass compiled, a dozen element-wise passes eager
-        kl = self.model.kl_divergence
-        self._kl = compiled(kl) if run.training.compile and config.is_bayesian else kl
         master = run.optimizer.master_weights
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or master else torch.float32
         self._channels = self.model.state_channels.indices[mesh.tensor_rank].to(device)  # inputs, targets, outputs
@@ -141,20 +139,31 @@ class TrainingStep:
         self.engine.step()
         return losses
 
+    def _sample_forward(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor, lead: int,
+                        with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sample's rollout, and with ``with_kl`` the model's KL divergence. The KL is computed
+        in the graph of the step's first sample: compiled together, the KL's gradient and the weight
+        draw's gradient reach each ``mu`` and ``rho`` in one fused pass, where separate graphs would
+        take two passes and an addition."""
+        prediction = self.model.rollout(state, static, forcings, lead, self.run.training.rollout_mode)
+        return prediction, (self.model.kl_divergence() if with_kl else None)
+
     def forward_backward(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
         """The loss of this rank's samples and its backward (gradients averaged over the replicas).
 
         ``nonfinite`` then holds, on the device, the first global channel whose inputs, targets and
         predictions hold a NaN or Inf (:data:`FINITE` where none does): what a non-finite loss is
         traced to."""
-        predictions = []
+        predictions, bayesian = [], self.model.config.is_bayesian
         for k in range(self.samples_per_rank):
             sample = self.mesh.sample_rank * self.samples_per_rank + k
             self.model.draw_weights(step, sample)
             state = self.augment(batch.state, batch.time_indices, step, sample)
             with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
-                predictions.append(self._rollout(state, batch.static, batch.forcings[:, :lead], lead,
-                                                 self.run.training.rollout_mode))
+                prediction, sample_kl = self._forward(state, batch.static, batch.forcings[:, :lead], lead,
+                                                      with_kl=bayesian and k == 0)
+            predictions.append(prediction)
+            kl = sample_kl if k == 0 else kl
         targets = batch.targets[:, :lead]
         self.nonfinite = torch.stack([nonfinite_channel(batch.state, self._channels),
                                       nonfinite_channel(targets, self._channels),
@@ -165,7 +174,7 @@ class TrainingStep:
         else:  # one score of all members; DeepSpeed's mean over the sample ranks would divide its gradient
             data_loss = self._loss(torch.stack(predictions), targets)
             scale = float(self.mesh.config.sample)
-        kl = self._kl() if self.model.config.is_bayesian else torch.zeros_like(data_loss)
+        kl = kl if bayesian else torch.zeros_like(data_loss)
         loss = data_loss + self.kl_scale * kl
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
