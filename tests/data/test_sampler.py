@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -184,7 +186,7 @@ def steps_of(stream, samples_per_step: int, n_steps: int) -> list[list[int]]:
 @pytest.mark.parametrize("replicas, samples_per_step", [(1, 2), (1, 3), (3, 2), (4, 1)])
 def test_the_stream_makes_the_steps_of_the_epochs_in_turn(drop_last, replicas, samples_per_step):
     for rank in range(replicas):
-        make = lambda: ReplicaSampler(23, replica_rank=rank, num_replicas=replicas, seed=7, drop_last=drop_last)  # noqa: E731
+        make = partial(ReplicaSampler, 23, replica_rank=rank, num_replicas=replicas, seed=7, drop_last=drop_last)
         expected = steps_epoch_by_epoch(make(), samples_per_step, epochs=4)
         assert steps_of(make().stream(samples_per_step), samples_per_step, len(expected)) == expected
         # resumed mid-epoch: the rest of that epoch (cut to whole steps), then whole epochs
@@ -212,16 +214,16 @@ def test_a_stream_resumes_exactly_at_and_across_epoch_ends(replicas):
     """A checkpoint after any step (the last of an epoch among them), written while the stream has
     been drawn ahead into the next epoch, resumes to the same steps."""
     per_step, steps_per_epoch = 2, 23 // replicas // 2
-    make = lambda rank: ReplicaSampler(23, replica_rank=rank, num_replicas=replicas, seed=7)  # noqa: E731
     for rank in range(replicas):
-        full = [i for step in steps_of(make(rank).stream(per_step), per_step, 3 * steps_per_epoch) for i in step]
+        make = partial(ReplicaSampler, 23, replica_rank=rank, num_replicas=replicas, seed=7)
+        full = [i for step in steps_of(make().stream(per_step), per_step, 3 * steps_per_epoch) for i in step]
         for done in range(0, 2 * steps_per_epoch + 1):
-            sampler = make(rank)
+            sampler = make()
             stream = sampler.stream(per_step)
             [next(stream) for _ in range((done + 2) * per_step)]  # a prefetcher two steps ahead
             state = sampler.state_dict(consumed=done * per_step)
             assert state["epoch"] == max(done - 1, 0) // steps_per_epoch  # an epoch's last step stays in it
-            resumed = make(rank)
+            resumed = make()
             resumed.load_state_dict(state)
             rest = resumed.stream(per_step)
             assert [next(rest) for _ in range(len(full) - done * per_step)] == full[done * per_step:]
