@@ -9,7 +9,6 @@ on the device or from the zarr tile reader through the trainer's prefetchers and
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
@@ -111,23 +110,21 @@ class ZarrBatches:
 
     def __init__(self, step: TrainingStep, seed: int = 0):
         from data.process_prefetch import PREFETCHERS
-        from data.sampler import valid_time_indices
+        from data.sampler import ReplicaSampler, valid_time_indices
         from launch.training.device_batches import DeviceBatches
 
         run, device = step.run, next(step.model.parameters()).device
         inputs = RankInputs(run.data.store, step.model, pin_memory=device.type == "cuda")
-        indices = valid_time_indices(inputs.reader.times, 1)
-        rng = np.random.default_rng(seed)
-        order = itertools.chain.from_iterable(rng.permutation(indices) for _ in range(10_000))
-        self.prefetcher = PREFETCHERS[run.data.worker_kind](inputs.reader, (), 1, run.data.prefetch,
+        sampler = ReplicaSampler(valid_time_indices(inputs.reader.times, 1), replica_rank=0, num_replicas=1, seed=seed)
+        time_indices = sampler.stream(samples_per_step=run.training.micro_batch)  # epoch after epoch, as the trainer
+        self.prefetcher = PREFETCHERS[run.data.worker_kind](inputs.reader, time_indices, 1, run.data.prefetch,
                                                             run.data.workers)
         self.batches = DeviceBatches(self.prefetcher, inputs, run.training.micro_batch, device, step.dtype)
-        self.batches.start_epoch(int(i) for i in order)
         self.wait_ms: list[float] = []
 
     def next(self):
         t0 = time.perf_counter()
-        batch = self.batches.next()
+        batch = next(self.batches)
         self.wait_ms.append((time.perf_counter() - t0) * 1e3)
         return batch
 

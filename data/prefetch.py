@@ -25,9 +25,12 @@ from data.reader import Sample, TileReader
 
 class ReadAhead(ABC):
     """What every prefetcher shares: the time indices in order (an error while drawing one
-    reaches the consumer in its place), ``delivered``, :meth:`reset` for the next epoch, and
-    the context manager. Subclasses read (:meth:`_fill`), drop what was read ahead
-    (:meth:`_drop_read_ahead`) and :meth:`close`."""
+    reaches the consumer in its place), ``delivered`` and the context manager. Subclasses read
+    (:meth:`_fill`) and :meth:`close`.
+
+    The indices may be endless: the trainer passes one stream over all epochs
+    (``ReplicaSampler.stream``), so the next epoch's first samples are read while the current
+    epoch's last steps compute."""
 
     def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int, depth: int,
                  workers: int, readers: str) -> None:
@@ -44,17 +47,6 @@ class ReadAhead(ABC):
         self._indices = iter(time_indices)
         self._exhausted = False
         self._closed = False
-
-    def reset(self, time_indices: Iterable[int]) -> None:
-        """Go on with ``time_indices`` (e.g. the next epoch) on the same readers: samples read
-        ahead and not delivered are dropped, ``delivered`` starts again at 0."""
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__}.reset: the prefetcher is closed")
-        self._drop_read_ahead()
-        self._indices = iter(time_indices)
-        self._exhausted = False
-        self.delivered = 0
-        self._fill()
 
     def _next_index(self) -> int | BaseException | None:
         """The next time index; None once they are exhausted; the error (with a note) when
@@ -88,18 +80,13 @@ class ReadAhead(ABC):
     def _fill(self) -> None:
         """Start reading the next time indices as far as the readers' room allows."""
 
-    @abstractmethod
-    def _drop_read_ahead(self) -> None:
-        """Forget the samples read ahead and not delivered (for :meth:`reset`)."""
-
 
 class Prefetcher(ReadAhead):
     """Iterates over ``reader.sample(t, lead_steps)`` for ``t`` in ``time_indices``, reading ahead.
 
     Yields the same samples in the same order as reading them in the loop would. Use it as
-    a context manager (or call :meth:`close`): the threads stay for :meth:`reset` (the next
-    epoch) until then. ``delivered`` counts the samples handed to the consumer, for
-    ``ReplicaSampler.state_dict(consumed=...)``.
+    a context manager (or call :meth:`close`): the threads stay until then. ``delivered`` counts
+    the samples handed to the consumer, for ``ReplicaSampler.state_dict(consumed=...)``.
     """
 
     def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2,

@@ -11,8 +11,8 @@ memory, the slots are registered page-locked with CUDA in this process, so the h
 copies read them directly and asynchronously.
 
 The contract is the one of :class:`data.prefetch.Prefetcher` (same samples, same order,
-``delivered``, errors with a note naming the time index, ``reset`` for the next epoch on
-the same processes, context manager: :class:`data.prefetch.ReadAhead`), plus one rule:
+``delivered``, errors with a note naming the time index, indices that may span epochs without
+end, context manager: :class:`data.prefetch.ReadAhead`), plus one rule:
 a delivered sample's memory stays the consumer's until it calls :meth:`release` - after
 enqueuing its device copies; on CUDA the slot is handed out again only once the current
 stream has passed that point. At most ``depth`` samples are in flight, waiting or held.
@@ -95,7 +95,7 @@ class ProcessPrefetcher(ReadAhead):
                     raise RuntimeError(f"ProcessPrefetcher: all {self.depth} slots hold delivered samples; call "
                                        f"release(sample) once a sample's memory is no longer needed (after its "
                                        f"device copy is enqueued), or raise depth")
-                raise StopIteration  # the processes stay for reset() until close()
+                raise StopIteration  # the processes stay until close()
         slot, time_index, error = self._pending[0]
         try:
             while error is None and slot not in self._finished:
@@ -162,21 +162,6 @@ class ProcessPrefetcher(ReadAhead):
             slot = self._free.popleft()
             self._tasks.put((slot, time_index))
             self._pending.append((slot, time_index, None))
-
-    def _drop_read_ahead(self) -> None:
-        """Wait for the reads in flight and free their slots (delivered samples stay held)."""
-        try:
-            for slot, _, _ in self._pending:
-                if slot is None:  # an error of the index source: dropped with the sequence
-                    continue
-                while slot not in self._finished:
-                    self._collect()
-                del self._finished[slot]  # a dropped read's error is dropped with it
-                self._free.append(slot)
-        except BaseException:
-            self.close()
-            raise
-        self._pending.clear()
 
     def _reclaim(self, wait: bool) -> None:
         """Released slots whose device copies have completed become free (``wait``: the oldest one

@@ -7,15 +7,18 @@ samples. So the sampler is keyed by the *replica* rank, not the global rank: the
 launcher passes the rank of the replica among all replicas and their number.
 
 Each epoch is a permutation of the valid indices drawn from ``(seed, epoch)`` alone, dealt
-round-robin to the replicas. Resumption is exact: the state records how many of the
-epoch's indices all replicas together have consumed; a resumed run continues the same
-permutation from there (with the same or a different number of replicas).
+round-robin to the replicas. The trainer draws one endless stream, epoch after epoch, so that
+its readers read the next epoch's first samples while the current epoch's last steps compute.
+Resumption is exact: the state records the epoch and how many of its indices all replicas
+together have consumed; a resumed run continues the same permutation from there (with the
+same or a different number of replicas).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,12 +78,16 @@ class ReplicaSampler:
             the epoch to fill the last round. Either way all replicas run the same
             number of steps, which collectives across replicas need.
 
-    Typical loop (``set_epoch`` keeps a position loaded from a checkpoint of that epoch)::
+    The training loop draws :meth:`stream`, which never ends: each epoch's indices cut to whole
+    steps, then the next epoch's, so a prefetcher reads across the epoch's end; it passes how many
+    indices it has finished with to :meth:`state_dict` for a checkpoint::
 
-        for epoch in range(first_epoch, n_epochs):
-            sampler.set_epoch(epoch)
-            for time_index in sampler:
-                ...
+        for time_index in sampler.stream(samples_per_step):
+            ...
+            state = sampler.state_dict(consumed=indices_done)
+
+    Iterating the sampler itself gives the rest of one epoch (``set_epoch`` selects it and keeps a
+    position loaded from a checkpoint of that epoch).
     """
 
     def __init__(self, indices: int | Sequence[int] | np.ndarray, *, replica_rank: int, num_replicas: int,
@@ -103,17 +110,13 @@ class ReplicaSampler:
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self._fingerprint = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
-        self._epoch = 0
-        self._next_start = 0  # consumed count (all replicas) the next pass starts from
-        self._pass_start = 0  # consumed count the current (or next, before it starts) pass started from
-        self._yielded = 0  # indices this replica yielded in the current pass
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
+        self._epoch, self._start = 0, 0  # where the next iteration starts (start: consumed count, all replicas)
+        self._origin = (0, 0)  # (epoch, start) of the current iteration, before it yields
+        self._passes: list[tuple[int, int, int]] = []  # (epoch, start, this replica's count) of each pass begun
+        self._yielded = 0  # indices this replica yielded in the current iteration
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation; a new epoch starts at its beginning.
+        """Select the epoch's permutation for the next iteration; a new epoch starts at its beginning.
 
         Setting the epoch already set (e.g. the one just loaded from a checkpoint) keeps
         the position, so a resumed loop can call ``set_epoch`` as usual.
@@ -121,11 +124,10 @@ class ReplicaSampler:
         if epoch < 0:
             raise ValueError(f"ReplicaSampler.set_epoch: epoch must be >= 0, got {epoch}")
         if epoch != self._epoch:
-            self._epoch = int(epoch)
-            self._next_start = self._pass_start = self._yielded = 0
+            self._move_to(int(epoch), 0)
 
     def epoch_order(self, epoch: int | None = None) -> np.ndarray:
-        """All valid indices in the order of ``epoch`` (default: the current one), before dealing."""
+        """All valid indices in the order of ``epoch`` (default: the selected one), before dealing."""
         epoch = self._epoch if epoch is None else epoch
         if not self.shuffle:
             return self.indices.copy()
@@ -137,10 +139,38 @@ class ReplicaSampler:
         return n // replicas if self.drop_last else -(-n // replicas)
 
     def __iter__(self) -> Iterator[int]:
-        order = self.epoch_order()
-        self._pass_start, self._next_start, self._yielded = self._next_start, 0, 0
-        mine = self._deal(order, self._pass_start)
-        return self._yield(mine)
+        """The rest of the selected epoch's indices for this replica."""
+        return self._iterate([self._epoch], samples_per_step=1)
+
+    def stream(self, samples_per_step: int = 1) -> Iterator[int]:
+        """This replica's indices from the current position on, epoch after epoch, without end.
+
+        Each epoch's pass is cut to whole steps of ``samples_per_step`` indices (the rest would
+        make a partial step, which is dropped), so no step mixes two epochs and the next epoch's
+        first indices follow the current one's last step at once.
+        """
+        if samples_per_step < 1:
+            raise ValueError(f"ReplicaSampler.stream: samples_per_step must be >= 1, got {samples_per_step}")
+        if len(self) < samples_per_step:
+            raise ValueError(f"ReplicaSampler.stream: an epoch holds {len(self)} time indices per replica, fewer "
+                             f"than the {samples_per_step} of one step: no epoch would make a step; use more "
+                             f"training times or a smaller micro_batch x gradient_accumulation")
+        return self._iterate(itertools.count(self._epoch), samples_per_step)
+
+    def _iterate(self, epochs: Iterable[int], samples_per_step: int) -> Iterator[int]:
+        self._origin, self._passes, self._yielded = (self._epoch, self._start), [], 0
+        self._start = 0  # a later iteration starts the epoch from its beginning
+        return self._yield(epochs, self._origin[1], samples_per_step)
+
+    def _yield(self, epochs: Iterable[int], start: int, samples_per_step: int) -> Iterator[int]:
+        for epoch in epochs:
+            mine = self._deal(self.epoch_order(epoch), start)
+            mine = mine[:len(mine) - len(mine) % samples_per_step]
+            self._passes.append((epoch, start, len(mine)))
+            for index in mine:
+                self._yielded += 1  # counted before the consumer uses it; see state_dict(consumed=...)
+                yield int(index)
+            start = 0
 
     def _deal(self, order: np.ndarray, start: int) -> np.ndarray:
         remaining = order[start:]
@@ -151,29 +181,36 @@ class ReplicaSampler:
             remaining = np.concatenate([remaining, np.resize(order, self.num_replicas - extra)])
         return remaining[:rounds * self.num_replicas][self.replica_rank::self.num_replicas]
 
-    def _yield(self, mine: np.ndarray) -> Iterator[int]:
-        for index in mine:
-            self._yielded += 1  # counted before the consumer uses it; see state_dict(consumed=...)
-            yield int(index)
-
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Position within the epoch, to store in a checkpoint.
+        """The epoch and position within it after ``consumed`` indices of the current iteration, to
+        store in a checkpoint.
 
-        ``consumed``: how many indices of the current pass this replica has finished with;
-        default all it yielded. Pass ``Prefetcher.delivered`` when a prefetcher draws indices
-        ahead of the training loop, else the read-ahead indices would be skipped on resume.
+        ``consumed``: how many indices of the current iteration (a :meth:`stream` or one epoch)
+        this replica has finished with; default all it yielded. Pass ``Prefetcher.delivered`` (or
+        the samples the loop took) when a prefetcher draws indices ahead of the training loop,
+        else the read-ahead indices would be skipped on resume. An epoch consumed to its end
+        stays that epoch, at its end: resuming goes on with the next one.
         """
         if consumed is None:
             consumed = self._yielded
         if not 0 <= consumed <= self._yielded:
-            raise ValueError(f"ReplicaSampler.state_dict: consumed={consumed}, but this pass yielded "
+            raise ValueError(f"ReplicaSampler.state_dict: consumed={consumed}, but this iteration yielded "
                              f"{self._yielded} indices")
-        return {"epoch": self._epoch, "consumed": self._pass_start + consumed * self.num_replicas,
-                "seed": self.seed, "shuffle": self.shuffle, "num_indices": len(self.indices),
-                "indices_fingerprint": self._fingerprint, "num_replicas": self.num_replicas}
+        epoch, position = self._position(consumed)
+        return {"epoch": epoch, "consumed": position, "seed": self.seed, "shuffle": self.shuffle,
+                "num_indices": len(self.indices), "indices_fingerprint": self._fingerprint,
+                "num_replicas": self.num_replicas}
+
+    def _position(self, consumed: int) -> tuple[int, int]:
+        """(epoch, consumed count of all replicas) after this replica's first ``consumed`` indices."""
+        for epoch, start, count in self._passes:
+            if consumed <= count:
+                return epoch, start + consumed * self.num_replicas
+            consumed -= count
+        return self._origin  # nothing yielded yet
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; the next pass yields the rest of that epoch's permutation.
+        """Continue from ``state``: the next iteration yields the rest of that epoch's permutation.
 
         The number of replicas may differ from the run that saved it: the remaining
         indices of the permutation are dealt to the new replicas.
@@ -185,6 +222,9 @@ class ReplicaSampler:
             if state[key] != mine:
                 raise ValueError(f"ReplicaSampler.load_state_dict: state has {key}={state[key]!r}, this sampler "
                                  f"{mine!r}; resuming would visit a different sequence of time indices")
-        self._epoch = int(state["epoch"])
-        self._next_start = self._pass_start = int(state["consumed"])
-        self._yielded = 0
+        self._move_to(int(state["epoch"]), int(state["consumed"]))
+
+    def _move_to(self, epoch: int, start: int) -> None:
+        """The next iteration starts at ``start`` of ``epoch``; the state is that position until then."""
+        self._epoch, self._start = epoch, start
+        self._origin, self._passes, self._yielded = (epoch, start), [], 0

@@ -11,7 +11,6 @@ compute stream waits only for that batch's own copies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +33,10 @@ class Batch:
 
 
 class DeviceBatches:
-    """``next()``: the next micro-batch of ``micro_batch`` samples on ``device``, or None at the
-    end of the epoch (a partial micro-batch is dropped). ``taken``: samples handed out this
-    epoch (the sampler position a checkpoint records; the one staged ahead is not counted)."""
+    """Iterates over micro-batches of ``micro_batch`` samples on ``device``, the next one staged
+    ahead; it ends with the prefetcher's samples (a partial micro-batch is dropped). ``taken``:
+    samples handed out (the count ``ReplicaSampler.state_dict(consumed=...)`` takes; the
+    micro-batch staged ahead is not counted)."""
 
     def __init__(self, prefetcher: ReadAhead, inputs: RankInputs, micro_batch: int, device: torch.device | str,
                  dtype: torch.dtype):
@@ -44,18 +44,15 @@ class DeviceBatches:
         self.device, self.dtype = torch.device(device), dtype
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.taken = 0
-        self._staged: tuple[Batch, torch.cuda.Event | None] | None = None
-
-    def start_epoch(self, time_indices: Iterable[int]) -> None:
-        """Go on with ``time_indices`` (the prefetcher's readers stay) and stage the first micro-batch."""
-        self.prefetcher.reset(time_indices)
-        self.taken = 0
         self._staged = self._stage()
 
-    def next(self) -> Batch | None:
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> Batch:
         staged = self._staged
         if staged is None:
-            return None
+            raise StopIteration
         self._staged = self._stage()  # the following copies go first: they overlap this batch's step
         batch, copied = staged
         if copied is not None:

@@ -81,7 +81,7 @@ class Trainer:
         self.validator = None if indices is None else Validator(self.inputs, self.step_fn.loss_fn, self.attrs, indices)
         self.metrics = MetricsLog(self.run_dir, run.logging.tensorboard, enabled=self.rank == 0)
         self.checkpoints = Checkpointer(self.run_dir, run.checkpoint.keep, self.step_fn, self.metadata)
-        self.step, self.epoch = 0, 0
+        self.step = 0
         self._stop_requested = False
         self._watch: LauncherWatch | None = None
         self._phase = "the start of training"
@@ -120,45 +120,40 @@ class Trainer:
         self._nonfinite_in_a_row = 0
         self._profiler = (StepProfiler(*profile, self.run_dir / "profile", self.rank, self.device)
                           if profile else None)
-        with PREFETCHERS[run.data.worker_kind](self.inputs.reader, (), self.lead, run.data.prefetch,
+        # one stream of time indices over all epochs, each cut to whole steps: the readers read the next
+        # epoch's first samples while the current epoch's last steps compute, and no step mixes epochs
+        time_indices = self.sampler.stream(samples_per_step=t.micro_batch * t.gradient_accumulation)
+        with PREFETCHERS[run.data.worker_kind](self.inputs.reader, time_indices, self.lead, run.data.prefetch,
                                                run.data.workers) as prefetcher:
-            # one prefetcher for the run; the next micro-batch crosses to the device while one computes
+            # the next micro-batch crosses to the device while one computes
             batches = DeviceBatches(prefetcher, self.inputs, t.micro_batch, self.device, self.step_fn.dtype)
             while self.step < t.steps:
-                self.sampler.set_epoch(self.epoch)
-                batches.start_epoch(iter(self.sampler))
-                if self._run_epoch(batches):
+                if self._train_step(batches):
                     return self._last
-                self.epoch += 1
         return self._finish()
 
-    def _run_epoch(self, batches: DeviceBatches) -> bool:
-        """Steps until the epoch's samples run out or the run ends; True when it stopped early."""
+    def _train_step(self, batches: DeviceBatches) -> bool:
+        """One step of ``training.gradient_accumulation`` micro-batches; True when the run stops after it."""
         t = self.run.training
-        while self.step < t.steps:
-            self._phase = f"step {self.step + 1}"
-            if self._profiler is not None:
-                self._profiler.step_begins(self.step + 1)
-            micro_batches = [batches.next() for _ in range(t.gradient_accumulation)]
-            if any(b is None for b in micro_batches):
-                return False  # epoch exhausted; the partial step is dropped and the next epoch begins
-            lead = t.rollout_steps(self.step)
-            losses, traces = [], []
-            for batch in micro_batches:
-                losses.append(self.step_fn.micro_step(batch, lead, self.step))
-                traces.append(self.step_fn.nonfinite)
-            self.step += 1
-            self._window = (self._window[0], self._window[1] + 1)
-            self._pending[self.step] = (torch.stack(losses).double().mean(dim=0), torch.stack(traces).amin(dim=0),
-                                        [batch.time_indices for batch in micro_batches])
-            if self._profiler is not None and (written := self._profiler.step_ends(self.step)):
-                self._say(f"profile of steps {self._profiler.first}..{self._profiler.last} written to {written[0]} "
-                          f"(timeline) and {written[1]} (table)")
-            if self._progress is not None:
-                self._progress.update(1)
-            if self._settle_step(lead, consumed=batches.taken):
-                return True
-        return False
+        self._phase = f"step {self.step + 1}"
+        if self._profiler is not None:
+            self._profiler.step_begins(self.step + 1)
+        micro_batches = [next(batches) for _ in range(t.gradient_accumulation)]
+        lead = t.rollout_steps(self.step)
+        losses, traces = [], []
+        for batch in micro_batches:
+            losses.append(self.step_fn.micro_step(batch, lead, self.step))
+            traces.append(self.step_fn.nonfinite)
+        self.step += 1
+        self._window = (self._window[0], self._window[1] + 1)
+        self._pending[self.step] = (torch.stack(losses).double().mean(dim=0), torch.stack(traces).amin(dim=0),
+                                    [batch.time_indices for batch in micro_batches])
+        if self._profiler is not None and (written := self._profiler.step_ends(self.step)):
+            self._say(f"profile of steps {self._profiler.first}..{self._profiler.last} written to {written[0]} "
+                      f"(timeline) and {written[1]} (table)")
+        if self._progress is not None:
+            self._progress.update(1)
+        return self._settle_step(lead, consumed=batches.taken)
 
     def _settle_step(self, lead: int, consumed: int) -> bool:
         """At settle steps: check the losses, log, validate, checkpoint; True when the run stops here."""
@@ -170,8 +165,9 @@ class Trainer:
         if not (log_now or validate_now or checkpoint_now or stop_after_reached):
             return False  # queue the next step without waiting for the device
         loss, nll, kl = self._settle()
+        sampler_state = self.sampler.state_dict(consumed)
         if log_now:
-            self._log_progress(loss, lead, nll, kl)
+            self._log_progress(loss, lead, nll, kl, sampler_state["epoch"])
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss:.4f}", rollout=lead, refresh=False)
         if validate_now:
@@ -180,8 +176,7 @@ class Trainer:
         stop = self._agree_to_stop() or stop_after_reached
         if checkpoint_now or stop:
             self._phase = f"the checkpoint of step {self.step}"
-            self.checkpoints.save({"step": self.step, "epoch": self.epoch,
-                                   "sampler": self.sampler.state_dict(consumed)})
+            self.checkpoints.save({"step": self.step, "epoch": sampler_state["epoch"], "sampler": sampler_state})
         if stop:
             self._say(f"stopped at step {self.step}; checkpoint written to {self.checkpoints.folder}; the same "
                       f"command resumes from it")
@@ -197,14 +192,15 @@ class Trainer:
                   f"{model_file}, metrics {self.metrics.path}")
         return self._last
 
-    def _log_progress(self, loss: float, lead: int, nll: float, kl: float) -> None:
-        """``nll``: the data term of the loss (the weighted MSE, or the CRPS of a ``crps`` run)."""
+    def _log_progress(self, loss: float, lead: int, nll: float, kl: float, epoch: int) -> None:
+        """``nll``: the data term of the loss (the weighted MSE, or the CRPS of a ``crps`` run); ``epoch``:
+        the one of the step's samples."""
         t = self.run.training
         start, steps = self._window
         elapsed = time.perf_counter() - start
         samples = steps * t.micro_batch * t.gradient_accumulation * self.mesh.config.data  # distinct times
         flops = training_flops(self.config, lead, mode=t.rollout_mode) * t.samples
-        self._last = {"step": self.step, "loss": loss, "lr": self.step_fn.scheduler.get_last_lr()[0],
+        self._last = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.step_fn.scheduler.get_last_lr()[0],
                       "rollout": lead, "samples_per_s": samples / elapsed,
                       "tflops_per_rank": samples * flops / elapsed / 1e12 / dist.get_world_size()}
         if t.loss == "crps":
@@ -225,7 +221,7 @@ class Trainer:
         if state is None or state.get("sampler") is None:  # nothing, or the weights alone of an old checkpoint
             return
         self.sampler.load_state_dict(state["sampler"])
-        self.step, self.epoch = state["step"], state["epoch"]
+        self.step = state["step"]
         self.metrics.forget_after(self.step)  # the rows of steps after the checkpoint come again
         if state["resharded"]:
             m = state["mesh"]

@@ -1,6 +1,9 @@
-"""Prefetcher: same samples in the same order as direct reads; errors and early exits."""
+"""Prefetcher: same samples in the same order as direct reads; errors and early exits; reading on
+across an epoch's end."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -85,19 +88,33 @@ def test_resume_from_delivered_samples_with_a_sampler(reader):
     assert head + tail == expected
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_reset_goes_on_with_new_indices_on_the_same_threads(reader, workers):
-    with Prefetcher(reader, [4, 1, 6, 2], depth=3, workers=workers) as prefetcher:
-        assert next(prefetcher).time_index == 4
-        threads = set(prefetcher._pool._threads)
-        prefetcher.reset([0, 5])  # the next epoch: what was read ahead is dropped
-        assert [s.time_index for s in prefetcher] == [0, 5] and prefetcher.delivered == 2
-        with pytest.raises(StopIteration):  # exhausted, not closed: reset goes on
-            next(prefetcher)
-        prefetcher.reset(range(3))
-        samples = list(prefetcher)
-        assert set(prefetcher._pool._threads) == threads
-    assert [s.time_index for s in samples] == [0, 1, 2]
-    assert_same_sample(samples[1], reader.sample(1))
-    with pytest.raises(RuntimeError, match="closed"):
-        prefetcher.reset([0])
+class GatedReader:
+    """Reads through ``reader``; the read of ``last`` (once in an epoch) waits until ``first`` has been
+    asked for a second time, i.e. in the next epoch: a prefetcher that did not ask for the next
+    epoch's samples before delivering the current epoch's last one fails here, without a hang."""
+
+    def __init__(self, reader: TileReader, last: int, first: int):
+        self.reader, self.store, self.last, self.first = reader, reader.store, last, first
+        self.asked: list[int] = []
+        self.next_epoch_asked = threading.Event()
+
+    def sample(self, time_index: int, lead_steps: int = 1):
+        self.asked.append(time_index)
+        if time_index == self.first and self.asked.count(self.first) == 2:
+            self.next_epoch_asked.set()
+        if time_index == self.last and not self.next_epoch_asked.wait(timeout=60):
+            raise TimeoutError(f"the next epoch's first time index {self.first} was not asked for while the "
+                               f"epoch's last, {self.last}, was being read (asked: {self.asked})")
+        return self.reader.sample(time_index, lead_steps)
+
+
+def test_the_next_epochs_first_samples_are_read_before_the_epoch_ends(reader):
+    sampler = ReplicaSampler(7, replica_rank=0, num_replicas=1, seed=3)  # every index once an epoch
+    epochs = [ReplicaSampler(7, replica_rank=0, num_replicas=1, seed=3).epoch_order(epoch).tolist()
+              for epoch in range(2)]
+    gated = GatedReader(reader, last=epochs[0][-1], first=epochs[1][0])
+    with Prefetcher(gated, sampler.stream(), lead_steps=1, depth=3, workers=2) as prefetcher:
+        delivered = [next(prefetcher).time_index for _ in range(10)]
+        assert sampler.state_dict(consumed=prefetcher.delivered)["epoch"] == 1
+    assert delivered == epochs[0] + epochs[1][:3]
+    assert gated.next_epoch_asked.is_set()

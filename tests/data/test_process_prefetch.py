@@ -15,6 +15,7 @@ import torch
 
 from data.process_prefetch import ProcessPrefetcher
 from data.reader import TileReader
+from data.sampler import ReplicaSampler
 from data.schema import StoreError
 from tests.data.store_fixtures import write_store
 from tests.data.test_prefetch import assert_same_sample
@@ -160,22 +161,16 @@ def test_readers_of_a_killed_consumer_exit(reader):
     assert all(exited(pid) for pid in pids)
 
 
-def test_reset_goes_on_with_new_indices_in_the_same_processes(reader):
-    with ProcessPrefetcher(reader, [4, 1, 6, 2], depth=3, workers=2) as prefetcher:
-        held = next(prefetcher)
-        pids = [worker.pid for worker in prefetcher._workers]
-        prefetcher.reset([0, 5])  # the next epoch: what was read ahead is dropped, held stays held
-        first = [prefetcher.release(sample) or sample.time_index for sample in prefetcher]
-        with pytest.raises(StopIteration):  # exhausted, not closed
-            next(prefetcher)
-        prefetcher.release(held)
-        prefetcher.reset(range(5))
+def test_a_stream_over_epochs_is_read_on_across_their_ends(reader):
+    sampler = ReplicaSampler(5, replica_rank=0, num_replicas=1, seed=2)
+    expected = [i for epoch in range(3) for i in ReplicaSampler(5, replica_rank=0, num_replicas=1, seed=2)
+                .epoch_order(epoch)[:4].tolist()]  # steps of 2: each epoch's fifth index makes no step
+    with ProcessPrefetcher(reader, sampler.stream(samples_per_step=2), depth=3, workers=2) as prefetcher:
         samples = []
-        for sample in prefetcher:
+        for _ in expected:
+            sample = next(prefetcher)
             assert_same_sample(sample, reader.sample(sample.time_index))
             samples.append(sample.time_index)
             prefetcher.release(sample)
-        assert [worker.pid for worker in prefetcher._workers] == pids and prefetcher.reading
-    assert held.time_index == 4 and first == [0, 5] and samples == [0, 1, 2, 3, 4]
-    with pytest.raises(RuntimeError, match="closed"):
-        prefetcher.reset([0])
+        assert prefetcher.reading
+    assert samples == expected

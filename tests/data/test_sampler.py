@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -77,7 +79,7 @@ def test_consumed_accounts_for_indices_drawn_ahead():
     resumed = ReplicaSampler(20, replica_rank=1, num_replicas=2, seed=1)
     resumed.load_state_dict(state)
     assert list(resumed)[:2] == drawn[3:]
-    with pytest.raises(ValueError, match="consumed=6, but this pass yielded 5"):
+    with pytest.raises(ValueError, match="consumed=6, but this iteration yielded 5"):
         sampler.state_dict(consumed=6)
 
 
@@ -163,3 +165,72 @@ def test_a_step_reads_the_same_times_for_any_number_of_replicas_at_one_global_ba
     expected = [set(order[s * global_batch:(s + 1) * global_batch].tolist()) for s in range(steps)]
     assert steps_read(1) == steps_read(2) == steps_read(4) == expected
     assert steps_read(2, resume_at=2) == expected
+
+
+def steps_epoch_by_epoch(sampler: ReplicaSampler, samples_per_step: int, epochs: int) -> list[list[int]]:
+    """The steps a loop over epochs makes: each epoch's indices in steps, a partial last step dropped."""
+    steps = []
+    for epoch in range(epochs):  # from epoch 0, or the position loaded in it
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        steps += [indices[k:k + samples_per_step] for k in range(0, len(indices) - samples_per_step + 1,
+                                                                  samples_per_step)]
+    return steps
+
+
+def steps_of(stream, samples_per_step: int, n_steps: int) -> list[list[int]]:
+    return [[next(stream) for _ in range(samples_per_step)] for _ in range(n_steps)]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("replicas, samples_per_step", [(1, 2), (1, 3), (3, 2), (4, 1)])
+def test_the_stream_makes_the_steps_of_the_epochs_in_turn(drop_last, replicas, samples_per_step):
+    for rank in range(replicas):
+        make = partial(ReplicaSampler, 23, replica_rank=rank, num_replicas=replicas, seed=7, drop_last=drop_last)
+        expected = steps_epoch_by_epoch(make(), samples_per_step, epochs=4)
+        assert steps_of(make().stream(samples_per_step), samples_per_step, len(expected)) == expected
+        # resumed mid-epoch: the rest of that epoch (cut to whole steps), then whole epochs
+        head, tail = make(), make()
+        iterator = iter(head)
+        [next(iterator) for _ in range(2)]
+        tail.load_state_dict(head.state_dict())
+        expected = steps_epoch_by_epoch(tail, samples_per_step, epochs=3)
+        tail.load_state_dict(head.state_dict())
+        assert steps_of(tail.stream(samples_per_step), samples_per_step, len(expected)) == expected
+
+
+def test_the_stream_follows_the_permutation_of_seed_and_epoch():
+    indices = np.arange(100, 111)
+    stream = ReplicaSampler(indices, replica_rank=1, num_replicas=2, seed=5).stream(samples_per_step=2)
+    expected = []
+    for epoch in range(3):  # 11 indices: 5 rounds of 2 replicas, replica 1's 5 cut to 2 steps of 2
+        order = np.random.default_rng([5, epoch]).permutation(indices)
+        expected += order[1:10:2][:4].tolist()
+    assert [next(stream) for _ in range(12)] == expected
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_a_stream_resumes_exactly_at_and_across_epoch_ends(replicas):
+    """A checkpoint after any step (the last of an epoch among them), written while the stream has
+    been drawn ahead into the next epoch, resumes to the same steps."""
+    per_step, steps_per_epoch = 2, 23 // replicas // 2
+    for rank in range(replicas):
+        make = partial(ReplicaSampler, 23, replica_rank=rank, num_replicas=replicas, seed=7)
+        full = [i for step in steps_of(make().stream(per_step), per_step, 3 * steps_per_epoch) for i in step]
+        for done in range(0, 2 * steps_per_epoch + 1):
+            sampler = make()
+            stream = sampler.stream(per_step)
+            [next(stream) for _ in range((done + 2) * per_step)]  # a prefetcher two steps ahead
+            state = sampler.state_dict(consumed=done * per_step)
+            assert state["epoch"] == max(done - 1, 0) // steps_per_epoch  # an epoch's last step stays in it
+            resumed = make()
+            resumed.load_state_dict(state)
+            rest = resumed.stream(per_step)
+            assert [next(rest) for _ in range(len(full) - done * per_step)] == full[done * per_step:]
+
+
+def test_a_stream_needs_a_whole_step_in_an_epoch():
+    with pytest.raises(ValueError, match="an epoch holds 3 time indices per replica, fewer than the 4 of one step"):
+        ReplicaSampler(7, replica_rank=0, num_replicas=2).stream(samples_per_step=4)
+    with pytest.raises(ValueError, match="samples_per_step must be >= 1, got 0"):
+        ReplicaSampler(7, replica_rank=0, num_replicas=1).stream(samples_per_step=0)

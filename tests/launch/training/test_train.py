@@ -197,6 +197,9 @@ def test_resumed_run_equals_uninterrupted(store, model_parallel_run, tmp_path):
                         data={"worker_kind": "process", "workers": 2, "prefetch": 4})
     first = launch(4, values, "--stop-after", "2")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002", first.stdout[-2000:]
+    launch(4, values, "--stop-after", "1")  # at the epoch's last step, its readers ahead in the next epoch
+    at_end = json.loads((tmp_path / "checkpoints" / "step_00000003" / "meta.json").read_text())["resume"]
+    assert (at_end["epoch"], at_end["sampler"]["consumed"]) == (0, 6)  # the whole epoch, none of the next
     launch(4, values)
     assert losses(tmp_path) == losses(model_parallel_run)  # bitwise
     final = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())["resume"]
