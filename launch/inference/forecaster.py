@@ -164,7 +164,8 @@ class _Normalisation:
         return (state.double() * scale + shift).to(state.dtype)
 
     def to_physical(self, states: torch.Tensor) -> np.ndarray:
-        return (states.double().cpu().numpy() * self.std + self.mean).astype(np.float32)
+        # float64 on the host, a member at a time (the caller): its copy is 4x the bf16 states
+        return (states.cpu().double().numpy() * self.std + self.mean).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -429,9 +430,9 @@ class _Rollout:
         channels = model.state_channels.indices[mesh.tensor_rank].tolist()
         with _on_every_rank(f"writing the forecast into {self.partial}", mesh.model_group):
             if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
-                physical = self.normalisation.to_physical(states[:, :, :rows.stop - lat0])
-                for member, member_rows in by_member.items():
-                    write_region(self.partial, self.layout, physical[member_rows],
+                for member, member_rows in by_member.items():  # one member's float64 copy at a time
+                    physical = self.normalisation.to_physical(states[member_rows, :, :rows.stop - lat0])
+                    write_region(self.partial, self.layout, physical,
                                  np.asarray([batch[row].time for row in member_rows]), rows, slice(lon0, lon1),
                                  channels, member)
         if mesh.model_rank == 0:
