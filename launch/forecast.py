@@ -12,8 +12,10 @@ tensor) form more replicas: the sample axis shares the ensemble members out, the
 (whatever the world size leaves) the init times. ``--members M`` writes an ensemble (a
 ``realization`` dim): members of a Bayesian checkpoint use their own weight samples, and
 each member's initial state is perturbed when the input noise is above 0 (default: the
-noise the checkpoint trained with). A rerun of an interrupted forecast with the same
-arguments keeps the (init time, member) pairs it had written.
+noise the checkpoint trained with). Members that share the weights (a checkpoint without
+Bayesian layers) roll out together, up to ``--batch-size`` (init time, member) pairs at a
+time. A rerun of an interrupted forecast with the same arguments keeps the (init time,
+member) pairs it had written.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "an ensemble analysis (a --store with a member dimension of N)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--batch-size", type=int, default=1, help="init times rolled out together")
+    parser.add_argument("--batch-size", type=int, default=1, help="forecasts rolled out together: init times, and "
+                        "the members of a model without Bayesian layers (they share its weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--compile", action="store_true",
                         help="compile the model step (torch.compile): ~2x faster rollouts on a GPU after the first")

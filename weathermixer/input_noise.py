@@ -36,11 +36,24 @@ class InputNoise:
             torch.as_tensor(channel_scale, dtype=torch.float64)
         self.amplitude = (fraction * scale[local]).to(device)  # per local channel, in normalised units
 
-    def __call__(self, state: torch.Tensor, time_indices: tuple[int, ...], step: int, sample: int) -> torch.Tensor:
+    def __call__(self, state: torch.Tensor, time_indices: Sequence[int], step: int,
+                 sample: int | Sequence[int]) -> torch.Tensor:
+        """``state`` perturbed, row k with the noise of (``step``, sample, ``time_indices[k]``);
+        ``sample``: one for every row, or one per row (members batched together)."""
         if self.fraction == 0:
             return state
-        self.key.fill_(stream_seed(self.seed, "input-noise", step, sample))
-        noise = torch.stack([normal_from_key(mix_keys(self.key, int(index)), self.flat) for index in time_indices])
+        samples = list(sample) if isinstance(sample, Sequence) else [sample] * len(time_indices)
+        if not len(samples) == len(time_indices) == state.shape[0]:
+            raise ValueError(f"InputNoise: a batch of {state.shape[0]} states with {len(time_indices)} time indices "
+                             f"and {len(samples)} samples; expected one time index (and one sample, or one for all) "
+                             f"per state")
+        noise = torch.stack([self._noise(step, int(row_sample), int(index))
+                             for row_sample, index in zip(samples, time_indices)])
         out = state.clone()
         out[:, :self.rows] += (self.amplitude * noise).to(state.dtype)
         return out
+
+    def _noise(self, step: int, sample: int, time_index: int) -> torch.Tensor:
+        """eps of one sample at one time, on this rank's block of the global grid."""
+        self.key.fill_(stream_seed(self.seed, "input-noise", step, sample))
+        return normal_from_key(mix_keys(self.key, time_index), self.flat)

@@ -19,8 +19,11 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -161,7 +164,8 @@ class _Normalisation:
         return (state.double() * scale + shift).to(state.dtype)
 
     def to_physical(self, states: torch.Tensor) -> np.ndarray:
-        return (states.double().cpu().numpy() * self.std + self.mean).astype(np.float32)
+        # float64 on the host, a member at a time (the caller): its copy is 4x the bf16 states
+        return (states.cpu().double().numpy() * self.std + self.mean).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,11 @@ class Members:
                                 f"Bayesian checkpoint or --input-noise > 0")
         return Members(self.count, self.seed, noise, training.get("input_noise_scale", "std"), self.from_analysis)
 
+    def share_weights(self, config) -> bool:
+        """Whether every member rolls out with the same weights (a model without Bayesian layers, or
+        the one deterministic forecast), so that members can share a batch."""
+        return self.count is None or not config.is_bayesian
+
     def of_rank(self, mesh: ProcessMesh) -> list[int | None]:
         """The members this sample rank rolls out."""
         if self.count is None:
@@ -233,8 +242,11 @@ def run_forecast(checkpoint: str | Path, store: str | Path, output: str | Path, 
     """Forecast ``steps`` steps from every init time of ``init``; every rank calls this.
 
     Runs on ``mesh`` (data = whatever the world size leaves; replicas share the init times out,
-    sample ranks the ``members``). ``compile``: the model step through ``torch.compile`` (the
-    first init time pays the compilation). A rerun of the same request after an interruption
+    sample ranks the ``members``). ``batch_size``: forecasts rolled out together, (init time,
+    member) pairs: a Bayesian model's members one at a time (each has its own weights), their
+    init times together; the members of a model without weight samples together with their init
+    times. ``compile``: the model step through ``torch.compile`` (the first batch pays the
+    compilation). A rerun of the same request after an interruption
     keeps the (init time, member) pairs already written. Returns the path of the complete store.
     """
     checkpoint, store, output = str(checkpoint), str(store), Path(output)
@@ -297,9 +309,48 @@ def _create_or_resume(partial: Path, done: Progress, layout: ForecastLayout, tim
     done.reset()
 
 
+class Pair(NamedTuple):
+    """One forecast of a request: init time ``time`` (an index into its init times) of ``member``."""
+
+    time: int
+    member: int | None
+
+
+@dataclass
+class MemberRollout:
+    """Rollouts of a batch of ensemble members, each with its weights and its perturbed initial state."""
+
+    model: WeatherMixer
+    seed: int  # the forecast seed: the members' weight samples (Bayesian) and perturbations
+    perturb: InputNoise
+
+    def __call__(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor,
+                 time_indices: Sequence[int], members: Sequence[int | None], steps: int) -> torch.Tensor:
+        """Row k: member ``members[k]`` (None: the deterministic forecast) from its initial state at
+        store time ``time_indices[k]``, ``(batch, 1 + steps, lat, lon, C)``, the initial state as
+        perturbed first. The rows share the weights: of a Bayesian model, one member at a time."""
+        chosen = set(members)
+        if None in chosen:
+            if len(chosen) > 1:
+                raise ForecastError(f"a batch of members {sorted(chosen, key=str)}: the deterministic forecast "
+                                    f"(None) expected alone")
+            self.model.use_mean_weights()  # a Bayesian model's deterministic forecast
+        else:
+            if self.model.config.is_bayesian and len(chosen) > 1:
+                raise ForecastError(f"a batch of members {sorted(chosen)} of a Bayesian model: each member has its "
+                                    f"own weight sample; expected one member per batch")
+            self.model.draw_member(self.seed, members[0])
+            state = self.perturb(state, time_indices, 0, members)
+        with torch.no_grad():
+            forecast = self.model.rollout(state, static, forcings, steps)
+        return torch.cat([state[:, None], forecast], dim=1)
+
+
 @dataclass
 class _Rollout:
-    """This replica's share of the (init time, member) pairs, ``batch_size`` init times at a time."""
+    """This replica's share of the (init time, member) pairs, in batches of at most ``batch_size``
+    pairs: members that share the weights share batches, a Bayesian member's batches hold its init
+    times alone."""
 
     model: WeatherMixer
     inputs: RankInputs
@@ -320,41 +371,70 @@ class _Rollout:
         total = len(times) * (self.members.count or 1)
         bar = tqdm(total=total, initial=len(finished), desc="forecast", unit="member" if self.members.count else
                    "init", disable=not (progress and _rank() == 0))
+        roll_out = MemberRollout(self.model, self.members.seed, self.perturb)
         with bar:
-            for member in self.members.of_rank(mesh):
-                pending = self.done.pending(mine, member, finished)
-                for first in range(0, len(pending), batch_size):
-                    batch = pending[first:first + batch_size]
-                    self._forecast(times, batch, member, steps, device, dtype)
-                    bar.update(len(batch) * mesh.replicas)
+            for batch in self._batches(mine, finished, batch_size):
+                self._forecast(roll_out, times, batch, steps, device, dtype)
+                bar.update(len(batch) * mesh.replicas)
 
-    def _forecast(self, times: np.ndarray, batch: list[int], member: int | None, steps: int,
+    def _batches(self, mine: np.ndarray, finished: set[str], batch_size: int) -> list[list[Pair]]:
+        """The pairs of init times ``mine`` and this rank's members still to write, batched."""
+        per_member = [[Pair(time, member) for time in self.done.pending(mine, member, finished)]
+                      for member in self.members.of_rank(self.model.mesh)]
+        if self.members.share_weights(self.model.config):
+            per_member = [[pair for pairs in per_member for pair in pairs]]
+        return [pairs[first:first + batch_size] for pairs in per_member for first in range(0, len(pairs), batch_size)]
+
+    @cached_property
+    def _store_index(self) -> dict[np.datetime64, int]:
+        """Position of each time on the store's time axis."""
+        return {time: index for index, time in enumerate(self.inputs.reader.times)}
+
+    def _forecast(self, roll_out: MemberRollout, times: np.ndarray, batch: list[Pair], steps: int,
                   device: torch.device, dtype: torch.dtype) -> None:
-        model, inputs, mesh = self.model, self.inputs, self.model.mesh
-        time_index = {t: i for i, t in enumerate(inputs.reader.times)}
-        step = np.timedelta64(int(inputs.reader.step_hours), "h")  # the checkpoint's (checked equal)
-        with _on_every_rank("reading the initial states", mesh.model_group):
+        store_times = [self._store_index[times[pair.time]] for pair in batch]
+        members = [pair.member for pair in batch]
+        with _on_every_rank("reading the initial states", self.model.mesh.model_group):
+            state, static, forcings = self._initial_states(store_times, members, steps, device, dtype)
+        self._write(batch, roll_out(state, static, forcings, store_times, members, steps))
+
+    def _initial_states(self, store_times: list[int], members: list[int | None], steps: int, device: torch.device,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(state, static, forcings)`` of a batch, each distinct initial state read once (the members
+        of an init time start from one state, unless each starts from its analysis member)."""
+        reader = self.inputs.reader
+        step = np.timedelta64(int(reader.step_hours), "h")  # the checkpoint's (checked equal)
+        analysis = [member % len(reader.attrs.members) if self.members.from_analysis else None for member in members]
+        sources = list(zip(store_times, analysis))
+        distinct = {source: position for position, source in enumerate(dict.fromkeys(sources))}
+        samples = []
+        for store_time, analysis_member in distinct:
             if self.members.from_analysis:
-                inputs.reader.use_member(member % len(inputs.reader.attrs.members))
-            samples = [inputs.reader.sample(time_index[times[i]], lead_steps=0) for i in batch]
-            state, static, _, _ = inputs.batch(samples, device, dtype)
-            state = self.normalisation.to_model(state)
-            forcings = torch.stack([inputs.forcings(times[i] + np.arange(steps) * step) for i in batch])
-        if member is None:
-            model.use_mean_weights()  # a Bayesian model's deterministic forecast
-        else:
-            model.draw_member(self.members.seed, member)
-            state = self.perturb(state, tuple(time_index[times[i]] for i in batch), 0, member)
-        with torch.no_grad():
-            forecast = model.rollout(state, static, forcings.to(device, dtype), steps)
+                reader.use_member(analysis_member)
+            samples.append(reader.sample(store_time, lead_steps=0))
+        state, static, _, _ = self.inputs.batch(samples, device, dtype)
+        forcings = torch.stack([self.inputs.forcings(reader.times[store_time] + np.arange(steps) * step)
+                                for store_time, _ in distinct]).to(device, dtype)
+        rows = torch.as_tensor([distinct[source] for source in sources], device=device)
+        return self.normalisation.to_model(state)[rows], static, forcings[rows]
+
+    def _write(self, batch: list[Pair], states: torch.Tensor) -> None:
+        """Each member's rows of ``states`` into its region of the store, then the pairs' progress markers."""
+        model, mesh = self.model, self.model.mesh
+        by_member: dict[int | None, list[int]] = {}
+        for row, pair in enumerate(batch):
+            by_member.setdefault(pair.member, []).append(row)
         n_rows = len(self.layout.latitudes)
         (lat0, lat1), (lon0, lon1) = model.layers.tile_bounds()
         rows = slice(min(lat0, n_rows), min(lat1, n_rows))
         channels = model.state_channels.indices[mesh.tensor_rank].tolist()
         with _on_every_rank(f"writing the forecast into {self.partial}", mesh.model_group):
             if rows.stop > rows.start:  # a tile of padding rows only has nothing to write
-                states = torch.cat([state[:, None], forecast], dim=1)[:, :, :rows.stop - lat0]
-                write_region(self.partial, self.layout, self.normalisation.to_physical(states), np.asarray(batch),
-                             rows, slice(lon0, lon1), channels, member)
+                for member, member_rows in by_member.items():  # one member's float64 copy at a time
+                    physical = self.normalisation.to_physical(states[member_rows, :, :rows.stop - lat0])
+                    write_region(self.partial, self.layout, physical,
+                                 np.asarray([batch[row].time for row in member_rows]), rows, slice(lon0, lon1),
+                                 channels, member)
         if mesh.model_rank == 0:
-            self.done.mark(batch, member)
+            for member, member_rows in by_member.items():
+                self.done.mark([batch[row].time for row in member_rows], member)

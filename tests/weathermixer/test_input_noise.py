@@ -33,3 +33,17 @@ def test_tendency_units_need_tendency_statistics():
     Attrs.tendency_std = []
     with pytest.raises(StoreError, match="s.zarr: no tendency statistics"):
         noise_channel_scale(Attrs, "tendency", "s.zarr")
+
+
+def test_a_batch_of_members_is_perturbed_as_each_member_alone():
+    config = preset("tiny")
+    model = WeatherMixer(config, seed=0)
+    noise = InputNoise(model, 3, 0.5, config.model_lat)
+    state = torch.randn(3, config.model_lat, config.model_lon, config.in_channels, dtype=torch.float64)
+    times, members = (7, 7, 8), (0, 1, 1)
+    together = noise(state, times, 0, members)
+    alone = [noise(state[k:k + 1], times[k:k + 1], 0, members[k]) for k in range(3)]
+    assert torch.equal(together, torch.cat(alone))
+    assert not torch.equal(together[0], together[1]) and not torch.equal(together[1], together[2])
+    with pytest.raises(ValueError, match="expected one time index"):
+        noise(state, times, 0, (0, 1))

@@ -29,7 +29,11 @@ def case(tmp_path_factory):
     bayesian = make_checkpoint(store, root / "bayesian.pt", bayesian=("all",), init_sigma=0.05)
     serial = run_forecast(bayesian, store, root / "serial.zarr", INIT, STEPS, dtype=torch.float64, progress=False,
                           members=Members(MEMBERS, seed=3, input_noise=NOISE))
-    return {"root": root, "store": store, "bayesian": bayesian, "serial": serial}
+    plain = make_checkpoint(store, root / "plain.pt")  # members from the input noise alone, shared weights
+    one_at_a_time = run_forecast(plain, store, root / "plain_one_at_a_time.zarr", INIT, STEPS, dtype=torch.float64,
+                                 progress=False, members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    return {"root": root, "store": store, "bayesian": bayesian, "serial": serial, "plain": plain,
+            "one_at_a_time": one_at_a_time}
 
 
 def test_store_has_a_realization_dim_and_distinct_members(case):
@@ -69,12 +73,12 @@ def test_a_deterministic_model_makes_members_from_input_noise_alone(case, tmp_pa
     assert 0 < spread < 10 * NOISE * np.abs(deterministic).max()
 
 
-def _ensemble_on_meshes(rank, world_size, checkpoint, store, root, meshes):
+def _ensemble_on_meshes(rank, world_size, checkpoint, store, root, meshes, batch_size=1):
     paths = []
     for sample, domain in meshes:
-        path = f"{root}/sample{sample}_domain{domain[0]}x{domain[1]}_of{world_size}.zarr"
+        path = f"{root}/{Path(checkpoint).stem}_sample{sample}_domain{domain[0]}x{domain[1]}_of{world_size}.zarr"
         paths.append(str(run_forecast(checkpoint, store, path, INIT, STEPS, dtype=torch.float64, progress=False,
-                                      mesh=MeshConfig(sample=sample, domain=domain),
+                                      mesh=MeshConfig(sample=sample, domain=domain), batch_size=batch_size,
                                       members=Members(MEMBERS, seed=3, input_noise=NOISE))))
     return paths
 
@@ -113,6 +117,104 @@ def test_a_rerun_keeps_the_pairs_already_written(case, tmp_path, monkeypatch):
     run_forecast(case["bayesian"], case["store"], output, INIT, STEPS, **request)
     assert len(written) == 3 * MEMBERS - 5 and not set(written) & set(first)  # only the missing pairs
     _assert_same_forecast(output, case["serial"])
+
+
+# ------------------------------------------------------------------ members batched together
+def _assert_same_to_rounding(path: Path, reference: Path) -> None:
+    """The same forecast up to one float32 unit in the last place.
+
+    A batch changes the shape of the token-mixing product ``(tokens, batch x channels)``, and
+    CPU GEMM kernels may block its sums over tokens differently for another width: the
+    float64 states then differ by rounding (~1e-14 relative), which at most flips the
+    rounding of the stored float32 value.
+    """
+    got, expected = _values(path), _values(reference)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert not np.isnan(got[name]).any(), f"{path}: {name} has unwritten (NaN) regions"
+        np.testing.assert_array_max_ulp(got[name], expected[name], maxulp=1)
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """The members of every batch rolled out, in order."""
+    import launch.inference.forecaster as forecaster
+
+    seen, original = [], forecaster.MemberRollout.__call__
+
+    def record(self, state, static, forcings, time_indices, members, steps):
+        seen.append(list(members))
+        return original(self, state, static, forcings, time_indices, members, steps)
+
+    monkeypatch.setattr(forecaster.MemberRollout, "__call__", record)
+    return seen
+
+
+def test_members_that_share_the_weights_roll_out_together(case, tmp_path, batches):
+    path = run_forecast(case["plain"], case["store"], tmp_path / "together.zarr", INIT, STEPS, dtype=torch.float64,
+                        progress=False, batch_size=5, members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    # 3 init times x 4 members, member by member: a batch holds several members and init times
+    assert batches == [[0, 0, 0, 1, 1], [1, 2, 2, 2, 3], [3, 3]]
+    _assert_same_to_rounding(path, case["one_at_a_time"])
+
+
+def test_a_bayesian_model_rolls_out_one_member_at_a_time(case, tmp_path, batches):
+    path = run_forecast(case["bayesian"], case["store"], tmp_path / "bayesian.zarr", INIT, STEPS,
+                        dtype=torch.float64, progress=False, batch_size=5,
+                        members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    assert batches == [[member] * 3 for member in range(MEMBERS)]  # its init times together
+    _assert_same_to_rounding(path, case["serial"])
+
+
+def test_a_batch_refuses_members_with_their_own_weights(case):
+    from launch.inference.forecaster import MemberRollout
+
+    class Bayesian:
+        config = type("Config", (), {"is_bayesian": True})
+
+    roll_out = MemberRollout(Bayesian(), 3, perturb=None)
+    with pytest.raises(ForecastError, match="expected one member per batch"):
+        roll_out(None, None, None, (0, 0), (0, 1), STEPS)
+    with pytest.raises(ForecastError, match="deterministic forecast .None. expected alone"):
+        roll_out(None, None, None, (0, 0), (None, 1), STEPS)
+
+
+def test_batched_members_on_any_mesh_are_the_single_process_members(case):
+    meshes = [(2, (1, 1)), (1, (1, 2))]  # 2 members a sample rank, batched; all 4 batched on a 1x2 domain
+    paths = spawn(_ensemble_on_meshes, 2, str(case["plain"]), str(case["store"]), str(case["root"]), meshes, 4,
+                  timeout=240)[0]
+    for path in paths:
+        _assert_same_forecast(Path(path), case["one_at_a_time"])
+
+
+def test_a_batched_rerun_keeps_a_partly_written_set_of_members(case, tmp_path, monkeypatch, batches):
+    import launch.inference.forecaster as forecaster
+
+    output, calls, written, interrupt = tmp_path / "resumed.zarr", [], [], [True]
+    original = forecaster.write_region
+
+    def write_then_fail(*args, **kwargs):
+        calls.append(args[-1])
+        if interrupt[0] and len(calls) == 5:  # in the second batch, after its members 1 and 2
+            raise OSError("interrupted")
+        written.extend((int(time), args[-1]) for time in args[3])
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(forecaster, "write_region", write_then_fail)
+    request = dict(dtype=torch.float64, progress=False, batch_size=5,
+                   members=Members(MEMBERS, seed=3, input_noise=NOISE))
+    with pytest.raises(OSError, match="interrupted"):
+        run_forecast(case["plain"], case["store"], output, INIT, STEPS, **request)
+    # the first batch is marked (member 0, and member 1 at init times 0 and 1); the second is not
+    assert calls == [0, 1, 1, 2, 3]
+    assert Progress(output).done() == {"0-0", "1-0", "2-0", "0-1", "1-1"} and not output.exists()
+    written.clear()
+    batches.clear()
+    interrupt[0] = False
+    run_forecast(case["plain"], case["store"], output, INIT, STEPS, **request)
+    assert batches == [[1, 2, 2, 2, 3], [3, 3]]
+    assert sorted(written) == sorted([(2, 1)] + [(time, member) for member in (2, 3) for time in range(3)])
+    _assert_same_to_rounding(output, case["one_at_a_time"])
 
 
 def test_a_rerun_with_another_request_starts_afresh(case, tmp_path):
