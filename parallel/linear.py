@@ -201,9 +201,9 @@ class TokenLinear(ShardedLinear):
         if x.shape[-1] != channels[self.mesh.tensor_rank]:
             raise ValueError(f"TokenLinear: input has {x.shape[-1]} channels, this rank's slice of the "
                              f"{sum(channels)} channels it was built for holds {channels[self.mesh.tensor_rank]}")
-        config = self.mesh.config
+        config, batch = self.mesh.config, x.shape[1]  # x: (tokens, batch, channels)
         moves_weight = self.schedule == "weight" or (self.schedule is None and token_mixing_moves_weight(
-            x.shape[0], self.inputs, self.outputs, channels, config.domain_size, config.tensor))
+            batch, self.inputs, self.outputs, channels, config.domain_size, config.tensor))
         weight, bias = self.local_weights()
         if moves_weight:
             return self._move_weight(x, weight, bias)

@@ -31,7 +31,7 @@ class InputNoise:
         self.flat = flat_index(tuple(i.to(device) for i in index), (config.model_lat, config.model_lon,
                                                                    config.in_channels), device)
         self.key = torch.zeros((), dtype=torch.int64, device=device)
-        local = model.state_channels.indices[model.mesh.tensor_rank]
+        local = model.state_channels.indices[model.mesh.tensor_rank].cpu()  # the scale is on the host
         scale = torch.ones(config.in_channels, dtype=torch.float64) if channel_scale is None else \
             torch.as_tensor(channel_scale, dtype=torch.float64)
         self.amplitude = (fraction * scale[local]).to(device)  # per local channel, in normalised units

@@ -260,3 +260,26 @@ def test_serial_layers_are_plain_pytorch():
         module = module.double()
         module.load_state_dict(reference.state_dict())
         assert relative_error(apply(module), apply(reference)) <= 1e-14
+
+
+def token_schedule_batches(rank, world_size, batch):
+    """The batch size a token linear's schedule choice is given for an input of ``batch`` samples."""
+    import parallel.linear as linear
+
+    seen, choose = [], linear.token_mixing_moves_weight
+    linear.token_mixing_moves_weight = lambda size, *rest: seen.append(size) or choose(size, *rest)
+    try:
+        layers = LayerFactory(build_mesh((1, world_size), 1), TOKEN_GRID, PATCH)
+        module = layers.token_linear(layers.tokens, layers.token_features(TOKEN_HIDDEN), layers.channels(HIDDEN))
+        tokens = len(layers.tokens.indices[layers.mesh.domain_rank])
+        with torch.no_grad():
+            module(torch.zeros(tokens, batch, HIDDEN))
+    finally:
+        linear.token_mixing_moves_weight = choose
+    return seen
+
+
+def test_token_schedule_follows_the_batch():
+    """The cheaper token-mixing schedule is chosen for the input's batch (dim 1 of (tokens, batch,
+    channels)), not for its token count."""
+    assert spawn(token_schedule_batches, 2, 3) == [[3], [3]]
