@@ -45,13 +45,18 @@ steps=${DEMO_STEPS:-800}
 stages=$($ensemble && echo 8 || echo 5)
 mkdir -p "$out"
 
-echo "== 1/$stages synthetic ERA5-like netCDF files -> $out/netcdf"
-[ -f "$out/netcdf/.complete" ] || { python -m data.synthetic "$out/netcdf" --grid 33x64 --steps 400 \
-    && touch "$out/netcdf/.complete"; }
+# 2020-01-01 .. 2021-01-05, 6-hourly: the model trains on 2020-01-01 .. 2020-12-07 (every season) and is
+# scored from initial times 2020-12-24 .. 2021-01-03, a season it has seen, on days it has not.
+data="33x64, 2020-01-01 + 1484 steps of 6 h"
+echo "== 1/$stages synthetic ERA5-like netCDF files ($data) -> $out/netcdf"
+if [ "$(cat "$out/netcdf/.complete" 2>/dev/null)" != "$data" ]; then  # absent, or from another demo version
+    rm -rf "$out/netcdf" "$out/era5.zarr"
+    python -m data.synthetic "$out/netcdf" --grid 33x64 --steps 1484 && echo "$data" > "$out/netcdf/.complete"
+fi
 
 echo "== 2/$stages preprocess into a zarr store -> $out/era5.zarr"
 python launch/preprocess.py "$out/netcdf" --output "$out/era5.zarr" --config configs/data/demo.yaml \
-    --tile-grid 1x2 --statistics-period 2020-01-01,2020-03-15
+    --tile-grid 1x2 --statistics-period 2020-01-01,2020-12-07
 
 echo "== 3/$stages train on $processes process(es) (deepspeed launcher, domain $grid) -> $out/run"
 rm -rf "$out/run"
@@ -62,11 +67,11 @@ deepspeed --num_gpus "$processes" launch/train.py --config configs/train/demo.ya
 
 echo "== 4/$stages forecast 2 days ahead from the checkpoint, on $processes process(es) -> $out/forecast.zarr"
 deepspeed --num_gpus "$processes" launch/forecast.py --checkpoint "$out/run/model.pt" --store "$out/era5.zarr" \
-    --output "$out/forecast.zarr" --init 2020-03-26T00:2020-04-05T00:12 --steps 8 --domain "$grid" --overwrite
+    --output "$out/forecast.zarr" --init 2020-12-24T00:2021-01-03T00:12 --steps 8 --domain "$grid" --overwrite
 
 echo "== 5/$stages evaluate against persistence and climatology -> $out/evaluation"
 python launch/evaluate.py --forecast "$out/forecast.zarr" --store "$out/era5.zarr" --output "$out/evaluation" \
-    --climatology-period 2020-01-01:2020-03-15
+    --climatology-period 2020-01-01:2020-12-07
 
 if $ensemble; then
     echo "== 6/$stages fine-tune on the CRPS of 2 members over $processes sample rank(s) -> $out/ensemble-run"
@@ -77,12 +82,12 @@ if $ensemble; then
 
     echo "== 7/$stages an 8-member ensemble forecast over $processes sample rank(s) -> $out/ensemble.zarr"
     deepspeed --num_gpus "$processes" launch/forecast.py --checkpoint "$out/ensemble-run/model.pt" \
-        --store "$out/era5.zarr" --output "$out/ensemble.zarr" --init 2020-03-26T00:2020-04-05T00:12 --steps 8 \
+        --store "$out/era5.zarr" --output "$out/ensemble.zarr" --init 2020-12-24T00:2021-01-03T00:12 --steps 8 \
         --members 8 --sample "$processes" --overwrite
 
     echo "== 8/$stages CRPS, spread/skill and rank histograms of the ensemble -> $out/ensemble-evaluation"
     python launch/evaluate.py --forecast "$out/ensemble.zarr" --store "$out/era5.zarr" \
-        --output "$out/ensemble-evaluation" --climatology-period 2020-01-01:2020-03-15
+        --output "$out/ensemble-evaluation" --climatology-period 2020-01-01:2020-12-07
 fi
 
 echo
