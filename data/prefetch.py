@@ -98,7 +98,7 @@ class ReadAhead(ABC):
         return time_index, lead
 
     def _lead(self, time_index: int) -> int:
-        """The lead of the time index at the current position, checked against the slots' room."""
+        """The lead of the time index at the current position, checked against ``max_lead_steps``."""
         try:
             lead = int(self._lead_of(self._drawn))
         except BaseException as error:
