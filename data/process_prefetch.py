@@ -4,8 +4,9 @@ Reader threads of one process stop scaling at about four busy cores (asyncio and
 between zarr's chunk tasks): 5.3 - 6.6 whole 0.25 deg samples/s on a 16-core GPU host, while
 separate processes scale with the cores (``benchmarks/READER.md``). :class:`ProcessPrefetcher`
 keeps ``depth`` slots of shared memory, each one sample's channel-first fields and time
-features; ``workers`` spawned processes open the same :class:`~data.reader.TileReader` and
-read each sample straight into the slot they are handed. The consumer gets samples whose
+features of the longest lead; ``workers`` spawned processes open the same
+:class:`~data.reader.TileReader` and read each sample straight into the slot they are handed
+(a shorter lead into the slot's first ``lead + 1`` time slices). The consumer gets samples whose
 tensors are views of a slot: no copy, no pickling of sample data. When the reader pins
 memory, the slots are registered page-locked with CUDA in this process, so the host-to-device
 copies read them directly and asynchronously.
@@ -33,7 +34,7 @@ from collections.abc import Iterable
 import torch
 import torch.multiprocessing
 
-from data.prefetch import Prefetcher, ReadAhead
+from data.prefetch import Leads, Prefetcher, ReadAhead
 from data.reader import Sample, TileReader
 
 POLL_SECONDS = 1.0  # how often a waiting consumer (reader) checks that the readers (consumer) are alive
@@ -41,17 +42,18 @@ SHARED_MEMORY = "/dev/shm"
 
 
 class ProcessPrefetcher(ReadAhead):
-    """Iterates over ``reader.sample(t, lead_steps)`` for ``t`` in ``time_indices``, read ahead
-    by ``workers`` processes into ``depth`` shared slots; call :meth:`release` on each sample
-    once its memory is no longer needed."""
+    """Iterates over ``reader.sample(t, lead)`` for ``t`` in ``time_indices`` (``lead``: ``lead_steps``
+    or its value at ``t``'s position), read ahead by ``workers`` processes into ``depth`` shared
+    slots of ``max_lead_steps``; call :meth:`release` on each sample once its memory is no longer
+    needed."""
 
-    def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: int = 1, depth: int = 2,
-                 workers: int = 1) -> None:
-        super().__init__(reader, time_indices, lead_steps, depth, workers, readers="processes")
+    def __init__(self, reader: TileReader, time_indices: Iterable[int], lead_steps: Leads = 1, depth: int = 2,
+                 workers: int = 1, *, max_lead_steps: int | None = None) -> None:
+        super().__init__(reader, time_indices, lead_steps, depth, workers, "processes", max_lead_steps)
         if reader.dtype != torch.float32:
             raise ValueError(f"ProcessPrefetcher: the reader's dtype must be float32 (samples are views of the "
                              f"float32 slots), got {reader.dtype}; cast on the device instead")
-        shapes = reader.buffer_shapes(self.lead_steps)
+        shapes = reader.buffer_shapes(self.max_lead_steps)
         _check_shared_memory(depth * sum(4 * math.prod(shape) for shape in shapes), depth)
         self._slots = [tuple(torch.empty(shape).share_memory_() for shape in shapes) for _ in range(depth)]
         self._slot_of = {fields.untyped_storage().data_ptr(): slot for slot, (fields, _) in enumerate(self._slots)}
@@ -61,7 +63,8 @@ class ProcessPrefetcher(ReadAhead):
                 _register_page_locked(tensor)
                 self._registered.append(tensor.data_ptr())
         self._free = deque(range(depth))
-        self._pending: deque[tuple[int | None, int | None, BaseException | None]] = deque()  # in sample order
+        # (slot, time index, lead, error of drawing it) in sample order
+        self._pending: deque[tuple[int | None, int | None, int | None, BaseException | None]] = deque()
         self._finished: dict[int, BaseException | None] = {}  # slot -> error of its read (None: read)
         self._held: set[int] = set()
         self._releasing: deque[tuple[int, torch.cuda.Event | None]] = deque()
@@ -71,8 +74,7 @@ class ProcessPrefetcher(ReadAhead):
         self._results = context.Queue()
         arguments = {**reader.arguments, "pin_memory": False}  # workers never touch CUDA
         self._workers = [context.Process(target=_read_samples, name=f"reader {k} of {reader.store}", daemon=True,
-                                         args=(arguments, self._slots, self.lead_steps, self._tasks, self._results,
-                                               os.getpid()))
+                                         args=(arguments, self._slots, self._tasks, self._results, os.getpid()))
                          for k in range(workers)]
         for worker in self._workers:
             worker.start()
@@ -96,7 +98,7 @@ class ProcessPrefetcher(ReadAhead):
                                        f"release(sample) once a sample's memory is no longer needed (after its "
                                        f"device copy is enqueued), or raise depth")
                 raise StopIteration  # the processes stay until close()
-        slot, time_index, error = self._pending[0]
+        slot, time_index, lead, error = self._pending[0]
         try:
             while error is None and slot not in self._finished:
                 self._collect()
@@ -111,7 +113,7 @@ class ProcessPrefetcher(ReadAhead):
             raise error
         self._held.add(slot)
         self.delivered += 1
-        return self.reader.as_sample(self._slots[slot], time_index)
+        return self.reader.as_sample(leading_part(self._slots[slot], lead), time_index)
 
     def release(self, *samples: Sample) -> None:
         """Hand the memory of delivered ``samples`` back for reading ahead. On CUDA, call it after
@@ -155,13 +157,13 @@ class ProcessPrefetcher(ReadAhead):
     def _fill(self) -> None:
         """Hand every free slot the next time index."""
         self._reclaim(wait=False)
-        while self._free and (time_index := self._next_index()) is not None:
-            if isinstance(time_index, BaseException):  # delivered in its place in the sequence
-                self._pending.append((None, None, time_index))
+        while self._free and (read := self._next_read()) is not None:
+            if isinstance(read, BaseException):  # delivered in its place in the sequence
+                self._pending.append((None, None, None, read))
                 return
-            slot = self._free.popleft()
-            self._tasks.put((slot, time_index))
-            self._pending.append((slot, time_index, None))
+            slot, (time_index, lead) = self._free.popleft(), read
+            self._tasks.put((slot, time_index, lead))
+            self._pending.append((slot, time_index, lead, None))
 
     def _reclaim(self, wait: bool) -> None:
         """Released slots whose device copies have completed become free (``wait``: the oldest one
@@ -179,7 +181,7 @@ class ProcessPrefetcher(ReadAhead):
         """Wait for one reader process's result."""
         while True:
             try:
-                slot, time_index, error = self._results.get(timeout=POLL_SECONDS)
+                slot, time_index, lead, error = self._results.get(timeout=POLL_SECONDS)
                 break
             except queue.Empty:
                 ended = [worker for worker in self._workers if not worker.is_alive()]
@@ -191,7 +193,7 @@ class ProcessPrefetcher(ReadAhead):
             error.add_note(f"raised while a reader process opened {self.reader.store}")
             raise error
         if error is not None:
-            error.add_note(f"raised while prefetching time index {time_index} (lead_steps={self.lead_steps}) from "
+            error.add_note(f"raised while prefetching time index {time_index} (lead_steps={lead}) from "
                            f"{self.reader.store} in a reader process")
         self._finished[slot] = error
 
@@ -221,16 +223,23 @@ def _check_shared_memory(n_bytes: int, depth: int) -> None:
                          f"mount a larger {SHARED_MEMORY} (e.g. docker run --shm-size)")
 
 
-def _read_samples(arguments: dict, slots: list, lead_steps: int, tasks, results, parent: int) -> None:
-    """A reader process: open the reader, then read each ``(slot, time_index)`` task into its slot.
-    Ctrl-C is the consumer's to handle (it closes the readers); a reader whose consumer died ends."""
+def leading_part(slot: tuple[torch.Tensor, torch.Tensor], lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory of a ``lead``-step sample in a slot of a longer lead: the first ``lead + 1`` time
+    slices of its fields and forcings (contiguous views, as ``TileReader.sample(out=...)`` needs)."""
+    return tuple(tensor[:lead + 1] for tensor in slot)
+
+
+def _read_samples(arguments: dict, slots: list, tasks, results, parent: int) -> None:
+    """A reader process: open the reader, then read each ``(slot, time_index, lead)`` task into its
+    slot's leading part. Ctrl-C is the consumer's to handle (it closes the readers); a reader whose
+    consumer died ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _keep_freed_memory()
     try:
         reader = TileReader(**arguments)
     except BaseException as error:  # reported, then this process ends
-        results.put((None, None, _portable(error)))
+        results.put((None, None, None, _portable(error)))
         return
     while True:
         try:
@@ -241,12 +250,12 @@ def _read_samples(arguments: dict, slots: list, lead_steps: int, tasks, results,
             continue
         if task is None:
             return
-        slot, time_index = task
+        slot, time_index, lead = task
         try:
-            reader.sample(time_index, lead_steps, out=slots[slot])
-            results.put((slot, time_index, None))
+            reader.sample(time_index, lead, out=leading_part(slots[slot], lead))
+            results.put((slot, time_index, lead, None))
         except BaseException as error:
-            results.put((slot, time_index, _portable(error)))
+            results.put((slot, time_index, lead, _portable(error)))
 
 
 def _keep_freed_memory() -> None:

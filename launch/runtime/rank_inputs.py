@@ -91,8 +91,13 @@ class RankInputs:
 
         State and targets cross to the device in the reader's channel-first memory (pinned
         when the reader pins), are normalised there and become channel-last views: the
-        normalisation and the transposition are device kernels, not host passes.
+        normalisation and the transposition are device kernels, not host passes. All samples
+        must have the same lead (the samples of one micro-batch serve one step's rollout).
         """
+        leads = [len(s.targets) for s in samples]
+        if len(set(leads)) > 1:
+            raise ValueError(f"RankInputs.batch: the samples of one batch must have the same lead (targets), got "
+                             f"leads {leads} for time indices {[s.time_index for s in samples]}")
         state = self._normalized([s.inputs for s in samples], device, dtype)
         targets = self._normalized([s.targets for s in samples], device, dtype)
         # each sample's time features cross from the reader's (pinned) memory and this rank's

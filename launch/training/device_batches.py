@@ -36,7 +36,9 @@ class DeviceBatches:
     """Iterates over micro-batches of ``micro_batch`` samples on ``device``, the next one staged
     ahead; it ends with the prefetcher's samples (a partial micro-batch is dropped). ``taken``:
     samples handed out (the count ``ReplicaSampler.state_dict(consumed=...)`` takes; the
-    micro-batch staged ahead is not counted)."""
+    micro-batch staged ahead is not counted). A micro-batch's lead is its samples' own, so it may
+    change from one micro-batch to the next (the trainer reads each step's rollout); the samples of
+    one micro-batch must share it (``RankInputs.batch`` refuses a mix)."""
 
     def __init__(self, prefetcher: ReadAhead, inputs: RankInputs, micro_batch: int, device: torch.device | str,
                  dtype: torch.dtype):

@@ -27,6 +27,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from launch.runtime.distributed import CollectiveTimeout, is_timeout
 from launch.runtime.launcher_watch import LauncherWatch
 from launch.runtime.rank_inputs import RankInputs, store_attrs
 from launch.training.checkpointer import Checkpointer
-from launch.training.config import RunConfig
+from launch.training.config import RunConfig, TrainingSection
 from launch.training.device_batches import DeviceBatches
 from launch.training.metrics_log import MetricsLog
 from launch.training.profiling import StepProfiler
@@ -59,6 +60,16 @@ def training_sampler(time_indices, mesh: ProcessMesh, seed: int) -> ReplicaSampl
     return ReplicaSampler(time_indices, replica_rank=mesh.data_rank, num_replicas=mesh.config.data, seed=seed)
 
 
+def sample_leads(training: TrainingSection, first_step: int) -> Callable[[int], int]:
+    """The lead to read the ``k``-th sample of a training stream with: the rollout of the step it is
+    used in. The stream comes in whole steps of micro_batch x gradient_accumulation samples
+    (``ReplicaSampler.stream``) from ``first_step`` (0, or the step a run resumes at) on, so sample
+    ``k`` serves step ``first_step + k // samples_per_step``; a phase of short rollouts then reads
+    none of the targets that only the schedule's longest rollout needs."""
+    samples_per_step = training.micro_batch * training.gradient_accumulation
+    return lambda k: training.rollout_steps(first_step + k // samples_per_step)
+
+
 class Trainer:
     def __init__(self, run: RunConfig, device: torch.device, init_from: str | None = None, quiet: bool = False,
                  resume_from: str | None = None):
@@ -73,8 +84,10 @@ class Trainer:
         self.config = self.model.config
         self.inputs = RankInputs(store, self.model, pin_memory=device.type == "cuda")
         reader = self.inputs.reader
-        self.lead = run.training.max_rollout
-        train = valid_time_indices(reader.times, self.lead, *run.data.train, step=np.timedelta64(reader.step_hours, "h"))
+        # every training time has the targets of the longest rollout, so that the times drawn do not
+        # depend on the rollout schedule (and a step's samples stay the same whatever its rollout)
+        train = valid_time_indices(reader.times, run.training.max_rollout, *run.data.train,
+                                   step=np.timedelta64(reader.step_hours, "h"))
         self.step_fn.set_training_size(len(train))
         self.sampler = training_sampler(train, self.mesh, run.training.seed)
         indices = validation_indices(self.inputs, run.data.validation, run.logging.validation_samples)
@@ -123,8 +136,10 @@ class Trainer:
         # one stream of time indices over all epochs, each cut to whole steps: the readers read the next
         # epoch's first samples while the current epoch's last steps compute, and no step mixes epochs
         time_indices = self.sampler.stream(samples_per_step=t.micro_batch * t.gradient_accumulation)
-        with PREFETCHERS[run.data.worker_kind](self.inputs.reader, time_indices, self.lead, run.data.prefetch,
-                                               run.data.workers) as prefetcher:
+        # each sample read with the targets of its own step's rollout, not the longest one's
+        with PREFETCHERS[run.data.worker_kind](self.inputs.reader, time_indices, sample_leads(t, self.step),
+                                               run.data.prefetch, run.data.workers,
+                                               max_lead_steps=t.max_rollout) as prefetcher:
             # the next micro-batch crosses to the device while one computes
             batches = DeviceBatches(prefetcher, self.inputs, t.micro_batch, self.device, self.step_fn.dtype)
             while self.step < t.steps:

@@ -154,6 +154,9 @@ class TrainingStep:
         ``nonfinite`` then holds, on the device, the first global channel whose inputs, targets and
         predictions hold a NaN or Inf (:data:`FINITE` where none does): what a non-finite loss is
         traced to."""
+        if batch.targets.shape[1] < lead:
+            raise ValueError(f"TrainingStep: step {step} rolls out {lead} steps, but its batch (time indices "
+                             f"{batch.time_indices}) holds {batch.targets.shape[1]} targets per sample")
         predictions, bayesian = [], self.model.config.is_bayesian
         for k in range(self.samples_per_rank):
             sample = self.mesh.sample_rank * self.samples_per_rank + k

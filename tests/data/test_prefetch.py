@@ -70,6 +70,46 @@ def test_leaving_early_stops_the_thread(reader):
         next(prefetcher)
 
 
+class RecordingReader:
+    """Reads through ``reader`` and records each ``(time_index, lead_steps)`` it is asked for."""
+
+    def __init__(self, reader: TileReader):
+        self.reader, self.store = reader, reader.store
+        self.asked: list[tuple[int, int]] = []
+
+    def sample(self, time_index: int, lead_steps: int = 1):
+        self.asked.append((time_index, lead_steps))
+        return self.reader.sample(time_index, lead_steps)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_each_sample_is_read_with_the_lead_of_its_position(reader, workers):
+    indices = [5, 0, 3, 6, 1, 2, 4]
+    leads = [2, 2, 1, 1, 0, 2, 1]  # index 6 has one following time only: lead 1 fits, 2 would not
+    recording = RecordingReader(reader)
+    with Prefetcher(recording, indices, lambda position: leads[position], depth=3, workers=workers,
+                    max_lead_steps=2) as prefetcher:
+        samples = list(prefetcher)
+    assert sorted(recording.asked) == sorted(zip(indices, leads))
+    for sample, index, lead in zip(samples, indices, leads):
+        assert len(sample.targets) == lead
+        assert_same_sample(sample, reader.sample(index, lead))
+
+
+def test_a_lead_beyond_max_lead_steps_reaches_the_consumer_in_place(reader):
+    with Prefetcher(reader, [0, 1, 2], lambda position: position + 1, depth=2, max_lead_steps=2) as prefetcher:
+        assert [len(next(prefetcher).targets) for _ in range(2)] == [1, 2]
+        with pytest.raises(ValueError, match=r"lead of sample 2 \(time index 2\) is 3, expected 0..max_lead_steps=2"):
+            next(prefetcher)
+
+
+def test_leads_are_checked(reader):
+    with pytest.raises(ValueError, match="a lead per position .* needs max_lead_steps >= 0"):
+        Prefetcher(reader, range(4), lambda position: 1)
+    with pytest.raises(ValueError, match=r"lead_steps must lie in 0..max_lead_steps=1, got 2"):
+        Prefetcher(reader, range(4), 2, max_lead_steps=1)
+
+
 def test_workers_must_fit_the_depth(reader):
     with pytest.raises(ValueError, match="workers must lie in 1..depth=2"):
         Prefetcher(reader, range(4), depth=2, workers=3)

@@ -54,6 +54,22 @@ def test_yields_the_direct_samples_in_order_and_reuses_released_slots(store):
     assert not prefetcher.reading
 
 
+@pytest.mark.filterwarnings("ignore::data.reader.ChunkAlignmentWarning")
+def test_each_sample_is_read_with_the_lead_of_its_position_into_its_slot(store):
+    reader = TileReader(store, lat_range=(2, 6), lon_range=(1, 5), channels=[5, 0, 2], model_lat=6)
+    indices = [5, 0, 3, 6, 1, 2, 4, 6]
+    # index 6 has one following time only: the reader processes must read lead 1 into the slot of
+    # lead 2, not the whole slot, or it fails; slots hold long and short samples in turn
+    leads = [2, 0, 2, 1, 2, 2, 1, 1]
+    with ProcessPrefetcher(reader, indices, lambda position: leads[position], depth=3, workers=2,
+                           max_lead_steps=2) as prefetcher:
+        for sample, index, lead in zip(prefetcher, indices, leads):
+            assert sample.time_index == index and len(sample.targets) == lead and len(sample.forcings) == lead + 1
+            assert_same_sample(sample, reader.sample(index, lead))
+            prefetcher.release(sample)
+        assert prefetcher.delivered == len(indices)
+
+
 def test_reader_error_reaches_the_consumer_in_place(reader):
     prefetcher = ProcessPrefetcher(reader, [0, 1, 7, 2], lead_steps=1, depth=2, workers=2)
     for expected in (0, 1):

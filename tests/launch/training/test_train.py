@@ -114,6 +114,30 @@ def test_serial_run_learns_and_writes_a_complete_checkpoint(serial_run):
     assert model.metadata["step"] == STEPS and model.metadata["channels"][0] == {"variable": "msl", "level": None}
 
 
+def train_reading_the_longest_rollout(rank, world_size, values):
+    """The trainer as it read before each sample came with its own step's rollout: every sample
+    with the targets of the schedule's longest rollout."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from launch.runtime.distributed import init_distributed
+    from launch.training import loop
+
+    first_steps = []
+
+    def longest(training, first_step):
+        first_steps.append(first_step)
+        return lambda k: training.max_rollout
+
+    loop.sample_leads = longest
+    loop.Trainer(load_run_config(values=values), init_distributed("cpu"), quiet=True).train()
+    return first_steps
+
+
+def test_reading_each_steps_rollout_gives_the_losses_of_reading_the_longest(store, serial_run, tmp_path):
+    """The serial run reads lead 1 in steps 1-3 and lead 2 after: the same samples, the same values."""
+    assert spawn(train_reading_the_longest_rollout, 1, run_values(store, tmp_path)) == [[0]]  # the leads it read
+    assert losses(tmp_path) == losses(serial_run)  # bitwise
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_data_parallel_zero_stages_equal_serial(store, serial_run, tmp_path, stage):
     """Two replicas of micro-batch 1 see the serial run's two samples per step."""
