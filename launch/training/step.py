@@ -157,14 +157,14 @@ class TrainingStep:
         if batch.targets.shape[1] < lead:
             raise ValueError(f"TrainingStep: step {step} rolls out {lead} steps, but its batch (time indices "
                              f"{batch.time_indices}) holds {batch.targets.shape[1]} targets per sample")
-        predictions, bayesian = [], self.model.config.is_bayesian
+        predictions, kl = [], None
         for k in range(self.samples_per_rank):
             sample = self.mesh.sample_rank * self.samples_per_rank + k
             self.model.draw_weights(step, sample)
             state = self.augment(batch.state, batch.time_indices, step, sample)
             with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
                 prediction, sample_kl = self._forward(state, batch.static, batch.forcings[:, :lead], lead,
-                                                      with_kl=bayesian and k == 0)
+                                                      with_kl=k == 0 and self.model.config.is_bayesian)
             predictions.append(prediction)
             kl = sample_kl if k == 0 else kl
         targets = batch.targets[:, :lead]
@@ -177,7 +177,7 @@ class TrainingStep:
         else:  # one score of all members; DeepSpeed's mean over the sample ranks would divide its gradient
             data_loss = self._loss(torch.stack(predictions), targets)
             scale = float(self.mesh.config.sample)
-        kl = kl if bayesian else torch.zeros_like(data_loss)
+        kl = torch.zeros_like(data_loss) if kl is None else kl  # None: a deterministic model
         loss = data_loss + self.kl_scale * kl
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
