@@ -242,7 +242,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per mixer block")
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
     parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
-    parser.add_argument("--fp8", default="none", choices=("none", "tensorwise"),
+    parser.add_argument("--fp8", default="none", choices=("none", "tensorwise", "delayed"),
                         help="model.fp8: FP8 matrix products in the mixing layers")
     parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")

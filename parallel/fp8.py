@@ -11,7 +11,18 @@ On a mesh a rank holds one block of each operand, and the blocks of all ranks of
 group cover the serial operand (some blocks twice, which a maximum does not notice): the
 scale is the all-reduced maximum of the blocks' amax over the model group, so every element
 is cast exactly as the serial model casts it and parallel equals serial up to the float32
-summation order. CPUs run ``torch._scaled_mm`` too (emulated), so tests check real FP8
+summation order.
+
+Recipe ``delayed`` (Transformer Engine's delayed scaling): the scale of each operand comes from
+the largest amax its role (forward input, forward weight, output gradient) had over the last
+steps, kept in a buffer of the layer's product (:class:`FP8MatMul`). The scale is known before
+the operand exists, so a compiler can fuse the cast into the kernel that produces the operand,
+and the amax of the operand, recorded for the next steps, can fuse there too. The recorded amax
+is all-reduced over the model group as above, so every rank's history is the serial model's.
+An operand that outgrows its history saturates (clamped to the finite range) until the next
+steps' scales catch up.
+
+CPUs run ``torch._scaled_mm`` too (emulated), so tests check real FP8
 numbers; a CUDA device must be Hopper or newer (compute capability 8.9+), and its products
 need every size a multiple of 16.
 """
@@ -20,10 +31,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from parallel.comm import group_size
 
-RECIPES = ("none", "tensorwise")
+RECIPES = ("none", "tensorwise", "delayed")
+ROLES = ("input", "weight", "gradient")  # the rows of a delayed product's amax history
+INPUT, WEIGHT, GRADIENT = range(len(ROLES))
+DEFAULT_HISTORY = 16  # steps of amax a delayed scale looks back over
 FORWARD, BACKWARD = torch.float8_e4m3fn, torch.float8_e5m2
 AMAX_FLOOR = 1e-12  # as torchao: a finite scale for an operand of zeros
 
@@ -43,15 +58,25 @@ def check_fp8_device(device: torch.device | str) -> None:
                            f"model.fp8 = none on this GPU")
 
 
-def _to_fp8(x: torch.Tensor, dtype: torch.dtype, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` scaled by the group's common tensorwise scale and cast (saturating); returns the
-    FP8 tensor and the inverse scale ``_scaled_mm`` multiplies the product with."""
+def _amax(x: torch.Tensor, group) -> torch.Tensor:
+    """The largest magnitude of the serial operand: this rank's block's, all-reduced (MAX) over ``group``."""
     amax = x.detach().abs().amax().float()
     if group_size(group) > 1:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
+def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` scaled so that ``amax`` maps to the format's largest finite value and cast; values
+    beyond ``amax`` saturate. Returns the FP8 tensor and the inverse scale ``_scaled_mm`` takes."""
     finite = torch.finfo(dtype).max
     scale = finite / amax.clamp(min=AMAX_FLOOR)  # an all-zero operand stays zero
     return (x.float() * scale).clamp(-finite, finite).to(dtype), scale.reciprocal()
+
+
+def _to_fp8(x: torch.Tensor, dtype: torch.dtype, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` cast with the tensorwise scale of its own amax, common to ``group``."""
+    return _cast(x, _amax(x, group), dtype)
 
 
 def _scaled(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
@@ -64,29 +89,102 @@ def _scaled(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.
                             out_dtype=out_dtype)
 
 
+def _operand(x: torch.Tensor, dtype: torch.dtype, group, history: torch.Tensor | None, role: int,
+             from_history: bool, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Operand ``role`` of a product in FP8: tensorwise (``history`` None) or delayed.
+
+    Delayed: with ``from_history`` the scale is the largest amax of the previous steps (slots
+    1..H of the role's row), known before ``x`` exists; else (the first step) the operand's own.
+    With ``record`` the operand's amax goes into slot 0 as a running maximum: a rollout calls a
+    layer several times a step, and a checkpointed block's recomputation records the same value
+    again, which a maximum does not notice."""
+    if history is None:
+        return _to_fp8(x, dtype, group)
+    amax = _amax(x, group) if record or not from_history else None
+    if record:
+        history[role, 0] = torch.maximum(history[role, 0], amax)
+    return _cast(x, history[role, 1:].amax() if from_history else amax, dtype)
+
+
 class _FP8MatMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, group):
-        a8, a_inv = _to_fp8(a, FORWARD, group)
-        b8, b_inv = _to_fp8(b, FORWARD, group)
+    def forward(ctx, a, b, group, history, from_history, record):
+        a8, a_inv = _operand(a, FORWARD, group, history, INPUT, from_history, record)
+        b8, b_inv = _operand(b, FORWARD, group, history, WEIGHT, from_history, record)
         ctx.save_for_backward(a8, a_inv, b8, b_inv)
-        ctx.group, ctx.dtypes = group, (a.dtype, b.dtype)
+        # the history as an attribute, not a saved tensor: it changes in place before backward
+        ctx.group, ctx.dtypes, ctx.history, ctx.from_history = group, (a.dtype, b.dtype), history, from_history
         return _scaled(a8, a_inv, b8, b_inv, a.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         a8, a_inv, b8, b_inv = ctx.saved_tensors
-        g8, g_inv = _to_fp8(grad, BACKWARD, ctx.group)
+        g8, g_inv = _operand(grad, BACKWARD, ctx.group, ctx.history, GRADIENT, ctx.from_history, True)
         grad_a = _scaled(g8, g_inv, b8.t(), b_inv, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_b = _scaled(a8.t(), a_inv, g8, g_inv, ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None
+        return grad_a, grad_b, None, None, None, None
 
 
-class FP8MatMul:
-    """``a @ b`` of 2-D operands in FP8 with tensorwise scales common to ``group`` (None: one rank)."""
+class FP8MatMul(nn.Module):
+    """``a @ b`` of 2-D operands in FP8 with scales common to ``group`` (None: one rank).
 
-    def __init__(self, group=None):
-        self.group = group
+    ``recipe`` ``tensorwise``: each operand's scale from its own amax. ``delayed`` (Transformer
+    Engine's delayed scaling): each operand role (forward input, forward weight, output gradient)
+    keeps the amax of its last ``history`` steps in a row of the buffer ``amax_history`` (slot 0:
+    the step under way, slots 1..H: the steps before, newest first) and is cast with the largest
+    of them, so the cast does not wait for a reduction over the operand it casts. The first step
+    (an empty history) scales each operand by its own amax, as tensorwise; after each training
+    step :func:`advance_histories` moves slot 0 into the history. Operands are recorded in
+    forwards that autograd records (training), and output gradients in every backward; a
+    forward under ``no_grad`` (validation, forecasts) reads the history and leaves it as it is.
+    The buffer is model state (in the state dict and the checkpoints), the same on every rank of
+    ``group`` because every recorded amax is the serial operand's."""
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _FP8MatMul.apply(a, b, self.group)
+    def __init__(self, group=None, recipe: str = "tensorwise", history: int = DEFAULT_HISTORY):
+        super().__init__()
+        if recipe not in RECIPES[1:]:
+            raise FP8Error(f"FP8 recipe {recipe!r}: expected one of {list(RECIPES[1:])}")
+        if recipe == "delayed" and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+            raise FP8Error(f"FP8 recipe delayed with an amax history of {history!r} steps: expected an integer >= 1")
+        self.group, self.recipe = group, recipe
+        self.has_history = False  # whether slots 1..H hold a step yet (Python: the graph differs)
+        self.register_buffer("amax_history", torch.zeros(len(ROLES), history + 1) if recipe == "delayed" else None)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _FP8MatMul.apply(a, b, self.group, self.amax_history, self.has_history, torch.is_grad_enabled())
+
+    def _apply(self, fn, recurse=True):
+        # a model cast to bf16 (DeepSpeed's bf16) would round the amaxes and saturate the operands
+        # just above them: the history stays float32
+        super()._apply(fn, recurse)
+        if self.amax_history is not None and self.amax_history.dtype != torch.float32:
+            self.amax_history = self.amax_history.float()
+        return self
+
+
+def delayed_products(model: nn.Module) -> list[FP8MatMul]:
+    """The FP8 products of ``model`` that keep an amax history (recipe ``delayed``)."""
+    return [module for module in model.modules() if isinstance(module, FP8MatMul) and module.recipe == "delayed"]
+
+
+@torch.no_grad()
+def advance_histories(products: list[FP8MatMul]) -> None:
+    """End of a training step (one micro-batch's forward and backward): each role's slot 0 becomes
+    its newest history entry, the oldest drops out, slot 0 starts the next step at 0, and from
+    now on every product casts from its history. One stacked roll for all products: a few
+    kernels however many layers."""
+    histories = [product.amax_history for product in products]
+    if not histories:
+        return
+    rolled = torch.stack(histories).roll(1, dims=-1)
+    rolled[..., 0] = 0
+    torch._foreach_copy_(histories, list(rolled.unbind(0)))
+    for product in products:
+        product.has_history = True
+
+
+def histories_loaded(model: nn.Module) -> None:
+    """After histories were written into ``model``'s buffers (a checkpoint): each product casts
+    from its history if it holds a step (one host read per product, at load time only)."""
+    for product in delayed_products(model):
+        product.has_history = bool(product.amax_history[:, 1:].any())

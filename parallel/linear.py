@@ -74,7 +74,11 @@ class ShardedLinear(ShardedModule):
     overrides where the blocks come from and reuses the collectives unchanged.
     """
 
-    fp8: FP8MatMul | None = None  # the local matrix products in FP8 (parallel.fp8); None: the weights' dtype
+    def __init__(self, mesh: ProcessMesh):
+        super().__init__(mesh)
+        # the local matrix products in FP8 (parallel.fp8; a submodule: a delayed recipe's amax
+        # history is model state); None: in the weights' dtype
+        self.fp8: FP8MatMul | None = None
 
     def _create_weights(self, weight: ShardSpec, bias: ShardSpec | None) -> None:
         """Create the parameters of this rank's weight and bias blocks."""

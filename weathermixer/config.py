@@ -58,10 +58,12 @@ class ModelConfig:
     bayesian: tuple[str, ...] = ()
     prior_std: float = 1.0
     init_sigma: float = 0.01
-    # FP8 matrix products (parallel.fp8): recipe "none" or "tensorwise", in the linear layers of
-    # fp8_groups (default the mixing layers: the bulk of the FLOPs, at sizes the tensor cores take)
+    # FP8 matrix products (parallel.fp8): recipe "none", "tensorwise" or "delayed", in the linear
+    # layers of fp8_groups (default the mixing layers: the bulk of the FLOPs, at sizes the tensor
+    # cores take); "delayed" scales each operand by the largest amax of its last fp8_history steps
     fp8: str = "none"
     fp8_groups: tuple[str, ...] = ("token_mixing", "channel_mixing")
+    fp8_history: int = 16
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form provenance
 
     def __post_init__(self) -> None:
@@ -71,6 +73,9 @@ class ModelConfig:
         object.__setattr__(self, "fp8_groups", _layer_groups(self.fp8_groups, "fp8_groups"))
         if self.fp8 not in FP8_RECIPES:
             raise ConfigError(f"model.fp8 = {self.fp8!r}: expected one of {list(FP8_RECIPES)}")
+        if isinstance(self.fp8_history, bool) or not isinstance(self.fp8_history, int) or self.fp8_history < 1:
+            raise ConfigError(f"model.fp8_history = {self.fp8_history!r}: expected the number of steps of amax "
+                              f"history of recipe delayed, an integer >= 1")
         for key in ("prior_std", "init_sigma"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -182,7 +187,7 @@ class ModelConfig:
 
 # the groups of linear layers that model.bayesian and model.fp8_groups name: "all" is every one
 LAYER_GROUPS = ("all", "embedding", "token_mixing", "channel_mixing", "last_block", "decoder")
-FP8_RECIPES = ("none", "tensorwise")  # parallel.fp8.RECIPES
+FP8_RECIPES = ("none", "tensorwise", "delayed")  # parallel.fp8.RECIPES
 
 
 def _layer_groups(value, key: str) -> tuple[str, ...]:

@@ -77,7 +77,7 @@ class Linears:
     def _product(self, layer: nn.Module, group: str, last_block: bool) -> nn.Module:
         """FP8 matrix products (``model.fp8``) in the layers of ``model.fp8_groups``."""
         if self.config.fp8 != "none" and self._chosen(self.config.fp8_groups, group, last_block):
-            layer.fp8 = FP8MatMul(self.layers.mesh.model_group)
+            layer.fp8 = FP8MatMul(self.layers.mesh.model_group, self.config.fp8, self.config.fp8_history)
         return layer
 
 

@@ -43,4 +43,4 @@ def compare_gradients(parallel: torch.nn.Module, serial: torch.nn.Module) -> dic
 
 
 def copy_into(parallel: torch.nn.Module, serial: torch.nn.Module) -> None:
-    load_full_state(parallel, {k: v.detach() for k, v in serial.named_parameters()})
+    load_full_state(parallel, {k: v.detach() for k, v in serial.state_dict().items()})

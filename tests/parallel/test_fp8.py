@@ -14,11 +14,13 @@ import functools
 import pytest
 import torch
 
-from parallel.fp8 import BACKWARD, FORWARD, FP8Error, FP8MatMul, _to_fp8, check_fp8_device
+from parallel.fp8 import (BACKWARD, FORWARD, GRADIENT, INPUT, WEIGHT, FP8Error, FP8MatMul, _to_fp8,
+                          advance_histories, check_fp8_device, delayed_products, histories_loaded)
 from parallel.layers import LayerFactory
+from parallel.sharding import load_full_state
 from tests.distributed import spawn
-from tests.parallel.equivalence import build_mesh, relative_error
-from tests.parallel.test_layers import PATCH, TOKEN_GRID, compare_case
+from tests.parallel.equivalence import build_mesh, compare_gradients, copy_into, relative_error
+from tests.parallel.test_layers import PATCH, TOKEN_GRID, build_case, compare_case
 
 FP8_CASES = ["channel-widen", "channel-narrow", "token-to-features/weight", "token-to-features/activations",
              "features-to-token/weight", "features-to-token/activations"]
@@ -68,18 +70,72 @@ def check_fp8_layers(rank, world_size, meshes):
     return results
 
 
+DELAYED_STEPS = (1.0, 8.0, 0.25)  # input magnitude per step: each step's scale differs from its operands'
+
+
+def _delayed(module, layers):
+    module.fp8 = FP8MatMul(layers.mesh.model_group, "delayed", history=2)
+
+
+def delayed_steps(name: str, layers: LayerFactory, seed: int) -> list[tuple]:
+    """``DELAYED_STEPS`` training steps of case ``name`` in FP8 ``delayed`` on ``layers``' mesh and
+    serially: per step (output error, input-gradient error, worst parameter gradient error,
+    history error, the serial history)."""
+    generator = torch.Generator().manual_seed(seed)  # the same on every rank
+    serial, _, _, in_shape, out_shape = build_case(name, LayerFactory(None, TOKEN_GRID, PATCH))
+    serial = serial.double()
+    _delayed(serial, LayerFactory(None, TOKEN_GRID, PATCH))
+    with torch.no_grad():
+        for param in serial.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+    module, take_input, take_output, _, _ = build_case(name, layers)
+    module = module.double()
+    _delayed(module, layers)
+    copy_into(module, serial)
+    results = []
+    for magnitude in DELAYED_STEPS:
+        x = (magnitude * torch.randn(in_shape, generator=generator, dtype=torch.float64)).requires_grad_()
+        weights = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+        for layer in (serial, module):
+            layer.zero_grad()
+        expected = serial(x)
+        (expected * weights).sum().backward()
+        local_x = take_input(x.detach()).clone().requires_grad_()
+        out = module(local_x)
+        (out * take_output(weights)).sum().backward()
+        gradients = compare_gradients(module, serial)
+        results.append((relative_error(out, take_output(expected)), relative_error(local_x.grad, take_input(x.grad)),
+                        max(gradients.values()), relative_error(module.fp8.amax_history, serial.fp8.amax_history),
+                        serial.fp8.amax_history.clone()))
+        advance_histories([serial.fp8, module.fp8])
+    return results
+
+
+def check_delayed_layers(rank, world_size, meshes):
+    results = []
+    for domain, tensor in meshes:
+        layers = LayerFactory(build_mesh(domain, tensor), TOKEN_GRID, PATCH)
+        for name in FP8_CASES:
+            results.append((name, domain, tensor, delayed_steps(name, layers, FP8_CASES.index(name))))
+    return results
+
+
 MESHES = {2: [((1, 1), 2), ((2, 1), 1), ((1, 2), 1)], 4: [((2, 1), 2), ((1, 1), 4), ((2, 2), 1)]}
+
+
+def check_both_recipes(rank, world_size, meshes):
+    return check_fp8_layers(rank, world_size, meshes), check_delayed_layers(rank, world_size, meshes)
 
 
 @functools.cache
 def run(world_size: int):
-    return spawn(check_fp8_layers, world_size, MESHES[world_size])
+    return spawn(check_both_recipes, world_size, MESHES[world_size])
 
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
 def test_fp8_layers_match_the_serial_fp8_layers(world_size):
     checked = set()
-    for rank, results in enumerate(run(world_size)):
+    for rank, (results, _) in enumerate(run(world_size)):
         for name, domain, tensor, output_error, input_error, worst, gradient_error in results:
             where = f"{name}, domain {domain[0]}x{domain[1]}, tensor {tensor}, rank {rank}"
             assert output_error <= 1e-6, f"{where}: output relative error {output_error:.2e}"
@@ -87,6 +143,127 @@ def test_fp8_layers_match_the_serial_fp8_layers(world_size):
             assert gradient_error <= 1e-6, f"{where}: gradient of {worst} relative error {gradient_error:.2e}"
             checked.add((name, domain, tensor))
     assert len(checked) == len(FP8_CASES) * len(MESHES[world_size])
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
+def test_delayed_layers_match_the_serial_delayed_layers_over_steps(world_size):
+    """Three steps with a history of two: the second casts with the first step's amaxes (8x too
+    small for its inputs: they saturate alike), the third with the first two steps'. Every rank's
+    history equals the serial one, so every element is cast alike on every mesh."""
+    checked = set()
+    for rank, (_, results) in enumerate(run(world_size)):
+        for name, domain, tensor, steps in results:
+            for step, (output_error, input_error, gradient_error, history_error, history) in enumerate(steps):
+                where = f"{name}, domain {domain[0]}x{domain[1]}, tensor {tensor}, rank {rank}, step {step}"
+                assert output_error <= 1e-6, f"{where}: output relative error {output_error:.2e}"
+                assert input_error <= 1e-6, f"{where}: input gradient relative error {input_error:.2e}"
+                assert gradient_error <= 1e-6, f"{where}: parameter gradient relative error {gradient_error:.2e}"
+                assert history_error <= 1e-12, f"{where}: amax history relative error {history_error:.2e}"
+                assert (history[:, 0] > 0).all() and (history[:, 1:step + 1] > 0).all(), f"{where}: {history}"
+                assert not history[:, step + 1:].any(), f"{where}: entries beyond the steps taken: {history}"
+            checked.add((name, domain, tensor))
+    assert len(checked) == len(FP8_CASES) * len(MESHES[world_size])
+
+
+def _delayed_steps(product: FP8MatMul, steps: list[float], generator: torch.Generator) -> list[torch.Tensor]:
+    """Training steps of ``product`` on operands of the given magnitudes: outputs and gradients."""
+    results = []
+    for magnitude in steps:
+        a = (magnitude * torch.randn(48, 64, generator=generator, dtype=torch.float64)).requires_grad_()
+        b = torch.randn(64, 32, generator=generator, dtype=torch.float64).requires_grad_()
+        out = product(a, b)
+        out.backward(magnitude * torch.randn(48, 32, generator=generator, dtype=torch.float64))
+        results += [out.detach(), a.grad, b.grad]
+        advance_histories([product])
+    return results
+
+
+def test_delayed_first_step_is_tensorwise_then_scales_from_the_history():
+    generator = torch.Generator().manual_seed(3)
+    a = (3 * torch.randn(48, 64, generator=generator, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(64, 32, generator=generator, dtype=torch.float64).requires_grad_()
+    grad = torch.randn(48, 32, generator=generator, dtype=torch.float64)
+    delayed = FP8MatMul(recipe="delayed", history=3)
+    first = delayed(a, b)
+    assert torch.equal(first, FP8MatMul()(a, b))  # an empty history: each operand's own amax
+    first.backward(grad)
+    history = delayed.amax_history
+    for role, operand in ((INPUT, a), (WEIGHT, b), (GRADIENT, grad)):
+        assert float(history[role, 0]) == _amax(operand) and not history[role, 1:].any()
+    advance_histories([delayed])
+    assert float(history[INPUT, 1]) == _amax(a) and not history[:, 0].any()
+    # the second step casts with the first step's amaxes: half the inputs' values map as 2x
+    halved = (a / 2).detach()
+    expected = _dequantised_at(halved, _amax(a), FORWARD) @ _dequantised(b, FORWARD)
+    assert relative_error(delayed(halved, b), expected) < 1e-6
+    assert float(history[INPUT, 0]) == _amax(halved)
+
+
+def _amax(x: torch.Tensor) -> float:
+    return float(x.detach().abs().max().float())  # the history's float32
+
+
+def _dequantised_at(x: torch.Tensor, amax: float, dtype: torch.dtype) -> torch.Tensor:
+    scale = torch.finfo(dtype).max / torch.tensor(amax)  # in float32, as the product computes it
+    return (x.float() * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype).double() / scale
+
+
+def test_delayed_operands_beyond_the_history_saturate_and_stay_finite():
+    generator = torch.Generator().manual_seed(4)
+    delayed = FP8MatMul(recipe="delayed", history=4)
+    outputs = _delayed_steps(delayed, [1e-3, 1.0, 1e3], generator)  # each step 1000x its history
+    assert all(torch.isfinite(tensor).all() for tensor in outputs)
+    history = delayed.amax_history[[INPUT, GRADIENT], 1:4]  # the weights keep their magnitude
+    assert (history[:, 0] > 100 * history[:, 1]).all() and (history[:, 1] > 100 * history[:, 2]).all()
+    # an input 1000x the largest amax of its history: every element saturates at that amax
+    largest = float(delayed.amax_history[INPUT, 1:].max())
+    out = delayed(torch.full((16, 16), 1000 * largest, dtype=torch.float64), torch.eye(16, dtype=torch.float64))
+    assert torch.isfinite(out).all()
+    assert relative_error(out, torch.full((16, 16), largest, dtype=torch.float64)) < 0.07  # the eye's e4m3 rounding
+
+
+def test_delayed_history_is_model_state():
+    from weathermixer.config import ConfigError, preset
+    from weathermixer.model import WeatherMixer
+
+    config = preset("tiny").replace(fp8="delayed", fp8_history=5)
+    model = WeatherMixer(config, seed=1)
+    products = delayed_products(model)
+    assert len(products) == 4 * config.depth
+    assert [name for name in model.state_dict() if "amax" in name] == [
+        f"blocks.{k}.{mlp}.fc{i}.fp8.amax_history" for k in range(config.depth) for mlp in ("token_mlp", "channel_mlp")
+        for i in (1, 2)]
+    assert all(product.amax_history.shape == (3, 6) for product in products)
+    assert model.bfloat16().blocks[0].token_mlp.fc1.fp8.amax_history.dtype == torch.float32
+    with torch.no_grad():
+        products[0].amax_history[:, 1] = 2.0
+    fresh = WeatherMixer(config, seed=1).bfloat16()
+    load_full_state(fresh, model.state_dict())
+    assert torch.equal(fresh.blocks[0].token_mlp.fc1.fp8.amax_history, products[0].amax_history)
+    assert [product.has_history for product in delayed_products(fresh)] == [True] + [False] * (len(products) - 1)
+    with pytest.raises(ConfigError, match="model.fp8_history = 0"):
+        config.replace(fp8_history=0)
+    with pytest.raises(FP8Error, match="FP8 recipe 'rowwise'"):
+        FP8MatMul(recipe="rowwise")
+
+
+def test_a_compiled_delayed_product_neither_breaks_nor_recompiles_each_step():
+    """Two graphs in all (the first step scales by the operands' own amax, the later ones by the
+    history), none broken, and the compiled histories and products those of eager."""
+    from torch._dynamo.utils import counters
+
+    from launch.runtime.compile import compiled
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled_product = FP8MatMul(recipe="delayed", history=2), FP8MatMul(recipe="delayed", history=2)
+    steps = [1.0, 4.0, 0.5, 2.0, 1.0]
+    expected = _delayed_steps(eager, steps, torch.Generator().manual_seed(5))
+    compiled_product.forward = compiled(compiled_product.forward)
+    actual = _delayed_steps(compiled_product, steps, torch.Generator().manual_seed(5))
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert all(relative_error(a, e) < 1e-6 for a, e in zip(actual, expected))
+    assert torch.equal(compiled_product.amax_history, eager.amax_history)
 
 
 def test_a_gpu_without_fp8_tensor_cores_is_refused(monkeypatch):
@@ -115,5 +292,5 @@ def test_the_model_runs_its_chosen_groups_in_fp8():
     difference = relative_error(fp8.rollout(state, static, forcings, 1), plain.rollout(state, static, forcings, 1))
     assert 1e-4 < difference < 0.1  # FP8's rounding, and nothing worse
     assert config.replace(fp8="tensorwise", fp8_groups="all").fp8_groups == ("all",)
-    with pytest.raises(ConfigError, match="model.fp8 = 'rowwise'"):
+    with pytest.raises(ConfigError, match="model.fp8 = 'rowwise'.*'delayed'"):
         config.replace(fp8="rowwise")
