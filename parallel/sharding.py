@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.fp8 import histories_loaded
+
 
 class ShardingError(ValueError):
     """A state that does not fit the model (names the parameter, shape and expectation)."""
@@ -64,21 +66,45 @@ def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
     return specs
 
 
+def replicated_spec(shape: tuple[int, ...]) -> ShardSpec:
+    """The spec of a tensor every rank of the model group holds whole (replicated state)."""
+    return ShardSpec(tuple(shape), tuple(torch.arange(size) for size in shape))
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of ``model``'s state dict (state that is not a parameter: FP8 amax histories).
+
+    They are replicated over the model group (the same on every rank of it: each is computed
+    from the serial model's values), so checkpoints hold them whole (:func:`replicated_spec`)
+    and any mesh loads them as they are."""
+    return {f"{prefix}.{name}" if prefix else name: buffer
+            for prefix, module in model.named_modules() for name, buffer in module._buffers.items()
+            if buffer is not None and name not in module._non_persistent_buffers_set}
+
+
+def state_specs(model: nn.Module) -> dict[str, ShardSpec]:
+    """The spec of every tensor of the model's state: the parameters' shards, the buffers whole."""
+    return {**shard_specs(model), **{name: replicated_spec(buffer.shape)
+                                     for name, buffer in persistent_buffers(model).items()}}
+
+
 @torch.no_grad()
 def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
-    """Load a mesh-free full state dict into a (possibly sharded) model: each rank takes its shard."""
-    specs = shard_specs(model)
+    """Load a mesh-free full state dict (parameters and persistent buffers) into a (possibly
+    sharded) model: each rank takes its shard."""
+    specs = state_specs(model)
     missing, unexpected = sorted(set(specs) - set(full_state)), sorted(set(full_state) - set(specs))
     if missing or unexpected:
         raise ShardingError(f"state does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}; "
                             f"was it saved from another model configuration?")
-    params = dict(model.named_parameters())
+    tensors = {**dict(model.named_parameters()), **persistent_buffers(model)}
     for name, spec in specs.items():
         full = full_state[name]
         if tuple(full.shape) != spec.global_shape:
-            raise ShardingError(f"parameter {name}: state has shape {tuple(full.shape)}, the model expects "
+            raise ShardingError(f"{name}: state has shape {tuple(full.shape)}, the model expects "
                                 f"{spec.global_shape}; was it saved from another model configuration?")
-        params[name].copy_(spec.take(full))
+        tensors[name].copy_(spec.take(full))
+    histories_loaded(model)
 
 
 def assemble_full_state(rank_states: list[dict[str, tuple[dict, torch.Tensor]]]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ A training checkpoint is a folder ``<run>/checkpoints/step_<N>/`` (``N``: the tr
 zero-padded) holding a mesh-free form of everything a run continues from:
 
 * ``shards/model_rank_<k>.pt`` per model rank: every parameter's float32 (master) value with its
-  :class:`~parallel.sharding.ShardSpec`, so the full state can be assembled for any mesh;
+  :class:`~parallel.sharding.ShardSpec`, so the full state can be assembled for any mesh, and
+  the model's persistent buffers (FP8 amax histories), replicated over the model group, whole;
 * ``optimizer/model_rank_<k>.pt`` per model rank: Adam's moments of every parameter the same
   way (``exp_avg``, ``exp_avg_sq``: ``{name: (ShardSpec json, tensor)}``) and the step count of
   every parameter group (``steps``), whatever optimizer and ZeRO stage wrote them
@@ -172,6 +173,17 @@ def read_rank_state(folder: str | Path, meta: dict[str, Any], specs: dict[str, S
         values[name] = {key: _shard_of(name, spec, mine, [table[name] for table in ranks])
                         for key, ranks in tables.items()}
     return values, [int(count) for count in optimizer[0]["steps"]]
+
+
+def read_buffers(folder: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The model's persistent buffers (FP8 amax histories) from a checkpoint written on any mesh:
+    replicated over the model group, so model rank 0's file holds each whole."""
+    saved = load_file(shards_file(Path(folder), 0), "weights of model rank 0", mmap=True)
+    missing = sorted(set(names) - set(saved))
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks the buffers {missing[:5]} of this model (FP8 amax "
+                              f"histories); was it written by another model configuration?")
+    return {name: saved[name][1].clone() for name in names}
 
 
 def _shard_of(name: str, spec: ShardSpec, mine: dict, saved: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:

@@ -30,12 +30,14 @@ import torch.distributed as dist
 from launch.runtime.atomic import atomic_write_bytes, atomic_write_text
 from launch.training.checkpoint_format import (COMPLETE_MARKER, META_FILE, CheckpointError, checkpoint_candidates,
                                                checkpoint_name, checkpoint_step, consolidate, load_consolidated,
-                                               load_file, optimizer_file, read_meta, read_rank_state, rng_file,
-                                               save_consolidated, shards_file)
+                                               load_file, optimizer_file, read_buffers, read_meta, read_rank_state,
+                                               rng_file, save_consolidated, shards_file)
 from launch.training.optimizer_state import MASTER, MOMENTS, OptimizerState
 from launch.training.step import TrainingStep
+from parallel.fp8 import histories_loaded
 from parallel.rng import stream_seed
-from parallel.sharding import load_full_state
+from parallel.sharding import load_full_state, persistent_buffers, replicated_spec
+from weathermixer.config import ConfigError, ModelConfig
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -74,8 +76,10 @@ class Checkpointer:
         writes = [(rng_file(folder, self.rank), "generator states", rng_states())]
         if self.mesh.replica_rank == 0:  # one writer per model rank
             shards = {name: param.shard.to_json() for name, param in self.step.model.named_parameters()}
-            writes.append((shards_file(folder, self.mesh.model_rank), "float32 weights",
-                           {name: (spec, values[name][MASTER]) for name, spec in shards.items()}))
+            buffers = {name: (replicated_spec(buffer.shape).to_json(), buffer.detach().to("cpu", copy=True))
+                       for name, buffer in persistent_buffers(self.step.model).items()}
+            writes.append((shards_file(folder, self.mesh.model_rank), "float32 weights and buffers",
+                           {**{name: (spec, values[name][MASTER]) for name, spec in shards.items()}, **buffers}))
             writes.append((optimizer_file(folder, self.mesh.model_rank), "optimizer moments and step counts",
                            {"steps": steps, **{key: {name: (spec, values[name][key]) for name, spec in shards.items()}
                                                for key in MOMENTS}}))
@@ -210,9 +214,14 @@ class Checkpointer:
         model = self.step.model
         specs = {name: param.shard for name, param in model.named_parameters()}
         values, steps = read_rank_state(folder, meta, specs)
+        buffers = persistent_buffers(model)
+        saved_buffers = read_buffers(folder, list(buffers))
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(values[name][MASTER])  # the parameters: the masters, rounded to their dtype
+            for name, buffer in buffers.items():
+                buffer.copy_(saved_buffers[name])
+        histories_loaded(model)
         try:
             self.optimizer_state.write(values, steps)
         except ValueError as error:
@@ -226,7 +235,7 @@ class Checkpointer:
         return {**resume, "folder": folder, "mesh": meta["mesh"], "resharded": not same_mesh}
 
     def _check_fits(self, folder: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
-        if meta["model_config"] != expected["model_config"]:
+        if _normalised(meta["model_config"]) != expected["model_config"]:
             raise CheckpointMismatch(f"{folder} holds a model with config {meta['model_config']}, this run "
                                      f"builds {expected['model_config']}; use another checkpoint.dir or the same model")
         if meta["store_fingerprint"] != expected["store_fingerprint"]:
@@ -302,6 +311,15 @@ class Checkpointer:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _normalised(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config with this version's defaults filled in: a checkpoint from before a key
+    with a default (``model.fp8_history``) still fits; one with keys this version lacks stays as it is."""
+    try:
+        return ModelConfig.from_dict(model_config).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return model_config
 
 
 def global_batch(data: int, micro_batch: int, gradient_accumulation: int) -> dict[str, int]:

@@ -20,7 +20,7 @@ from launch.training.device_batches import Batch
 from launch.training.engine import initialize_engine
 from launch.training.master_weights import MasterWeightAdam
 from launch.training.schedule import build_schedule
-from parallel.fp8 import check_fp8_device
+from parallel.fp8 import advance_histories, check_fp8_device, delayed_products
 from parallel.mesh import ProcessMesh
 from parallel.rng import seed_dropout
 from weathermixer.config import ModelConfig
@@ -112,6 +112,7 @@ class TrainingStep:
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() or master else torch.float32
         self._channels = self.model.state_channels.indices[mesh.tensor_rank].to(device)  # inputs, targets, outputs
         self.nonfinite: torch.Tensor | None = None
+        self.fp8_products = delayed_products(self.model)  # their amax histories advance after each backward
 
     @classmethod
     def for_store(cls, run: RunConfig, mesh: ProcessMesh, device: torch.device) -> "TrainingStep":
@@ -181,6 +182,7 @@ class TrainingStep:
         loss = data_loss + self.kl_scale * kl
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
+        advance_histories(self.fp8_products)  # after backward: a checkpointed block's recomputation is in this step
         return torch.stack([loss, data_loss, kl]).detach()
 
 
