@@ -2,8 +2,9 @@
 
 * N steps on mesh A, then the rest on mesh B, give the losses of the whole run on mesh B (float32
   rounding): for a change of domain x tensor, of the data degree at the same global batch (and of
-  ZeRO stage and process count on the way), and of the sample degree; a change of the global
-  batch is refused with one message.
+  ZeRO stage and process count on the way), of the sample degree, and with FP8 delayed scaling
+  (its amax histories resume on the other mesh); a change of the global batch is refused with
+  one message.
 * Pruning goes by step number and completion: never the checkpoint ``latest`` names or a newer one.
 * A damaged newest checkpoint (a truncated file, no ``COMPLETE`` marker) is passed over with a
   warning naming the file; ``--resume-from`` picks one.
@@ -48,6 +49,14 @@ CHAINS = {
         (1, dict(), 2),
         (4, dict(mesh={"data": 2, "domain": [1, 2]}, training={"micro_batch": 1},
                  deepspeed="configs/deepspeed/zero1.json"), None),
+    ],
+    # FP8 delayed scaling: the amax histories go into the checkpoint and onto the other mesh (without
+    # them the fourth step would cast with the operands' own amax, and its loss would differ)
+    "fp8-delayed": [
+        (2, dict(model={"preset": "tiny", "overrides": {"hidden": 16, "fp8": "delayed", "fp8_history": 4}},
+                 mesh={"domain": [1, 2]}), 3),
+        (2, dict(model={"preset": "tiny", "overrides": {"hidden": 16, "fp8": "delayed", "fp8_history": 4}},
+                 mesh={"tensor": 2}), None),
     ],
     # two members from input noise: both on one rank, or one on each of two sample ranks
     "sample": [
