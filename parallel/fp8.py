@@ -17,8 +17,9 @@ Recipe ``delayed`` (Transformer Engine's delayed scaling): the scale of each ope
 the largest amax its role (forward input, forward weight, output gradient) had over the last
 steps, kept in a buffer of the layer's product (:class:`FP8MatMul`). The scale is known before
 the operand exists, so a compiler can fuse the cast into the kernel that produces the operand,
-and the amax of the operand, recorded for the next steps, can fuse there too. The recorded amax
-is all-reduced over the model group as above, so every rank's history is the serial model's.
+and the amax of the operand, recorded for the next steps, can fuse there too. The recorded amaxes
+are reduced (maximum) over all ranks once a step, so every rank's history is the serial model's
+and the same on every data and sample replica.
 An operand that outgrows its history saturates (clamped to the finite range) until the next
 steps' scales catch up.
 
@@ -66,6 +67,11 @@ def _amax(x: torch.Tensor, group) -> torch.Tensor:
     return amax
 
 
+def _world():
+    """All ranks as a group (None, one rank, when not distributed)."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
 def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` scaled so that ``amax`` maps to the format's largest finite value and cast; values
     beyond ``amax`` saturate. Returns the FP8 tensor and the inverse scale ``_scaled_mm`` takes."""
@@ -94,13 +100,17 @@ def _operand(x: torch.Tensor, dtype: torch.dtype, group, history: torch.Tensor |
     """Operand ``role`` of a product in FP8: tensorwise (``history`` None) or delayed.
 
     Delayed: with ``from_history`` the scale is the largest amax of the previous steps (slots
-    1..H of the role's row), known before ``x`` exists; else (the first step) the operand's own.
-    With ``record`` the operand's amax goes into slot 0 as a running maximum: a rollout calls a
-    layer several times a step, and a checkpointed block's recomputation records the same value
-    again, which a maximum does not notice."""
+    1..H of the role's row), known before ``x`` exists; else (the first step) the operand's own,
+    common to ``group``. With ``record`` the operand's amax goes into slot 0 as a running maximum:
+    a rollout calls a layer several times a step, and a checkpointed block's recomputation records
+    the same value again, which a maximum does not notice. Recorded from the history, it is this
+    rank's block's: :func:`advance_histories` reduces slot 0 over all ranks once a step, not a
+    collective per operand."""
     if history is None:
         return _to_fp8(x, dtype, group)
-    amax = _amax(x, group) if record or not from_history else None
+    # the first training step's own amax is the largest over all ranks, as every later step's
+    # history is: data and sample replicas cast alike, and k replicas equal one with k x the batch
+    amax = x.detach().abs().amax().float() if from_history else _amax(x, _world() if record else group)
     if record:
         history[role, 0] = torch.maximum(history[role, 0], amax)
     return _cast(x, history[role, 1:].amax() if from_history else amax, dtype)
@@ -137,8 +147,8 @@ class FP8MatMul(nn.Module):
     step :func:`advance_histories` moves slot 0 into the history. Operands are recorded in
     forwards that autograd records (training), and output gradients in every backward; a
     forward under ``no_grad`` (validation, forecasts) reads the history and leaves it as it is.
-    The buffer is model state (in the state dict and the checkpoints), the same on every rank of
-    ``group`` because every recorded amax is the serial operand's."""
+    The buffer is model state (in the state dict and the checkpoints), the same on every rank
+    once :func:`advance_histories` has reduced the step's amaxes over all ranks."""
 
     def __init__(self, group=None, recipe: str = "tensorwise", history: int = DEFAULT_HISTORY):
         super().__init__()
@@ -169,14 +179,22 @@ def delayed_products(model: nn.Module) -> list[FP8MatMul]:
 
 @torch.no_grad()
 def advance_histories(products: list[FP8MatMul]) -> None:
-    """End of a training step (one micro-batch's forward and backward): each role's slot 0 becomes
-    its newest history entry, the oldest drops out, slot 0 starts the next step at 0, and from
-    now on every product casts from its history. One stacked roll for all products: a few
-    kernels however many layers."""
+    """End of a training step (one micro-batch's forward and backward): each role's slot 0, the
+    maximum over all ranks, becomes its newest history entry, the
+    oldest drops out, slot 0 starts the next step at 0, and from now on every product casts from
+    its history. The maximum spans the model group (whose blocks make the serial operand) and the
+    data and sample replicas (whose operands differ), so every rank keeps one history, the one a
+    checkpoint saves. One stacked reduction and roll for all products: a few kernels however many
+    layers."""
     histories = [product.amax_history for product in products]
     if not histories:
         return
-    rolled = torch.stack(histories).roll(1, dims=-1)
+    rolled = torch.stack(histories)
+    if group_size(_world()) > 1:
+        step = rolled[..., 0].contiguous()  # collectives take contiguous tensors
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        rolled[..., 0] = step
+    rolled = rolled.roll(1, dims=-1)
     rolled[..., 0] = 0
     torch._foreach_copy_(histories, list(rolled.unbind(0)))
     for product in products:

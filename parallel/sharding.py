@@ -74,8 +74,8 @@ def replicated_spec(shape: tuple[int, ...]) -> ShardSpec:
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers of ``model``'s state dict (state that is not a parameter: FP8 amax histories).
 
-    They are replicated over the model group (the same on every rank of it: each is computed
-    from the serial model's values), so checkpoints hold them whole (:func:`replicated_spec`)
+    They are replicated (the same on every rank: an amax history is reduced over all ranks each
+    step), so checkpoints hold them whole (:func:`replicated_spec`)
     and any mesh loads them as they are."""
     return {f"{prefix}.{name}" if prefix else name: buffer
             for prefix, module in model.named_modules() for name, buffer in module._buffers.items()

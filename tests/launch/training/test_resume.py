@@ -51,10 +51,11 @@ CHAINS = {
                  deepspeed="configs/deepspeed/zero1.json"), None),
     ],
     # FP8 delayed scaling: the amax histories go into the checkpoint and onto the other mesh (without
-    # them the fourth step would cast with the operands' own amax, and its loss would differ)
+    # them the fourth step would cast with the operands' own amax, and its loss would differ); the
+    # two data replicas of the first leg see different samples and keep one history, the largest
     "fp8-delayed": [
         (2, dict(model={"preset": "tiny", "overrides": {"hidden": 16, "fp8": "delayed", "fp8_history": 4}},
-                 mesh={"domain": [1, 2]}), 3),
+                 training={"micro_batch": 1}), 3),
         (2, dict(model={"preset": "tiny", "overrides": {"hidden": 16, "fp8": "delayed", "fp8_history": 4}},
                  mesh={"tensor": 2}), None),
     ],
