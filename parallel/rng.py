@@ -92,18 +92,43 @@ def normal_from_key(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 values at the int64 positions ``flat`` of the stream ``key`` (an
     int64 tensor, so that a compiled graph takes a new key as an input instead of recompiling).
 
-    Box-Muller on two independent uniforms per element (keys derived from ``key``): ``sqrt(-2 ln
-    u1) cos(2 pi u2)``. The uniforms never reach 0, so ``|value| <= 6.8``: the tail beyond is lost
-    (probability 1e-11 per element). float32, as GPU random number libraries compute normals:
-    the values feed bf16 or float32 weights, and a GPU runs float64 logarithms and cosines at a
-    small fraction of the float32 rate (the draw of a billion weights would cost milliseconds).
+    Box-Muller, ``sqrt(-2 ln u1) cos(2 pi u2)``, on the two 32-bit halves of one 64-bit hash of
+    (key, position): SplitMix64's finalizer, two multiplications, where hashing each uniform
+    32 bits at a time took eight (a Bayesian step draws a billion weights twice, and the hashing
+    is what bounds the draw). The uniforms never reach 0, so ``|value| <= 6.8``: the tail beyond
+    is lost (probability 1e-11 per element). float32, as GPU random number libraries compute
+    normals: the values feed bf16 or float32 weights, and a GPU runs float64 logarithms and
+    cosines at a small fraction of the float32 rate.
     """
-    radius = torch.sqrt(-2 * torch.log(_uniform(mix_keys(key, _RADIUS), flat, torch.float32)))
-    angle = (2 * math.pi) * _uniform(mix_keys(key, _ANGLE), flat, torch.float32)
-    return radius * torch.cos(angle)
+    bits = _mix64(key ^ (flat * _GOLDEN))
+    radius = torch.sqrt(-2 * torch.log(_unit(_shift_right(bits, 32), torch.float32)))
+    return radius * torch.cos((2 * math.pi) * _unit(bits & _MASK32, torch.float32))
 
 
-_RADIUS, _ANGLE = stream_seed(0, "normal-radius"), stream_seed(0, "normal-angle")
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+# SplitMix64's constants (Steele, Lea & Flood 2014): the golden-ratio increment and the finalizer's
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x >> bits`` as unsigned 64-bit (torch shifts int64 arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer: every output bit depends on every input bit (int64 products wrap)."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def _unit(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``U(0, 1)`` from 32 random bits, in ``dtype``; never 0 (float32 may round the largest to 1)."""
+    return (bits.to(dtype) + 0.5) / 2**32
 
 
 def mix_keys(key: torch.Tensor, other: int) -> torch.Tensor:
@@ -134,5 +159,4 @@ def _uniform(key: int, flat: torch.Tensor, dtype: torch.dtype = torch.float64) -
     """``U(0, 1)`` of a 64-bit key and int64 positions (both 32-bit halves of each are hashed in),
     in ``dtype``; never 0 (float32 may round the largest values to 1)."""
     high = _hash32(_hash32(flat >> 32) ^ (key >> 32))
-    bits = _hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high)
-    return (bits.to(dtype) + 0.5) / 2**32
+    return _unit(_hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high), dtype)
