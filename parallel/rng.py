@@ -92,17 +92,18 @@ def normal_from_key(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 values at the int64 positions ``flat`` of the stream ``key`` (an
     int64 tensor, so that a compiled graph takes a new key as an input instead of recompiling).
 
-    Box-Muller, ``sqrt(-2 ln u1) cos(2 pi u2)``, on the two 32-bit halves of one 64-bit hash of
-    (key, position): SplitMix64's finalizer, two multiplications, where hashing each uniform
-    32 bits at a time took eight (a Bayesian step draws a billion weights twice, and the hashing
-    is what bounds the draw). The uniforms never reach 0, so ``|value| <= 6.8``: the tail beyond
-    is lost (probability 1e-11 per element). float32, as GPU random number libraries compute
-    normals: the values feed bf16 or float32 weights, and a GPU runs float64 logarithms and
-    cosines at a small fraction of the float32 rate.
+    The inverse of the normal CDF, ``sqrt(2) erfinv(x)`` (as JAX draws normals), at a uniform
+    ``x`` on the 2^23 odd multiples of 2^-23 in (-1, 1) (exact in float32, symmetric, never +-1),
+    taken from one 64-bit hash of (key, position) (SplitMix64's finalizer). Why these: a Bayesian
+    step draws a billion weights and on a GPU the draw is bound by arithmetic, and one 64-bit
+    hash and an ``erfinv`` are the cheapest there (``benchmarks/SAMPLING.md`` compares them with
+    32-bit hashes and Box-Muller). The lattice bounds ``|value| <= 5.3`` (the tail beyond has
+    probability 1e-7) and resolves quantiles 2^-23 apart, finer than the bf16 weights the values
+    perturb. float32, as GPU random number libraries compute normals.
     """
-    bits = _mix64(key ^ (flat * _GOLDEN))
-    radius = torch.sqrt(-2 * torch.log(_unit(_shift_right(bits, 32), torch.float32)))
-    return radius * torch.cos((2 * math.pi) * _unit(bits & _MASK32, torch.float32))
+    bits = _mix64((flat ^ key) * _GOLDEN)  # the key first: an int64 (the product's constant needs 64 bits)
+    odd = 2 * _shift_right(bits, 41) + 1  # 23 random bits as an odd integer below 2^24
+    return math.sqrt(2) * torch.erfinv((odd - 2**23).to(torch.float32) / 2**23)
 
 
 def _signed(value: int) -> int:
@@ -124,11 +125,6 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     x = (x ^ _shift_right(x, 30)) * _MIX1
     x = (x ^ _shift_right(x, 27)) * _MIX2
     return x ^ _shift_right(x, 31)
-
-
-def _unit(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``U(0, 1)`` from 32 random bits, in ``dtype``; never 0 (float32 may round the largest to 1)."""
-    return (bits.to(dtype) + 0.5) / 2**32
 
 
 def mix_keys(key: torch.Tensor, other: int) -> torch.Tensor:
@@ -159,4 +155,5 @@ def _uniform(key: int, flat: torch.Tensor, dtype: torch.dtype = torch.float64) -
     """``U(0, 1)`` of a 64-bit key and int64 positions (both 32-bit halves of each are hashed in),
     in ``dtype``; never 0 (float32 may round the largest values to 1)."""
     high = _hash32(_hash32(flat >> 32) ^ (key >> 32))
-    return _unit(_hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high), dtype)
+    bits = _hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high)
+    return (bits.to(dtype) + 0.5) / 2**32
