@@ -15,12 +15,11 @@ plus the FP8 products and casts. Products whose sizes are not multiples of 16 st
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import dataclass
 
 import torch
 
-from benchmarks.timing import Timer
+from benchmarks.timing import median_ms
 from weathermixer.config import PRESETS, ModelConfig, preset
 
 FP8 = torch.float8_e4m3fn
@@ -74,17 +73,6 @@ def step_products(config: ModelConfig, batch: int) -> list[Product]:
         points = c.model_lat * c.model_lon * batch
         products += linear_products("residual", points, c.in_channels + c.out_channels, c.out_channels, 1)
     return products
-
-
-def median_ms(device: str, fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        with Timer(device) as timer:
-            fn()
-        times.append(timer.ms())
-    return statistics.median(times)
 
 
 def to_fp8(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:

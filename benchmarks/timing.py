@@ -41,6 +41,18 @@ class Timer:
         return (self.t1 - self.t0) * 1e3
 
 
+def median_ms(device: str, fn, repeats: int) -> float:
+    """Median ms of ``repeats`` calls of ``fn`` after three untimed ones."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            fn()
+        times.append(timer.ms())
+    return statistics.median(times)
+
+
 def matmul_ceiling(device: str, n: int, repeats: int = 30) -> float:
     """TFLOP/s of an ``n^3`` bf16 matmul on random operands (median of ``repeats``)."""
     generator = torch.Generator(device=device).manual_seed(0)

@@ -137,6 +137,11 @@ class TrainingSection(Section):
     def max_rollout(self) -> int:
         return max(s.steps for s in self.rollout)
 
+    @property
+    def samples_per_step(self) -> int:
+        """Training samples one data replica reads per optimizer step."""
+        return self.micro_batch * self.gradient_accumulation
+
 
 class CheckpointSection(Section):
     dir: str = "outputs/run"

@@ -66,8 +66,7 @@ def sample_leads(training: TrainingSection, first_step: int) -> Callable[[int], 
     (``ReplicaSampler.stream``) from ``first_step`` (0, or the step a run resumes at) on, so sample
     ``k`` serves step ``first_step + k // samples_per_step``; a phase of short rollouts then reads
     none of the targets that only the schedule's longest rollout needs."""
-    samples_per_step = training.micro_batch * training.gradient_accumulation
-    return lambda k: training.rollout_steps(first_step + k // samples_per_step)
+    return lambda k: training.rollout_steps(first_step + k // training.samples_per_step)
 
 
 class Trainer:
@@ -135,7 +134,7 @@ class Trainer:
                           if profile else None)
         # one stream of time indices over all epochs, each cut to whole steps: the readers read the next
         # epoch's first samples while the current epoch's last steps compute, and no step mixes epochs
-        time_indices = self.sampler.stream(samples_per_step=t.micro_batch * t.gradient_accumulation)
+        time_indices = self.sampler.stream(samples_per_step=t.samples_per_step)
         # each sample read with the targets of its own step's rollout, not the longest one's
         with PREFETCHERS[run.data.worker_kind](self.inputs.reader, time_indices, sample_leads(t, self.step),
                                                run.data.prefetch, run.data.workers,

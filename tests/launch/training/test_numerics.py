@@ -99,3 +99,21 @@ def test_skipping_non_finite_steps_trains_on_and_warns(nan_store, tmp_path):
     assert len(nan_steps) < STEPS  # the other steps trained
     weights = load_consolidated(tmp_path / "model.pt").state_dict
     assert all(torch.isfinite(w).all() for w in weights.values())  # no NaN reached the weights
+
+
+def test_skipping_stops_a_run_whose_every_step_is_non_finite(tmp_path_factory, tmp_path):
+    """t2m NaN at one grid point of every time: ``skip`` leaves out the first nine steps with a
+    warning each, and the tenth in a row stops the run (diverged), naming it, without a traceback."""
+    path = tmp_path_factory.mktemp("all-nan") / "store.zarr"
+    write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
+                upper_air=("z", "t"), tile_grid=(1, 2))
+    zarr.open_group(str(path), mode="r+")["t2m"][:, 4, 12] = np.nan
+    values = run_values(path, tmp_path, training={"nonfinite_loss": "skip", "steps": 14},
+                        checkpoint={"dir": str(tmp_path), "every": 100})
+    result = launch(1, values, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    warned = re.findall(r"warning: step (\d+): the training loss is nan.*update was left out", result.stderr)
+    assert [int(step) for step in warned] == list(range(1, 10)), (warned, output[-3000:])
+    assert len(re.findall(r"step 10: the training loss is nan.*10 steps in a row: the run diverged", output)) == 1, \
+        output[-3000:]
