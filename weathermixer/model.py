@@ -236,8 +236,11 @@ class WeatherMixer(nn.Module):
         return self.decode(self.process(embedded), embedded, state)
 
     def rollout(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor, steps: int,
-                mode: str = "autoregressive") -> torch.Tensor:
+                mode: str = "autoregressive", out: torch.Tensor | None = None) -> torch.Tensor:
         """States at t + 1..steps steps, ``(B, steps, lat, lon, C)``.
+
+        ``out`` (inference): a tensor of that shape each step's state is written into as it
+        comes, and which is returned; a forecast then holds its states once, not also stacked.
 
         ``forcings``: ``(B, steps, lat, lon, F)``, the forcings at each step's input time.
         ``autoregressive``: decode every step and feed the prediction back in.
@@ -249,19 +252,28 @@ class WeatherMixer(nn.Module):
         if forcings.dim() != 5 or forcings.shape[1] < steps:
             raise ValueError(f"forcings shape {tuple(forcings.shape)}: expected (batch, >= {steps} steps, lat, lon, "
                              f"forcing channels)")
+        if out is not None and tuple(out.shape) != (state.shape[0], steps, *state.shape[1:]):
+            raise ValueError(f"rollout out of shape {tuple(out.shape)}: expected {(state.shape[0], steps, *state.shape[1:])}")
         outputs = []
+
+        def keep(step: int, y: torch.Tensor) -> None:
+            if out is None:
+                outputs.append(y)
+            else:
+                out[:, step] = y
+
         if mode == "autoregressive":
             for k in range(steps):
                 # the step itself, not through module hooks: an engine's hooks (DeepSpeed times every
                 # call) would break a compiled rollout's graph at each step
                 state = self.forward(state, static, forcings[:, k])
-                outputs.append(state)
+                keep(k, state)
         else:
             embedded = x = self.encode(state, static, forcings[:, 0])
-            for _ in range(steps):
+            for k in range(steps):
                 x = self.process(x)
-                outputs.append(self.decode(x, embedded, state))
-        return torch.stack(outputs, dim=1)
+                keep(k, self.decode(x, embedded, state))
+        return torch.stack(outputs, dim=1) if out is None else out
 
     def _check_input(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor) -> None:
         rank = self.mesh.tensor_rank

@@ -341,9 +341,11 @@ class MemberRollout:
                                     f"own weight sample; expected one member per batch")
             self.model.draw_member(self.seed, members[0])
             state = self.perturb(state, time_indices, 0, members)
-        with torch.no_grad():
-            forecast = self.model.rollout(state, static, forcings, steps)
-        return torch.cat([state[:, None], forecast], dim=1)
+        forecast = state.new_empty((state.shape[0], 1 + steps, *state.shape[1:]))
+        forecast[:, 0] = state
+        with torch.no_grad():  # each step written in place: the states held once, not also stacked
+            self.model.rollout(state, static, forcings, steps, out=forecast[:, 1:])
+        return forecast
 
 
 @dataclass

@@ -112,6 +112,22 @@ def test_rollout_modes():
         model.rollout(state, static, forcings, 4, "autoregressive")
 
 
+def test_a_rollout_into_a_given_tensor_writes_the_stacked_states():
+    """``out`` (inference): each step's state written into it, bitwise the stacked rollout, and
+    ``out`` itself returned; a tensor of another shape is named."""
+    config = preset("tiny", latent_steps=2)
+    model = WeatherMixer(config, seed=3)
+    state, static, forcings = inputs(config, batch=2, steps=3)
+    with torch.no_grad():
+        for mode in ("autoregressive", "latent"):
+            stacked = model.rollout(state, static, forcings, 3, mode)
+            out = torch.full_like(stacked, float("nan"))
+            assert model.rollout(state, static, forcings, 3, mode, out=out) is out
+            assert torch.equal(out, stacked), mode
+        with pytest.raises(ValueError, match=r"rollout out of shape \(2, 2, "):
+            model.rollout(state, static, forcings, 3, out=stacked[:, :2])
+
+
 def test_wrong_input_shape_names_the_input():
     config = preset("tiny")
     model = WeatherMixer(config)
