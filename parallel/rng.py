@@ -101,7 +101,9 @@ def normal_from_key(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     probability 1e-7) and resolves quantiles 2^-23 apart, finer than the bf16 weights the values
     perturb. float32, as GPU random number libraries compute normals.
     """
-    bits = _mix64((flat ^ key) * _GOLDEN)  # the key first: an int64 (the product's constant needs 64 bits)
+    # the int64 key xor-ed in first: a compiled GPU kernel may index positions as int32, and the
+    # product's constant needs 64 bits
+    bits = _mix64((flat ^ key) * _GOLDEN)
     odd = 2 * _shift_right(bits, 41) + 1  # 23 random bits as an odd integer below 2^24
     return math.sqrt(2) * torch.erfinv((odd - 2**23).to(torch.float32) / 2**23)
 
