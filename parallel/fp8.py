@@ -19,9 +19,8 @@ steps, kept in a buffer of the layer's product (:class:`FP8MatMul`). The scale i
 the operand exists, so a compiler can fuse the cast into the kernel that produces the operand,
 and the amax of the operand, recorded for the next steps, can fuse there too. The recorded amaxes
 are reduced (maximum) over all ranks once a step, so every rank's history is the serial model's
-and the same on every data and sample replica.
-An operand that outgrows its history saturates (clamped to the finite range) until the next
-steps' scales catch up.
+and the same on every data and sample replica. An operand that outgrows its history saturates
+(clamped to the finite range) until the next steps' scales catch up.
 
 CPUs run ``torch._scaled_mm`` too (emulated), so tests check real FP8
 numbers; a CUDA device must be Hopper or newer (compute capability 8.9+), and its products
@@ -180,9 +179,8 @@ def delayed_products(model: nn.Module) -> list[FP8MatMul]:
 @torch.no_grad()
 def advance_histories(products: list[FP8MatMul]) -> None:
     """End of a training step (one micro-batch's forward and backward): each role's slot 0, the
-    maximum over all ranks, becomes its newest history entry, the
-    oldest drops out, slot 0 starts the next step at 0, and from now on every product casts from
-    its history. The maximum spans the model group (whose blocks make the serial operand) and the
+    maximum over all ranks, becomes its newest history entry, the oldest drops out, slot 0 starts
+    the next step at 0, and from now on every product casts from its history. The maximum spans the model group (whose blocks make the serial operand) and the
     data and sample replicas (whose operands differ), so every rank keeps one history, the one a
     checkpoint saves. One stacked reduction and roll for all products: a few kernels however many
     layers."""
