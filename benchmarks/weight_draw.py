@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import median_ms
-from parallel.rng import _GOLDEN, _MASK32, _mix64, _shift_right, _uniform, flat_index, mix_keys, normal_from_key
+from parallel.rng import (_MASK32, _shift_right, _uniform, flat_index, hash64, mix_keys, normal_from_key,
+                          unit_interval)
 
 MODEL_WEIGHTS = 1.06e9  # jigsaw-1b
 
@@ -27,21 +28,15 @@ def box_muller(radius: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2 * torch.log(radius)) * torch.cos(2 * math.pi * angle)
 
 
-def one_hash(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    return _mix64((flat ^ key) * _GOLDEN)
-
-
-def unit(bits: torch.Tensor) -> torch.Tensor:
-    return (bits.to(torch.float32) + 0.5) / 2**32
-
-
 NORMALS = {
     "erfinv of one 64-bit hash (now)": normal_from_key,
     "Box-Muller, one 64-bit hash": lambda key, flat: box_muller(
-        unit(_shift_right(one_hash(key, flat), 32)), unit(one_hash(key, flat) & _MASK32)),
+        unit_interval(_shift_right(hash64(key, flat), 32), torch.float32),
+        unit_interval(hash64(key, flat) & _MASK32, torch.float32)),
     "Box-Muller, four 32-bit hashes a uniform": lambda key, flat: box_muller(
         _uniform(mix_keys(key, 1), flat, torch.float32), _uniform(mix_keys(key, 2), flat, torch.float32)),
-    "a uniform of one 64-bit hash (no normal)": lambda key, flat: unit(one_hash(key, flat) & _MASK32),
+    "a uniform of one 64-bit hash (no normal)": lambda key, flat: unit_interval(hash64(key, flat) & _MASK32,
+                                                                                 torch.float32),
     "memory (no draw)": lambda key, flat: torch.full_like(flat, 1, dtype=torch.float32),
 }
 

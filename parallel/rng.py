@@ -101,9 +101,7 @@ def normal_from_key(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     probability 1e-7) and resolves quantiles 2^-23 apart, finer than the bf16 weights the values
     perturb. float32, as GPU random number libraries compute normals.
     """
-    # the int64 key xor-ed in first: a compiled GPU kernel may index positions as int32, and the
-    # product's constant needs 64 bits
-    bits = _mix64((flat ^ key) * _GOLDEN)
+    bits = hash64(key, flat)
     odd = 2 * _shift_right(bits, 41) + 1  # 23 random bits as an odd integer below 2^24
     return math.sqrt(2) * torch.erfinv((odd - 2**23).to(torch.float32) / 2**23)
 
@@ -120,6 +118,18 @@ _GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     """``x >> bits`` as unsigned 64-bit (torch shifts int64 arithmetically)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def hash64(key: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """64 random bits (an int64) per position ``flat`` of the stream ``key``."""
+    # the int64 key xor-ed in first: a compiled GPU kernel may index positions as int32, and the
+    # product's constant needs 64 bits
+    return _mix64((flat ^ key) * _GOLDEN)
+
+
+def unit_interval(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``U(0, 1)`` in ``dtype`` from 32 random bits; never 0 (float32 may round the largest to 1)."""
+    return (bits.to(dtype) + 0.5) / 2**32
 
 
 def _mix64(x: torch.Tensor) -> torch.Tensor:
@@ -157,5 +167,4 @@ def _uniform(key: int, flat: torch.Tensor, dtype: torch.dtype = torch.float64) -
     """``U(0, 1)`` of a 64-bit key and int64 positions (both 32-bit halves of each are hashed in),
     in ``dtype``; never 0 (float32 may round the largest values to 1)."""
     high = _hash32(_hash32(flat >> 32) ^ (key >> 32))
-    bits = _hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high)
-    return (bits.to(dtype) + 0.5) / 2**32
+    return unit_interval(_hash32(_hash32((flat & _MASK32) ^ (key & _MASK32)) ^ high), dtype)
