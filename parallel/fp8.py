@@ -123,15 +123,35 @@ class _FP8MatMul(torch.autograd.Function):
         ctx.save_for_backward(a8, a_inv, b8, b_inv)
         # the history as an attribute, not a saved tensor: it changes in place before backward
         ctx.group, ctx.dtypes, ctx.history, ctx.from_history = group, (a.dtype, b.dtype), history, from_history
+        ctx.column_major = (_column_major(a), _column_major(b))
         return _scaled(a8, a_inv, b8, b_inv, a.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         a8, a_inv, b8, b_inv = ctx.saved_tensors
         g8, g_inv = _operand(grad, BACKWARD, ctx.group, ctx.history, GRADIENT, ctx.from_history, True)
-        grad_a = _scaled(g8, g_inv, b8.t(), b_inv, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_b = _scaled(a8.t(), a_inv, g8, g_inv, ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        (a_dtype, b_dtype), (a_column_major, b_column_major) = ctx.dtypes, ctx.column_major
+        grad_a = (_scaled_as(g8, g_inv, b8.t(), b_inv, a_dtype, a_column_major)
+                  if ctx.needs_input_grad[0] else None)
+        grad_b = (_scaled_as(a8.t(), a_inv, g8, g_inv, b_dtype, b_column_major)
+                  if ctx.needs_input_grad[1] else None)
         return grad_a, grad_b, None, None, None, None
+
+
+def _column_major(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a transposed view of a row-major matrix (a weight passed as ``w.t()``)."""
+    return not x.is_contiguous() and x.t().is_contiguous()
+
+
+def _scaled_as(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+               out_dtype: torch.dtype, column_major: bool) -> torch.Tensor:
+    """``a @ b`` written in the layout of the operand it is the gradient of: a column-major
+    operand's gradient computed as ``(bᵀ aᵀ)ᵀ``, the same FP8 products and copies, so that the
+    gradient of a weight passed as ``w.t()`` reaches ``w`` row-major (no strided copy into
+    ``w.grad``)."""
+    if column_major:
+        return _scaled(b.t(), b_inv, a.t(), a_inv, out_dtype).t()
+    return _scaled(a, a_inv, b, b_inv, out_dtype)
 
 
 class FP8MatMul(nn.Module):

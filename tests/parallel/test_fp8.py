@@ -47,6 +47,23 @@ def test_products_are_those_of_the_fp8_operands():
     assert relative_error(b.grad, _dequantised(a, FORWARD).t() @ g) < 1e-6
 
 
+def test_gradients_come_in_the_layout_of_their_operands():
+    """A weight passed transposed (``w.t()``, as the channel linears pass theirs) gets its gradient
+    column-major, so ``w`` receives it row-major: no strided copy into ``w.grad`` each step. The
+    values are those of the row-major products."""
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(48, 64, generator=generator).requires_grad_()
+    w = torch.randn(32, 64, generator=generator).requires_grad_()
+    grad = torch.randn(48, 32, generator=generator)
+    wt = w.t()
+    grad_a, grad_wt = torch.autograd.grad(FP8MatMul()(a, wt), (a, wt), grad)
+    assert grad_a.is_contiguous() and grad_wt.t().is_contiguous()
+    grad_a_row, grad_wt_row = torch.autograd.grad(FP8MatMul()(a, wt.contiguous()), (a, wt), grad)
+    assert grad_wt_row.is_contiguous()
+    torch.testing.assert_close(grad_wt, grad_wt_row, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_a, grad_a_row, rtol=0, atol=0)
+
+
 def test_tensorwise_scale_maps_the_largest_value_to_the_format_maximum():
     x = torch.tensor([[0.5, -3.0], [1e-3, 2.0]])
     values, inverse = _to_fp8(x, FORWARD, None)

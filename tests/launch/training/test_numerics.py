@@ -21,6 +21,7 @@ import torch
 import zarr
 
 from launch.training.checkpoint_format import load_consolidated
+from launch.training.step import FINITE, nonfinite_channel
 from tests.data.store_fixtures import write_store
 from tests.launch.training.test_train import STEPS, launch, losses, run_values
 
@@ -117,3 +118,18 @@ def test_skipping_stops_a_run_whose_every_step_is_non_finite(tmp_path_factory, t
     assert [int(step) for step in warned] == list(range(1, 10)), (warned, output[-3000:])
     assert len(re.findall(r"step 10: the training loss is nan.*10 steps in a row: the run diverged", output)) == 1, \
         output[-3000:]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_channel_names_the_smallest_bad_channel(bad, dtype):
+    """Each kind of non-finite value in one channel, in a strided view (targets are a slice of
+    the batch's leads); the answer is the smallest global index, FINITE when all are finite."""
+    channels = torch.tensor([3, 7, 11, 12])
+    values = torch.randn(2, 4, 5, 6, 4, dtype=dtype)[:, :3]
+    assert int(nonfinite_channel(values, channels)) == FINITE
+    values[1, 2, 4, 5, 2] = bad
+    assert int(nonfinite_channel(values, channels)) == 11
+    values[0, 0, 0, 0, 3] = bad
+    values[0, 1, 3, 2, 1] = -bad
+    assert int(nonfinite_channel(values, channels)) == 7
