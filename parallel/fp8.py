@@ -29,11 +29,14 @@ need every size a multiple of 16.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.comm import group_size
+from parallel.fp8_cast import cast_transpose
 
 RECIPES = ("none", "tensorwise", "delayed")
 ROLES = ("input", "weight", "gradient")  # the rows of a delayed product's amax history
@@ -71,17 +74,34 @@ def _world():
     return dist.group.WORLD if dist.is_initialized() else None
 
 
-def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` scaled so that ``amax`` maps to the format's largest finite value and cast; values
-    beyond ``amax`` saturate. Returns the FP8 tensor and the inverse scale ``_scaled_mm`` takes."""
-    finite = torch.finfo(dtype).max
-    scale = finite / amax.clamp(min=AMAX_FLOOR)  # an all-zero operand stays zero
-    return (x.float() * scale).clamp(-finite, finite).to(dtype), scale.reciprocal()
+class FP8Operand(NamedTuple):
+    """An operand in FP8 in both layouts: ``rows`` row-major, ``columns`` column-major (the
+    transposed view of a row-major copy), and the inverse scale ``_scaled_mm`` takes."""
+
+    rows: torch.Tensor | None  # None: a layout not kept (for backward, only the one it takes)
+    columns: torch.Tensor | None
+    inverse_scale: torch.Tensor
+
+    def t(self) -> FP8Operand:
+        def transposed(x):
+            return None if x is None else x.t()
+        return FP8Operand(transposed(self.columns), transposed(self.rows), self.inverse_scale)
 
 
-def _to_fp8(x: torch.Tensor, dtype: torch.dtype, group) -> tuple[torch.Tensor, torch.Tensor]:
+def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[FP8Operand, torch.Tensor]:
+    """``x`` scaled so that ``amax`` maps to the format's largest finite value and cast into
+    both layouts in one pass; values beyond ``amax`` saturate. Returns the operand and ``x``'s
+    own amax (this rank's block's)."""
+    scale = torch.finfo(dtype).max / amax.clamp(min=AMAX_FLOOR)  # an all-zero operand stays zero
+    transposed = _column_major(x)  # a weight passed as w.t(): cast w, the row-major matrix
+    values, values_t, own_amax = cast_transpose(x.t() if transposed else x.contiguous(), scale, dtype)
+    operand = FP8Operand(values, values_t.t(), scale.reciprocal())
+    return operand.t() if transposed else operand, own_amax
+
+
+def _to_fp8(x: torch.Tensor, dtype: torch.dtype, group) -> FP8Operand:
     """``x`` cast with the tensorwise scale of its own amax, common to ``group``."""
-    return _cast(x, _amax(x, group), dtype)
+    return _cast(x, _amax(x, group), dtype)[0]
 
 
 def _scaled(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
@@ -94,8 +114,13 @@ def _scaled(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.
                             out_dtype=out_dtype)
 
 
+def _product(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` from the layouts the tensor cores take (no copy)."""
+    return _scaled(a.rows, a.inverse_scale, b.columns, b.inverse_scale, out_dtype)
+
+
 def _operand(x: torch.Tensor, dtype: torch.dtype, group, history: torch.Tensor | None, role: int,
-             from_history: bool, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             from_history: bool, record: bool) -> FP8Operand:
     """Operand ``role`` of a product in FP8: tensorwise (``history`` None) or delayed.
 
     Delayed: with ``from_history`` the scale is the largest amax of the previous steps (slots
@@ -103,38 +128,40 @@ def _operand(x: torch.Tensor, dtype: torch.dtype, group, history: torch.Tensor |
     common to ``group``. With ``record`` the operand's amax goes into slot 0 as a running maximum:
     a rollout calls a layer several times a step, and a checkpointed block's recomputation records
     the same value again, which a maximum does not notice. Recorded from the history, it is this
-    rank's block's: :func:`advance_histories` reduces slot 0 over all ranks once a step, not a
-    collective per operand."""
-    if history is None:
-        return _to_fp8(x, dtype, group)
-    # the first training step's own amax is the largest over all ranks, as every later step's
-    # history is: data and sample replicas cast alike, and k replicas equal one with k x the batch
-    amax = x.detach().abs().amax().float() if from_history else _amax(x, _world() if record else group)
-    if record:
+    rank's block's, which the cast returns: :func:`advance_histories` reduces slot 0 over all
+    ranks once a step, not a collective per operand."""
+    if history is not None and from_history:
+        operand, amax = _cast(x, history[role, 1:].amax(), dtype)
+    else:
+        # the first training step's own amax is the largest over all ranks, as every later step's
+        # history is: data and sample replicas cast alike, and k replicas equal one with k x the batch
+        amax = _amax(x, _world() if history is not None and record else group)
+        operand, _ = _cast(x, amax, dtype)
+    if history is not None and record:
         history[role, 0] = torch.maximum(history[role, 0], amax)
-    return _cast(x, history[role, 1:].amax() if from_history else amax, dtype)
+    return operand
 
 
 class _FP8MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, group, history, from_history, record):
-        a8, a_inv = _operand(a, FORWARD, group, history, INPUT, from_history, record)
-        b8, b_inv = _operand(b, FORWARD, group, history, WEIGHT, from_history, record)
-        ctx.save_for_backward(a8, a_inv, b8, b_inv)
+        a8 = _operand(a, FORWARD, group, history, INPUT, from_history, record)
+        b8 = _operand(b, FORWARD, group, history, WEIGHT, from_history, record)
+        # backward takes a's columns (A^T dY) and b's rows (dY B^T): one FP8 copy of each kept
+        ctx.save_for_backward(a8.columns, a8.inverse_scale, b8.rows, b8.inverse_scale)
         # the history as an attribute, not a saved tensor: it changes in place before backward
         ctx.group, ctx.dtypes, ctx.history, ctx.from_history = group, (a.dtype, b.dtype), history, from_history
         ctx.column_major = (_column_major(a), _column_major(b))
-        return _scaled(a8, a_inv, b8, b_inv, a.dtype)
+        return _product(a8, b8, a.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        a8, a_inv, b8, b_inv = ctx.saved_tensors
-        g8, g_inv = _operand(grad, BACKWARD, ctx.group, ctx.history, GRADIENT, ctx.from_history, True)
+        a_columns, a_inv, b_rows, b_inv = ctx.saved_tensors
+        a8, b8 = FP8Operand(None, a_columns, a_inv), FP8Operand(b_rows, None, b_inv)
+        g8 = _operand(grad, BACKWARD, ctx.group, ctx.history, GRADIENT, ctx.from_history, True)
         (a_dtype, b_dtype), (a_column_major, b_column_major) = ctx.dtypes, ctx.column_major
-        grad_a = (_scaled_as(g8, g_inv, b8.t(), b_inv, a_dtype, a_column_major)
-                  if ctx.needs_input_grad[0] else None)
-        grad_b = (_scaled_as(a8.t(), a_inv, g8, g_inv, b_dtype, b_column_major)
-                  if ctx.needs_input_grad[1] else None)
+        grad_a = _product_as(g8, b8.t(), a_dtype, a_column_major) if ctx.needs_input_grad[0] else None
+        grad_b = _product_as(a8.t(), g8, b_dtype, b_column_major) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b, None, None, None, None
 
 
@@ -143,15 +170,14 @@ def _column_major(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.t().is_contiguous()
 
 
-def _scaled_as(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-               out_dtype: torch.dtype, column_major: bool) -> torch.Tensor:
+def _product_as(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype, column_major: bool) -> torch.Tensor:
     """``a @ b`` written in the layout of the operand it is the gradient of: a column-major
-    operand's gradient computed as ``(bᵀ aᵀ)ᵀ``, the same FP8 products and copies, so that the
+    operand's gradient computed as ``(bᵀ aᵀ)ᵀ``, from the same FP8 copies, so that the
     gradient of a weight passed as ``w.t()`` reaches ``w`` row-major (no strided copy into
     ``w.grad``)."""
     if column_major:
-        return _scaled(b.t(), b_inv, a.t(), a_inv, out_dtype).t()
-    return _scaled(a, a_inv, b, b_inv, out_dtype)
+        return _product(b.t(), a.t(), out_dtype).t()
+    return _product(a, b, out_dtype)
 
 
 class FP8MatMul(nn.Module):
