@@ -51,7 +51,8 @@ def run_case(args, batch: int, compiled: bool, data: str, ceiling: float) -> dic
     run = benchmark_run(args.preset, batch, args.zero, args.precision, compiled, args.device,
                         store=args.store if data == "zarr" else None, readers=args.readers,
                         reader_kind=args.reader_kind, checkpointing=args.checkpointing, dropout=args.dropout,
-                        bayesian=args.bayesian, samples=args.samples, fp8=args.fp8)
+                        bayesian=args.bayesian, samples=args.samples, fp8=args.fp8,
+                        fp8_groups=args.fp8_groups.split(",") if args.fp8_groups else None)
     step = build_step(run, ProcessMesh.build(run.mesh, device.type), device)
     source = batch_source(step)
     counter = itertools.count()  # the training step: each draws its own weights (a Bayesian model)
@@ -244,6 +245,8 @@ def parse_args(argv=None):
     parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
     parser.add_argument("--fp8", default="none", choices=("none", "tensorwise", "delayed"),
                         help="model.fp8: FP8 matrix products in the mixing layers")
+    parser.add_argument("--fp8-groups", default=None,
+                        help="model.fp8_groups, comma-separated (e.g. all, or token_mixing,channel_mixing,embedding)")
     parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")

@@ -22,9 +22,10 @@ are reduced (maximum) over all ranks once a step, so every rank's history is the
 and the same on every data and sample replica. An operand that outgrows its history saturates
 (clamped to the finite range) until the next steps' scales catch up.
 
-CPUs run ``torch._scaled_mm`` too (emulated), so tests check real FP8
-numbers; a CUDA device must be Hopper or newer (compute capability 8.9+), and its products
-need every size a multiple of 16.
+Each operand is cast once into both layouts the products take, padded with zeros to sizes that
+are multiples of 16 as CUDA's FP8 products need (:mod:`parallel.fp8_cast`): a layer of any size
+runs in FP8. CPUs run ``torch._scaled_mm`` too (emulated), so tests check real FP8 numbers; a
+CUDA device must be Hopper or newer (compute capability 8.9+).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ INPUT, WEIGHT, GRADIENT = range(len(ROLES))
 DEFAULT_HISTORY = 16  # steps of amax a delayed scale looks back over
 FORWARD, BACKWARD = torch.float8_e4m3fn, torch.float8_e5m2
 AMAX_FLOOR = 1e-12  # as torchao: a finite scale for an operand of zeros
+ALIGN = 16  # CUDA's FP8 products take sizes that are multiples of 16: operands are padded to them
 
 
 class FP8Error(ValueError):
@@ -75,17 +77,19 @@ def _world():
 
 
 class FP8Operand(NamedTuple):
-    """An operand in FP8 in both layouts: ``rows`` row-major, ``columns`` column-major (the
-    transposed view of a row-major copy), and the inverse scale ``_scaled_mm`` takes."""
+    """An operand of true size ``shape`` in FP8 in both layouts, each padded with zeros to
+    multiples of :data:`ALIGN`: ``rows`` row-major, ``columns`` column-major (the transposed
+    view of a row-major copy); and the inverse scale ``_scaled_mm`` takes."""
 
     rows: torch.Tensor | None  # None: a layout not kept (for backward, only the one it takes)
     columns: torch.Tensor | None
     inverse_scale: torch.Tensor
+    shape: tuple[int, int]
 
     def t(self) -> FP8Operand:
         def transposed(x):
             return None if x is None else x.t()
-        return FP8Operand(transposed(self.columns), transposed(self.rows), self.inverse_scale)
+        return FP8Operand(transposed(self.columns), transposed(self.rows), self.inverse_scale, self.shape[::-1])
 
 
 def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[FP8Operand, torch.Tensor]:
@@ -94,9 +98,14 @@ def _cast(x: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[FP8O
     own amax (this rank's block's)."""
     scale = torch.finfo(dtype).max / amax.clamp(min=AMAX_FLOOR)  # an all-zero operand stays zero
     transposed = _column_major(x)  # a weight passed as w.t(): cast w, the row-major matrix
-    values, values_t, own_amax = cast_transpose(x.t() if transposed else x.contiguous(), scale, dtype)
-    operand = FP8Operand(values, values_t.t(), scale.reciprocal())
+    x = x.t() if transposed else x.contiguous()
+    values, values_t, own_amax = cast_transpose(x, scale, dtype, *(_aligned(size) for size in x.shape))
+    operand = FP8Operand(values, values_t.t(), scale.reciprocal(), tuple(x.shape))
     return operand.t() if transposed else operand, own_amax
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
 
 
 def _to_fp8(x: torch.Tensor, dtype: torch.dtype, group) -> FP8Operand:
@@ -104,19 +113,12 @@ def _to_fp8(x: torch.Tensor, dtype: torch.dtype, group) -> FP8Operand:
     return _cast(x, _amax(x, group), dtype)[0]
 
 
-def _scaled(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` in FP8: ``a`` row-major, ``b`` column-major, as the tensor cores take them."""
-    if a.is_cuda and any(size % 16 for size in (*a.shape, b.shape[1])):
-        raise FP8Error(f"FP8 product {tuple(a.shape)} x {tuple(b.shape)}: CUDA needs every size a multiple of 16; "
-                       f"expected layer sizes that are (or model.fp8_groups without this layer)")
-    return torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), scale_a=a_inv, scale_b=b_inv,
-                            out_dtype=out_dtype)
-
-
 def _product(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` from the layouts the tensor cores take (no copy)."""
-    return _scaled(a.rows, a.inverse_scale, b.columns, b.inverse_scale, out_dtype)
+    """``a @ b`` in FP8 from the layouts the tensor cores take (``a`` row-major, ``b``
+    column-major; no copy), float32 accumulation; the padding's zeros add nothing and its rows
+    and columns of the result are cut off."""
+    out = torch._scaled_mm(a.rows, b.columns, scale_a=a.inverse_scale, scale_b=b.inverse_scale, out_dtype=out_dtype)
+    return out[:a.shape[0], :b.shape[1]]
 
 
 def _operand(x: torch.Tensor, dtype: torch.dtype, group, history: torch.Tensor | None, role: int,
@@ -149,6 +151,7 @@ class _FP8MatMul(torch.autograd.Function):
         b8 = _operand(b, FORWARD, group, history, WEIGHT, from_history, record)
         # backward takes a's columns (A^T dY) and b's rows (dY B^T): one FP8 copy of each kept
         ctx.save_for_backward(a8.columns, a8.inverse_scale, b8.rows, b8.inverse_scale)
+        ctx.shapes = (a8.shape, b8.shape)
         # the history as an attribute, not a saved tensor: it changes in place before backward
         ctx.group, ctx.dtypes, ctx.history, ctx.from_history = group, (a.dtype, b.dtype), history, from_history
         ctx.column_major = (_column_major(a), _column_major(b))
@@ -157,7 +160,7 @@ class _FP8MatMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a_columns, a_inv, b_rows, b_inv = ctx.saved_tensors
-        a8, b8 = FP8Operand(None, a_columns, a_inv), FP8Operand(b_rows, None, b_inv)
+        a8, b8 = FP8Operand(None, a_columns, a_inv, ctx.shapes[0]), FP8Operand(b_rows, None, b_inv, ctx.shapes[1])
         g8 = _operand(grad, BACKWARD, ctx.group, ctx.history, GRADIENT, ctx.from_history, True)
         (a_dtype, b_dtype), (a_column_major, b_column_major) = ctx.dtypes, ctx.column_major
         grad_a = _product_as(g8, b8.t(), a_dtype, a_column_major) if ctx.needs_input_grad[0] else None

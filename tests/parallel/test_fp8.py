@@ -30,20 +30,24 @@ def _dequantised(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     operand = _to_fp8(x, dtype, None)
     assert operand.rows.is_contiguous() and operand.columns.t().is_contiguous()  # both layouts, same values
     assert torch.equal(operand.columns.contiguous().view(torch.uint8), operand.rows.view(torch.uint8))
-    return operand.rows.double() * operand.inverse_scale.double()
+    rows, columns = operand.shape
+    return operand.rows[:rows, :columns].double() * operand.inverse_scale.double()
 
 
-def test_products_are_those_of_the_fp8_operands():
+@pytest.mark.parametrize("m, k, n", [(48, 64, 32), (40, 60, 20)])  # the second padded to multiples of 16
+def test_products_are_those_of_the_fp8_operands(m, k, n):
     generator = torch.Generator().manual_seed(0)
-    a = (3 * torch.randn(48, 64, generator=generator, dtype=torch.float64)).requires_grad_()
-    b = torch.randn(64, 32, generator=generator, dtype=torch.float64).requires_grad_()
+    a = (3 * torch.randn(m, k, generator=generator, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(k, n, generator=generator, dtype=torch.float64).requires_grad_()
     out = FP8MatMul()(a, b)
+    assert out.shape == (m, n)
     expected = _dequantised(a, FORWARD) @ _dequantised(b, FORWARD)
     assert relative_error(out, expected) < 1e-6  # the float32 accumulation
     exact = relative_error(out, a @ b)
     assert 1e-3 < exact < 0.06  # FP8, not a wider format: e4m3 keeps 3 mantissa bits
-    grad = torch.randn(48, 32, generator=generator, dtype=torch.float64)
+    grad = torch.randn(m, n, generator=generator, dtype=torch.float64)
     out.backward(grad)
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
     g = _dequantised(grad, BACKWARD)
     assert relative_error(a.grad, g @ _dequantised(b, FORWARD).t()) < 1e-6
     assert relative_error(b.grad, _dequantised(a, FORWARD).t() @ g) < 1e-6
@@ -68,7 +72,8 @@ def test_gradients_come_in_the_layout_of_their_operands():
 
 def test_tensorwise_scale_maps_the_largest_value_to_the_format_maximum():
     x = torch.tensor([[0.5, -3.0], [1e-3, 2.0]])
-    values, columns, inverse = _to_fp8(x, FORWARD, None)
+    values, _, inverse, _ = _to_fp8(x, FORWARD, None)
+    assert values.shape == (16, 16) and not values[2:].float().any() and not values[:, 2:].float().any()  # padding
     assert float(values.float().abs().max()) == torch.finfo(FORWARD).max
     assert float(inverse) == pytest.approx(3.0 / torch.finfo(FORWARD).max)
     zeros = _to_fp8(torch.zeros(2, 2), FORWARD, None).rows  # no division by zero
