@@ -21,7 +21,7 @@ import pytest
 
 from launch.training.checkpoint_format import load_consolidated
 from tests.data.store_fixtures import write_store
-from tests.launch.training.test_train import STEPS, launch, losses, run_values
+from tests.launch.training.test_train import STEPS, finish, launch, losses, run_values, start_launch
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,17 @@ def leg_values(store: Path, run_dir: Path, overrides: dict) -> dict:
 def test_a_run_continued_on_another_mesh_equals_the_whole_run_there(store, tmp_path, chain):
     legs = CHAINS[chain]
     *_, (processes, last, _) = legs
-    launch(processes, leg_values(store, tmp_path / "reference", last))
+    # the reference runs while the legs do (it shares nothing with them but the store)
+    reference_run = start_launch(processes, leg_values(store, tmp_path / "reference", last))
     run_dir = tmp_path / "continued"
-    for n, overrides, stop in legs:
-        launch(n, leg_values(store, run_dir, overrides), *(["--stop-after", str(stop)] if stop else []))
+    try:
+        for n, overrides, stop in legs:
+            launch(n, leg_values(store, run_dir, overrides), *(["--stop-after", str(stop)] if stop else []),
+                   avoid_ports={reference_run.port})
+    except BaseException:
+        finish(reference_run, check=False)  # no run left behind; the leg's failure is the one reported
+        raise
+    finish(reference_run)
     continued, reference = losses(run_dir), losses(tmp_path / "reference")
     assert relative_difference(continued, reference) < 1e-5, (continued, reference)
     # the step counter went on: checkpoints keep their numbers, the oldest pruned (keep 2)
