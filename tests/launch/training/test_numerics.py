@@ -25,20 +25,6 @@ from tests.data.store_fixtures import write_store
 from tests.launch.training.test_train import STEPS, launch, launch_together, losses, run_values
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("numerics") / "store.zarr"
-    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
-                       upper_air=("z", "t"), tile_grid=(1, 2))
-
-
-@pytest.fixture(scope="module")
-def serial_run(store, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("serial")
-    launch(1, run_values(store, run_dir))
-    return run_dir
-
-
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_with_model_parallelism_and_replicas_equals_serial(store, serial_run, tmp_path, stage):
     """Two replicas of micro-batch 1, each split into two longitude tiles: four processes."""

@@ -20,15 +20,7 @@ from pathlib import Path
 import pytest
 
 from launch.training.checkpoint_format import load_consolidated
-from tests.data.store_fixtures import write_store
 from tests.launch.training.test_train import STEPS, finish, launch, losses, run_values, start_launch
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("resume") / "store.zarr"
-    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
-                       upper_air=("z", "t"), tile_grid=(1, 2))
 
 
 def relative_difference(a: list[float], b: list[float]) -> float:
@@ -110,11 +102,9 @@ def test_a_change_of_the_global_batch_is_refused_with_one_message(store, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def finished_run(store, tmp_path_factory) -> Path:
-    """Six steps on one process with checkpoints at steps 3 and 6."""
-    run_dir = tmp_path_factory.mktemp("finished")
-    launch(1, run_values(store, run_dir))
-    return run_dir
+def finished_run(serial_run) -> Path:
+    """Six steps on one process with checkpoints at steps 3 and 6 (conftest.py: the session's serial run)."""
+    return serial_run
 
 
 def copy_of(run: Path, destination: Path) -> Path:

@@ -29,20 +29,12 @@ from launch.training.profiling import parse_step_window
 from launch.training.config import RunConfigError, load_run_config
 from launch.runtime.rank_inputs import RankInputs
 from parallel.sharding import load_full_state
-from tests.data.store_fixtures import write_store
 from tests.distributed import spawn
 from tests.parallel.equivalence import build_mesh, relative_error
 from weathermixer.model import WeatherMixer
 
 REPO = Path(__file__).resolve().parents[3]
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train") / "store.zarr"
-    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
-                       upper_air=("z", "t"), tile_grid=(1, 2))
 
 
 def run_values(store: Path, run_dir: Path, **sections) -> dict:
@@ -135,13 +127,6 @@ def losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
     return [by_step[s] for s in sorted(by_step)]
-
-
-@pytest.fixture(scope="module")
-def serial_run(store, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("serial")
-    launch(1, run_values(store, run_dir))
-    return run_dir
 
 
 def test_serial_run_learns_and_writes_a_complete_checkpoint(serial_run):
