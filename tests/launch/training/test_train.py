@@ -88,7 +88,10 @@ def start_launch(n_processes: int, values: dict, *args: str, avoid_ports: set[in
     port = _free_port()
     while port in avoid_ports:
         port = _free_port()
-    command = [str(launcher), "--num_gpus", str(n_processes), "--master_port", str(port),
+    # run by this interpreter, not the script's #! line: the ranks then build and load DeepSpeed's
+    # CPU op with the same include paths as the in-process tests (a venv reached through a symlink
+    # otherwise alternates two paths, and each change rebuilds the op: 25-160 s on two cores)
+    command = [sys.executable, str(launcher), "--num_gpus", str(n_processes), "--master_port", str(port),
                "launch/train.py", "--config", str(config), "--quiet", *args]
     stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
