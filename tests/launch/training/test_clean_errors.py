@@ -52,8 +52,9 @@ def test_a_full_disk_stops_the_save_with_one_message_and_a_rerun_completes(store
     launcher = Path(sys.executable).parent / "deepspeed"
 
     def command(output: str) -> str:
-        words = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", "--config",
-                 str(config), "--quiet"]
+        # by this interpreter, not the launcher's #! line: test_train.start_launch says why
+        words = [sys.executable, str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
+                 "launch/train.py", "--config", str(config), "--quiet"]
         return f"{shlex.join(words)} > {tmp_path / output} 2>&1; echo $? > {tmp_path / output}.rc"
 
     # two ranks' checkpoint at step 3 fits in 200 KB, a second one beside it does not

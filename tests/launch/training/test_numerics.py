@@ -23,21 +23,7 @@ import zarr
 from launch.training.checkpoint_format import load_consolidated
 from launch.training.step import FINITE, nonfinite_channel
 from tests.data.store_fixtures import write_store
-from tests.launch.training.test_train import STEPS, launch, losses, run_values
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("numerics") / "store.zarr"
-    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
-                       upper_air=("z", "t"), tile_grid=(1, 2))
-
-
-@pytest.fixture(scope="module")
-def serial_run(store, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("serial")
-    launch(1, run_values(store, run_dir))
-    return run_dir
+from tests.launch.training.test_train import STEPS, launch, launch_together, losses, run_values
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -56,10 +42,12 @@ def test_deepspeed_bf16_follows_float32_over_300_steps(store, tmp_path):
     common = dict(training=long, logging={"every": 1, "validate_every": 10**6, "tensorboard": False},
                   schedule={"warmup_steps": 20}, optimizer={"lr": 1e-3, "embedding_lr": 1e-3},
                   deepspeed="configs/deepspeed/zero1.json")
-    launch(1, run_values(store, tmp_path / "fp32", checkpoint={"dir": str(tmp_path / "fp32"), "every": 10**6},
-                         **common))
-    launch(1, run_values(store, tmp_path / "bf16", checkpoint={"dir": str(tmp_path / "bf16"), "every": 10**6},
-                         deepspeed_overrides={"bf16": {"enabled": True}}, **common))
+    # the two one-process runs are independent: at once, on the two cores
+    launch_together(
+        (1, run_values(store, tmp_path / "fp32", checkpoint={"dir": str(tmp_path / "fp32"), "every": 10**6},
+                       **common)),
+        (1, run_values(store, tmp_path / "bf16", checkpoint={"dir": str(tmp_path / "bf16"), "every": 10**6},
+                       deepspeed_overrides={"bf16": {"enabled": True}}, **common)))
     fp32, bf16 = np.array(losses(tmp_path / "fp32")), np.array(losses(tmp_path / "bf16"))
     assert len(fp32) == len(bf16) == 300
     assert fp32[-50:].mean() < 0.8 * fp32[:10].mean(), "the float32 run does not learn"

@@ -20,15 +20,7 @@ from pathlib import Path
 import pytest
 
 from launch.training.checkpoint_format import load_consolidated
-from tests.data.store_fixtures import write_store
-from tests.launch.training.test_train import STEPS, launch, losses, run_values
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("resume") / "store.zarr"
-    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
-                       upper_air=("z", "t"), tile_grid=(1, 2))
+from tests.launch.training.test_train import STEPS, finish, launch, losses, run_values, start_launch
 
 
 def relative_difference(a: list[float], b: list[float]) -> float:
@@ -75,10 +67,17 @@ def leg_values(store: Path, run_dir: Path, overrides: dict) -> dict:
 def test_a_run_continued_on_another_mesh_equals_the_whole_run_there(store, tmp_path, chain):
     legs = CHAINS[chain]
     *_, (processes, last, _) = legs
-    launch(processes, leg_values(store, tmp_path / "reference", last))
+    # the reference runs while the legs do (it shares nothing with them but the store)
+    reference_run = start_launch(processes, leg_values(store, tmp_path / "reference", last))
     run_dir = tmp_path / "continued"
-    for n, overrides, stop in legs:
-        launch(n, leg_values(store, run_dir, overrides), *(["--stop-after", str(stop)] if stop else []))
+    try:
+        for n, overrides, stop in legs:
+            launch(n, leg_values(store, run_dir, overrides), *(["--stop-after", str(stop)] if stop else []),
+                   avoid_ports={reference_run.port})
+    except BaseException:
+        finish(reference_run, check=False)  # no run left behind; the leg's failure is the one reported
+        raise
+    finish(reference_run)
     continued, reference = losses(run_dir), losses(tmp_path / "reference")
     assert relative_difference(continued, reference) < 1e-5, (continued, reference)
     # the step counter went on: checkpoints keep their numbers, the oldest pruned (keep 2)
@@ -103,11 +102,9 @@ def test_a_change_of_the_global_batch_is_refused_with_one_message(store, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def finished_run(store, tmp_path_factory) -> Path:
-    """Six steps on one process with checkpoints at steps 3 and 6."""
-    run_dir = tmp_path_factory.mktemp("finished")
-    launch(1, run_values(store, run_dir))
-    return run_dir
+def finished_run(serial_run) -> Path:
+    """Six steps on one process with checkpoints at steps 3 and 6 (conftest.py: the session's serial run)."""
+    return serial_run
 
 
 def copy_of(run: Path, destination: Path) -> Path:

@@ -51,8 +51,10 @@ def start(launcher: str, store: Path, run_dir: Path, **training) -> subprocess.P
            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     tool = Path(sys.executable).parent / launcher
     port = str(free_port())
-    command = ([str(tool), "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed"
-               else [str(tool), "--nproc_per_node", "2", "--master_port", port])
+    # by this interpreter (test_train.start_launch says why); the launcher's command line is the one
+    # its #! line gives: python, the script, its arguments
+    command = ([sys.executable, str(tool), "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed"
+               else [sys.executable, str(tool), "--nproc_per_node", "2", "--master_port", port])
     output = open(run_dir / "output.txt", "w")
     return subprocess.Popen([*command, "launch/train.py", "--config", str(config)], cwd=REPO, env=env,
                             stdout=output, stderr=subprocess.STDOUT, start_new_session=True)

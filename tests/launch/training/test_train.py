@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,20 +29,12 @@ from launch.training.profiling import parse_step_window
 from launch.training.config import RunConfigError, load_run_config
 from launch.runtime.rank_inputs import RankInputs
 from parallel.sharding import load_full_state
-from tests.data.store_fixtures import write_store
 from tests.distributed import spawn
 from tests.parallel.equivalence import build_mesh, relative_error
 from weathermixer.model import WeatherMixer
 
 REPO = Path(__file__).resolve().parents[3]
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train") / "store.zarr"
-    return write_store(path, n_times=48, n_lat=9, n_lon=16, levels=(500, 850), surface=("msl", "t2m"),
-                       upper_air=("z", "t"), tile_grid=(1, 2))
 
 
 def run_values(store: Path, run_dir: Path, **sections) -> dict:
@@ -64,7 +57,27 @@ def run_values(store: Path, run_dir: Path, **sections) -> dict:
     return values
 
 
-def launch(n_processes: int, values: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def launch(n_processes: int, values: dict, *args: str, check: bool = True,
+           avoid_ports: set[int] = frozenset()) -> subprocess.CompletedProcess:
+    return finish(start_launch(n_processes, values, *args, avoid_ports=avoid_ports), check=check)
+
+
+def launch_together(*jobs: tuple, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Independent runs at once, each ``(n_processes, values, *args)``: one-process runs use one
+    thread each (OMP_NUM_THREADS=1), so two of them share two cores instead of taking turns."""
+    started = []
+    for job in jobs:
+        started.append(start_launch(*job, avoid_ports={s.port for s in started}))
+    return [finish(s, check=check) for s in started]
+
+
+class Started:
+    def __init__(self, process: subprocess.Popen, command: list[str], port: int, stdout, stderr) -> None:
+        self.process, self.command, self.port, self.stdout, self.stderr = process, command, port, stdout, stderr
+
+
+def start_launch(n_processes: int, values: dict, *args: str, avoid_ports: set[int] = frozenset()) -> Started:
+    """Start a run under the ``deepspeed`` launcher; :func:`finish` waits for it."""
     run_dir = Path(values["checkpoint"]["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "run.yaml"
@@ -73,9 +86,32 @@ def launch(n_processes: int, values: dict, *args: str, check: bool = True) -> su
            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     launcher = Path(sys.executable).parent / "deepspeed"
     port = _free_port()
-    command = [str(launcher), "--num_gpus", str(n_processes), "--master_port", str(port),
+    while port in avoid_ports:
+        port = _free_port()
+    # run by this interpreter, not the script's #! line: the ranks then build and load DeepSpeed's
+    # CPU op with the same include paths as the in-process tests (a venv reached through a symlink
+    # otherwise alternates two paths, and each change rebuilds the op: 25-160 s on two cores)
+    command = [sys.executable, str(launcher), "--num_gpus", str(n_processes), "--master_port", str(port),
                "launch/train.py", "--config", str(config), "--quiet", *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
+    return Started(process, command, port, stdout, stderr)
+
+
+def finish(started: Started, check: bool = True) -> subprocess.CompletedProcess:
+    command, port = started.command, started.port
+    try:
+        returncode = started.process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        started.process.kill()
+        started.process.wait()
+        raise
+    outputs = []
+    for stream in (started.stdout, started.stderr):
+        stream.seek(0)
+        outputs.append(stream.read())
+        stream.close()
+    result = subprocess.CompletedProcess(command, returncode, *outputs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
@@ -94,13 +130,6 @@ def losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
     return [by_step[s] for s in sorted(by_step)]
-
-
-@pytest.fixture(scope="module")
-def serial_run(store, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("serial")
-    launch(1, run_values(store, run_dir))
-    return run_dir
 
 
 def test_serial_run_learns_and_writes_a_complete_checkpoint(serial_run):
@@ -181,7 +210,9 @@ def test_master_weight_run_follows_float32_and_resumes_bitwise(store, serial_run
     masters, not their bf16 rounding."""
     values = run_values(store, tmp_path / "straight", training={"micro_batch": 1}, optimizer={"master_weights": True},
                         deepspeed="configs/deepspeed/fp32.json", deepspeed_overrides={})
-    launch(2, values)
+    resumed = run_values(store, tmp_path / "resumed", training={"micro_batch": 1}, optimizer={"master_weights": True},
+                         deepspeed="configs/deepspeed/fp32.json", deepspeed_overrides={})
+    launch_together((2, values), (2, resumed, "--stop-after", "2"))  # independent: at once
     straight, fp32 = losses(tmp_path / "straight"), losses(serial_run)
     differences = [abs(a - b) / abs(b) for a, b in zip(straight, fp32)]
     assert len(straight) == STEPS and 3e-5 < max(differences) < 3e-2, (differences, straight, fp32)
@@ -189,9 +220,6 @@ def test_master_weight_run_follows_float32_and_resumes_bitwise(store, serial_run
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert any(not torch.equal(w, w.bfloat16().float()) for w in weights.values())  # not bf16 values
 
-    resumed = run_values(store, tmp_path / "resumed", training={"micro_batch": 1}, optimizer={"master_weights": True},
-                         deepspeed="configs/deepspeed/fp32.json", deepspeed_overrides={})
-    launch(2, resumed, "--stop-after", "2")
     launch(2, resumed)
     assert losses(tmp_path / "resumed") == straight
 
