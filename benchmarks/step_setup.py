@@ -37,7 +37,7 @@ def benchmark_run(preset_name: str, batch: int, zero: int, precision: str, compi
                   store: str | None = None, readers: int = 4, reader_kind: str = "thread",
                   checkpointing: bool = False, dropout: float | None = None, bayesian: str = "none",
                   samples: int = 1, sample_ranks: int = 1, fp8: str = "none",
-                  fp8_groups: str | None = None) -> RunConfig:
+                  fp8_groups: list[str] | None = None) -> RunConfig:
     """The run config of one benchmark case (validated like any run's)."""
     deepspeed, overrides = PRECISIONS[precision](zero)
     model_overrides = {"activation_checkpointing": checkpointing, "bayesian": bayesian, "fp8": fp8}
