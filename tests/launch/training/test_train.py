@@ -57,8 +57,9 @@ def run_values(store: Path, run_dir: Path, **sections) -> dict:
     return values
 
 
-def launch(n_processes: int, values: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return finish(start_launch(n_processes, values, *args), check=check)
+def launch(n_processes: int, values: dict, *args: str, check: bool = True,
+           avoid_ports: set[int] = frozenset()) -> subprocess.CompletedProcess:
+    return finish(start_launch(n_processes, values, *args, avoid_ports=avoid_ports), check=check)
 
 
 def launch_together(*jobs: tuple, check: bool = True) -> list[subprocess.CompletedProcess]:
