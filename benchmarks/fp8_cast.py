@@ -21,7 +21,7 @@ SHAPES = {"activations 17280 x 4320": (17280, 4320), "token mixing input 4320 x 
           "token hidden 8640 x 4320": (8640, 4320), "token weight 8640 x 17280": (8640, 17280),
           "channel weight 4320 x 4320": (4320, 4320), "recovery weight 4140 x 8640 (padded)": (4140, 8640)}
 FORMATS = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
-TILES = [(64, 64, 1, 4), (64, 64, 4, 4), (64, 64, 8, 4), (64, 128, 2, 4), (128, 64, 2, 8), (32, 128, 4, 4)]
+TILES = [(64, 64, 1, 4), (64, 64, 4, 4), (64, 128, 1, 4), (128, 64, 1, 4), (128, 128, 1, 8), (32, 128, 4, 4)]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -145,9 +145,12 @@ class TrainingStep:
         """One sample's rollout, and with ``with_kl`` the model's KL divergence. The KL is computed
         in the graph of the step's first sample: compiled together, the KL's gradient and the weight
         draw's gradient reach each ``mu`` and ``rho`` in one fused pass, where separate graphs would
-        take two passes and an addition."""
-        prediction = self.model.rollout(state, static, forcings, lead, self.run.training.rollout_mode)
-        return prediction, (self.model.kl_divergence() if with_kl else None)
+        take two passes and an addition. It comes first: there ``softplus(rho)`` is read by the KL
+        and the draw before any matrix product, so the partitioner recomputes it in backward
+        rather than keeping a float32 copy of every ``sigma`` (which it does for a value used on
+        both sides of a product)."""
+        kl = self.model.kl_divergence() if with_kl else None
+        return self.model.rollout(state, static, forcings, lead, self.run.training.rollout_mode), kl
 
     def forward_backward(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
         """The loss of this rank's samples and its backward (gradients averaged over the replicas).
