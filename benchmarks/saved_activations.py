@@ -19,11 +19,8 @@ import argparse
 
 
 import torch
-from functorch.compile import min_cut_rematerialization_partition
-from torch._dynamo.backends.common import aot_autograd
-from torch._inductor.decomposition import select_decomp_table
 
-from launch.runtime.compile import configure_inductor
+from launch.runtime.compile import configure_inductor, saved_for_backward
 from weathermixer.config import PRESETS
 from weathermixer.model import WeatherMixer
 
@@ -31,25 +28,13 @@ from weathermixer.model import WeatherMixer
 def saved_bytes(config, rows: int) -> tuple[int, int]:
     """(bytes the forward graph saves for backward, tokens) of ``config`` traced on ``rows`` rows."""
     config = config.replace(lat=rows, lat_multiple=1)
-    found: list[int] = []
-
-    def forward_compiler(graph_module, example_inputs):
-        outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
-        found.append(sum(node.meta["val"].numel() * node.meta["val"].element_size() for node in outputs
-                         if node is not None and node.op != "placeholder"
-                         and isinstance(node.meta.get("val"), torch.Tensor)))
-        return graph_module
-
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda graph_module, _: graph_module,
-                           partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
     with torch.device("meta"):
         model = WeatherMixer(config).to(torch.bfloat16)
         state = torch.empty(1, config.model_lat, config.model_lon, config.in_channels, dtype=torch.bfloat16)
         static = torch.empty(config.model_lat, config.model_lon, config.static_channels, dtype=torch.bfloat16)
         forcings = torch.empty(1, config.model_lat, config.model_lon, config.forcing_channels, dtype=torch.bfloat16)
-    torch._dynamo.reset()
-    prediction = torch.compile(model, backend=backend, dynamic=False)(state, static, forcings)
-    return found[0] - prediction.numel() * prediction.element_size(), config.n_tokens
+    prediction, *saved = saved_for_backward(model, state, static, forcings)
+    return sum(t.numel() * t.element_size() for t in saved), config.n_tokens
 
 
 def main(argv=None) -> None:

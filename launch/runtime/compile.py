@@ -70,3 +70,29 @@ def persistent_reductions_up_to(inner: int, other: int) -> None:
     make = functools.partial(PersistentReductions, inner, other)
     inductor.inductor_choices_class = make
     V.set_choices_handler(make())  # the calling thread may have made inductor's default already
+
+
+def saved_for_backward(function, *inputs) -> list[torch.Tensor]:
+    """What the compiled forward of ``function(*inputs)`` hands to its backward, traced as
+    ``torch.compile`` would partition it (AOTAutograd, inductor's decompositions, the min-cut
+    partitioner) but not run: with meta tensors it costs no memory and needs no device.
+
+    The forward graph's outputs that are not its inputs: ``function``'s own outputs first, then
+    the tensors saved for backward (so their sum less the outputs is the activation memory)."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved: list[torch.Tensor] = []
+
+    def forward_compiler(graph_module, _):
+        outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
+        saved.extend(node.meta["val"] for node in outputs if node is not None and node.op != "placeholder"
+                     and isinstance(node.meta.get("val"), torch.Tensor))
+        return graph_module
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda graph_module, _: graph_module,
+                           partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    torch._dynamo.reset()
+    torch.compile(function, backend=backend, dynamic=False)(*inputs)
+    return saved
