@@ -218,6 +218,11 @@ class WeatherMixer(nn.Module):
             x = self.final_norm(x + embedded)
         else:
             x = torch.cat([self.final_norm(x), embedded], dim=-1)
+        return self.recover_state(x, state)
+
+    def recover_state(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The next state from the decoder's merged tokens ``x``: the recovery to each patch's
+        points, then the residual connection to ``state``."""
         out = self.recover(x)  # (tokens, batch, patch x output channels)
         if self.config.residual == "add":
             return state + self.unpatchify(out)
