@@ -37,7 +37,7 @@ def benchmark_run(preset_name: str, batch: int, zero: int, precision: str, compi
                   store: str | None = None, readers: int = 4, reader_kind: str = "thread",
                   checkpointing: bool = False, dropout: float | None = None, bayesian: str = "none",
                   samples: int = 1, sample_ranks: int = 1, fp8: str = "none",
-                  fp8_groups: list[str] | None = None) -> RunConfig:
+                  fp8_groups: list[str] | None = None, fp8_backward_groups: list[str] | None = None) -> RunConfig:
     """The run config of one benchmark case (validated like any run's)."""
     deepspeed, overrides = PRECISIONS[precision](zero)
     model_overrides = {"activation_checkpointing": checkpointing, "bayesian": bayesian, "fp8": fp8}
@@ -45,6 +45,8 @@ def benchmark_run(preset_name: str, batch: int, zero: int, precision: str, compi
         model_overrides["dropout"] = dropout
     if fp8_groups is not None:
         model_overrides["fp8_groups"] = fp8_groups
+    if fp8_backward_groups is not None:
+        model_overrides["fp8_backward_groups"] = fp8_backward_groups
     return load_run_config(values={
         "model": {"preset": preset_name, "overrides": model_overrides},
         "data": {"store": store or "<random batches in device memory>", "train": ["1900-01-01", "2200-01-01"],

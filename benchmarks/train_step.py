@@ -52,7 +52,8 @@ def run_case(args, batch: int, compiled: bool, data: str, ceiling: float) -> dic
                         store=args.store if data == "zarr" else None, readers=args.readers,
                         reader_kind=args.reader_kind, checkpointing=args.checkpointing, dropout=args.dropout,
                         bayesian=args.bayesian, samples=args.samples, fp8=args.fp8,
-                        fp8_groups=args.fp8_groups.split(",") if args.fp8_groups else None)
+                        fp8_groups=args.fp8_groups.split(",") if args.fp8_groups else None,
+                        fp8_backward_groups=args.fp8_backward_groups.split(",") if args.fp8_backward_groups else None)
     step = build_step(run, ProcessMesh.build(run.mesh, device.type), device)
     source = batch_source(step)
     counter = itertools.count()  # the training step: each draws its own weights (a Bayesian model)
@@ -247,6 +248,9 @@ def parse_args(argv=None):
                         help="model.fp8: FP8 matrix products in the mixing layers")
     parser.add_argument("--fp8-groups", default=None,
                         help="model.fp8_groups, comma-separated (e.g. all, or token_mixing,channel_mixing,embedding)")
+    parser.add_argument("--fp8-backward-groups", default=None,
+                        help="model.fp8_backward_groups, comma-separated: layer groups whose gradient products "
+                             "alone run in FP8 (e.g. embedding,decoder)")
     parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")

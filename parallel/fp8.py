@@ -146,7 +146,7 @@ def _operand(x: torch.Tensor, dtype: torch.dtype, group, history: torch.Tensor |
 
 class _FP8MatMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, group, history, from_history, record):
+    def forward(ctx, a, b, group, history, from_history, record, forward_in_fp8):
         a8 = _operand(a, FORWARD, group, history, INPUT, from_history, record)
         b8 = _operand(b, FORWARD, group, history, WEIGHT, from_history, record)
         # backward takes a's columns (A^T dY) and b's rows (dY B^T): one FP8 copy of each kept
@@ -155,7 +155,7 @@ class _FP8MatMul(torch.autograd.Function):
         # the history as an attribute, not a saved tensor: it changes in place before backward
         ctx.group, ctx.dtypes, ctx.history, ctx.from_history = group, (a.dtype, b.dtype), history, from_history
         ctx.column_major = (_column_major(a), _column_major(b))
-        return _product(a8, b8, a.dtype)
+        return _product(a8, b8, a.dtype) if forward_in_fp8 else a @ b
 
     @staticmethod
     def backward(ctx, grad):
@@ -165,7 +165,7 @@ class _FP8MatMul(torch.autograd.Function):
         (a_dtype, b_dtype), (a_column_major, b_column_major) = ctx.dtypes, ctx.column_major
         grad_a = _product_as(g8, b8.t(), a_dtype, a_column_major) if ctx.needs_input_grad[0] else None
         grad_b = _product_as(a8.t(), g8, b_dtype, b_column_major) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None
 
 
 def _column_major(x: torch.Tensor) -> bool:
@@ -186,6 +186,12 @@ def _product_as(a: FP8Operand, b: FP8Operand, out_dtype: torch.dtype, column_maj
 class FP8MatMul(nn.Module):
     """``a @ b`` of 2-D operands in FP8 with scales common to ``group`` (None: one rank).
 
+    With ``forward_in_fp8`` off, the forward product runs in the operands' own dtype (bf16 under
+    autocast) and only backward's two products, the input gradient and the weight gradient, run in
+    FP8 from the FP8 copies forward saves: the layer's output, the model's prediction where it is
+    the last layer, keeps the wider format's precision, and the gradients take FP8's rounding as
+    the mixing layers' gradients do.
+
     ``recipe`` ``tensorwise``: each operand's scale from its own amax. ``delayed`` (Transformer
     Engine's delayed scaling): each operand role (forward input, forward weight, output gradient)
     keeps the amax of its last ``history`` steps in a row of the buffer ``amax_history`` (slot 0:
@@ -198,8 +204,10 @@ class FP8MatMul(nn.Module):
     The buffer is model state (in the state dict and the checkpoints), the same on every rank
     once :func:`advance_histories` has reduced the step's amaxes over all ranks."""
 
-    def __init__(self, group=None, recipe: str = "tensorwise", history: int = DEFAULT_HISTORY):
+    def __init__(self, group=None, recipe: str = "tensorwise", history: int = DEFAULT_HISTORY,
+                 forward_in_fp8: bool = True):
         super().__init__()
+        self.forward_in_fp8 = forward_in_fp8
         if recipe not in RECIPES[1:]:
             raise FP8Error(f"FP8 recipe {recipe!r}: expected one of {list(RECIPES[1:])}")
         if recipe == "delayed" and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
@@ -209,7 +217,13 @@ class FP8MatMul(nn.Module):
         self.register_buffer("amax_history", torch.zeros(len(ROLES), history + 1) if recipe == "delayed" else None)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _FP8MatMul.apply(a, b, self.group, self.amax_history, self.has_history, torch.is_grad_enabled())
+        if not (self.forward_in_fp8 or torch.is_grad_enabled()):
+            return a @ b  # validation, forecasts: no backward to cast for
+        return _FP8MatMul.apply(a, b, self.group, self.amax_history, self.has_history, torch.is_grad_enabled(),
+                                self.forward_in_fp8)
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe}, forward_in_fp8={self.forward_in_fp8}"
 
     def _apply(self, fn, recurse=True):
         # a model cast to bf16 (DeepSpeed's bf16) would round the amaxes and saturate the operands
@@ -229,9 +243,9 @@ def delayed_products(model: nn.Module) -> list[FP8MatMul]:
 def advance_histories(products: list[FP8MatMul]) -> None:
     """End of a training step (one micro-batch's forward and backward): each role's slot 0, the
     maximum over all ranks, becomes its newest history entry, the oldest drops out, slot 0 starts
-    the next step at 0, and from now on every product casts from its history. The maximum spans the model group (whose blocks make the serial operand) and the
-    data and sample replicas (whose operands differ), so every rank keeps one history, the one a
-    checkpoint saves. One stacked reduction and roll for all products: a few kernels however many
+    the next step at 0, and from now on every product casts from its history. The maximum spans
+    the model group (whose blocks make the serial operand) and the data and sample replicas (whose
+    operands differ), so every rank keeps one history, the one a checkpoint saves. One stacked reduction and roll for all products: a few kernels however many
     layers."""
     histories = [product.amax_history for product in products]
     if not histories:

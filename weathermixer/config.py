@@ -61,9 +61,12 @@ class ModelConfig:
     # FP8 matrix products (parallel.fp8): recipe "none", "tensorwise" or "delayed", in the linear
     # layers of fp8_groups (default the mixing layers: the bulk of the FLOPs; the embedding and the
     # decoder in FP8 failed the demo's quality guard, benchmarks/FP8.md); "delayed" scales each
-    # operand by the largest amax of its last fp8_history steps
+    # operand by the largest amax of its last fp8_history steps. The layers of fp8_backward_groups
+    # (and not of fp8_groups) keep their forward product in bf16 and run its two gradient products
+    # in FP8: the prediction keeps bf16's precision
     fp8: str = "none"
     fp8_groups: tuple[str, ...] = ("token_mixing", "channel_mixing")
+    fp8_backward_groups: tuple[str, ...] = ()
     fp8_history: int = 16
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form provenance
 
@@ -72,6 +75,7 @@ class ModelConfig:
             object.__setattr__(self, "patch", tuple(self.patch))
         object.__setattr__(self, "bayesian", _layer_groups(self.bayesian, "bayesian"))
         object.__setattr__(self, "fp8_groups", _layer_groups(self.fp8_groups, "fp8_groups"))
+        object.__setattr__(self, "fp8_backward_groups", _layer_groups(self.fp8_backward_groups, "fp8_backward_groups"))
         if self.fp8 not in FP8_RECIPES:
             raise ConfigError(f"model.fp8 = {self.fp8!r}: expected one of {list(FP8_RECIPES)}")
         if isinstance(self.fp8_history, bool) or not isinstance(self.fp8_history, int) or self.fp8_history < 1:
@@ -178,6 +182,7 @@ class ModelConfig:
         out["patch"] = list(self.patch)
         out["bayesian"] = list(self.bayesian)
         out["fp8_groups"] = list(self.fp8_groups)
+        out["fp8_backward_groups"] = list(self.fp8_backward_groups)
         return out
 
     @classmethod
@@ -186,7 +191,8 @@ class ModelConfig:
         return cls(**values)
 
 
-# the groups of linear layers that model.bayesian and model.fp8_groups name: "all" is every one
+# the groups of linear layers that model.bayesian, model.fp8_groups and model.fp8_backward_groups
+# name: "all" is every one
 LAYER_GROUPS = ("all", "embedding", "token_mixing", "channel_mixing", "last_block", "decoder")
 FP8_RECIPES = ("none", "tensorwise", "delayed")  # parallel.fp8.RECIPES
 

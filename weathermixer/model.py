@@ -75,9 +75,14 @@ class Linears:
         return self._product(layer, "token_mixing", last_block)
 
     def _product(self, layer: nn.Module, group: str, last_block: bool) -> nn.Module:
-        """FP8 matrix products (``model.fp8``) in the layers of ``model.fp8_groups``."""
-        if self.config.fp8 != "none" and self._chosen(self.config.fp8_groups, group, last_block):
-            layer.fp8 = FP8MatMul(self.layers.mesh.model_group, self.config.fp8, self.config.fp8_history)
+        """FP8 matrix products (``model.fp8``) in the layers of ``model.fp8_groups``, and the
+        gradient products alone in those of ``model.fp8_backward_groups``."""
+        config = self.config
+        if config.fp8 == "none":
+            return layer
+        forward_in_fp8 = self._chosen(config.fp8_groups, group, last_block)
+        if forward_in_fp8 or self._chosen(config.fp8_backward_groups, group, last_block):
+            layer.fp8 = FP8MatMul(self.layers.mesh.model_group, config.fp8, config.fp8_history, forward_in_fp8)
         return layer
 
 

@@ -34,17 +34,23 @@ def _dequantised(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return operand.rows[:rows, :columns].double() * operand.inverse_scale.double()
 
 
+@pytest.mark.parametrize("forward_in_fp8", [True, False], ids=["fp8", "fp8-backward"])
 @pytest.mark.parametrize("m, k, n", [(48, 64, 32), (40, 60, 20)])  # the second padded to multiples of 16
-def test_products_are_those_of_the_fp8_operands(m, k, n):
+def test_products_are_those_of_the_fp8_operands(m, k, n, forward_in_fp8):
+    """Forward's product of the FP8 operands (or, ``forward_in_fp8`` off, the operands' own
+    product), and backward's two products of FP8 operands either way."""
     generator = torch.Generator().manual_seed(0)
     a = (3 * torch.randn(m, k, generator=generator, dtype=torch.float64)).requires_grad_()
     b = torch.randn(k, n, generator=generator, dtype=torch.float64).requires_grad_()
-    out = FP8MatMul()(a, b)
+    out = FP8MatMul(forward_in_fp8=forward_in_fp8)(a, b)
     assert out.shape == (m, n)
-    expected = _dequantised(a, FORWARD) @ _dequantised(b, FORWARD)
-    assert relative_error(out, expected) < 1e-6  # the float32 accumulation
-    exact = relative_error(out, a @ b)
-    assert 1e-3 < exact < 0.06  # FP8, not a wider format: e4m3 keeps 3 mantissa bits
+    if forward_in_fp8:
+        expected = _dequantised(a, FORWARD) @ _dequantised(b, FORWARD)
+        assert relative_error(out, expected) < 1e-6  # the float32 accumulation
+        exact = relative_error(out, a @ b)
+        assert 1e-3 < exact < 0.06  # FP8, not a wider format: e4m3 keeps 3 mantissa bits
+    else:
+        assert torch.equal(out, a @ b)
     grad = torch.randn(m, n, generator=generator, dtype=torch.float64)
     out.backward(grad)
     assert a.grad.shape == a.shape and b.grad.shape == b.shape
@@ -80,8 +86,10 @@ def test_tensorwise_scale_maps_the_largest_value_to_the_format_maximum():
     assert not zeros.float().abs().sum()
 
 
-def _fp8(module, layers):
-    module.fp8 = FP8MatMul(layers.mesh.model_group)  # the serial mesh has none: one rank
+def _fp8(forward_in_fp8: bool):
+    def prepare(module, layers):  # the serial mesh has no model group: one rank
+        module.fp8 = FP8MatMul(layers.mesh.model_group, forward_in_fp8=forward_in_fp8)
+    return prepare
 
 
 def check_fp8_layers(rank, world_size, meshes):
@@ -89,8 +97,9 @@ def check_fp8_layers(rank, world_size, meshes):
     for domain, tensor in meshes:
         layers = LayerFactory(build_mesh(domain, tensor), TOKEN_GRID, PATCH)
         for name in FP8_CASES:
-            results.append((name, domain, tensor,
-                            *compare_case(name, layers, torch.float64, FP8_CASES.index(name), prepare=_fp8)))
+            for forward_in_fp8 in (True, False):
+                errors = compare_case(name, layers, torch.float64, FP8_CASES.index(name), prepare=_fp8(forward_in_fp8))
+                results.append((name, forward_in_fp8, domain, tensor, *errors))
     return results
 
 
@@ -158,15 +167,17 @@ def run(world_size: int):
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
 def test_fp8_layers_match_the_serial_fp8_layers(world_size):
+    """Every product in FP8, and the gradient products alone (``forward_in_fp8`` off)."""
     checked = set()
     for rank, (results, _) in enumerate(run(world_size)):
-        for name, domain, tensor, output_error, input_error, worst, gradient_error in results:
-            where = f"{name}, domain {domain[0]}x{domain[1]}, tensor {tensor}, rank {rank}"
+        for name, forward_in_fp8, domain, tensor, output_error, input_error, worst, gradient_error in results:
+            where = (f"{name}, forward in FP8 {forward_in_fp8}, domain {domain[0]}x{domain[1]}, tensor {tensor}, "
+                     f"rank {rank}")
             assert output_error <= 1e-6, f"{where}: output relative error {output_error:.2e}"
             assert input_error <= 1e-6, f"{where}: input gradient relative error {input_error:.2e}"
             assert gradient_error <= 1e-6, f"{where}: gradient of {worst} relative error {gradient_error:.2e}"
-            checked.add((name, domain, tensor))
-    assert len(checked) == len(FP8_CASES) * len(MESHES[world_size])
+            checked.add((name, forward_in_fp8, domain, tensor))
+    assert len(checked) == 2 * len(FP8_CASES) * len(MESHES[world_size])
 
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
@@ -341,6 +352,39 @@ def test_the_model_runs_its_chosen_groups_in_fp8():
     assert config.replace(fp8="tensorwise", fp8_groups="all").fp8_groups == ("all",)
     with pytest.raises(ConfigError, match="model.fp8 = 'rowwise'.*'delayed'"):
         config.replace(fp8="rowwise")
+    with pytest.raises(ConfigError, match="model.fp8_backward_groups = 'head': unknown layer groups"):
+        config.replace(fp8_backward_groups="head")
+
+
+def test_backward_groups_keep_the_forward_and_run_the_gradients_in_fp8():
+    """``model.fp8_backward_groups``: the embedding and the decoder give the prediction of the
+    model whose products there are not FP8, and their gradient products add FP8 rounding of the
+    size that the mixing layers' FP8 already gives every gradient (against float32)."""
+    from weathermixer.config import preset
+    from weathermixer.model import WeatherMixer
+
+    config = preset("tiny").replace(fp8="tensorwise")
+    plain, mixing = WeatherMixer(config.replace(fp8="none"), seed=1), WeatherMixer(config, seed=1)
+    model = WeatherMixer(config.replace(fp8_backward_groups=("embedding", "decoder")), seed=1)
+    backward_only = {name for name, module in model.named_modules()
+                     if getattr(module, "fp8", None) is not None and not module.fp8.forward_in_fp8}
+    assert backward_only == {"embed", "recover", "residual_linear"}
+    generator = torch.Generator().manual_seed(0)
+    state = torch.randn(2, config.model_lat, config.model_lon, config.in_channels, generator=generator)
+    static = torch.randn(config.model_lat, config.model_lon, config.static_channels, generator=generator)
+    forcings = torch.randn(2, 1, config.model_lat, config.model_lon, config.forcing_channels, generator=generator)
+    nets = (plain, mixing, model)
+    outputs = [net.rollout(state, static, forcings, 1) for net in nets]
+    assert relative_error(outputs[2], outputs[1]) < 1e-6  # the same prediction
+    weights = torch.randn(outputs[0].shape, generator=generator)
+    for output in outputs:
+        (output * weights).sum().backward()
+    for name in ("embed.weight", "recover.weight", "residual_linear.weight", "blocks.0.token_mlp.fc1.weight"):
+        plain_grad, mixing_grad, grad = (net.get_parameter(name).grad for net in nets)
+        difference, mixing_difference = relative_error(grad, mixing_grad), relative_error(mixing_grad, plain_grad)
+        assert 1e-3 < difference < mixing_difference, f"{name}: {difference:.2e} (mixing FP8: {mixing_difference:.2e})"
+    with torch.no_grad():  # validation and forecasts: the same products, nothing cast
+        assert relative_error(model.rollout(state, static, forcings, 1), outputs[1]) < 1e-6
 
 
 def _tiny_losses(fp8: str, steps: int = 20) -> list[float]:
