@@ -305,7 +305,8 @@ def test_delayed_history_is_model_state():
         FP8MatMul(recipe="rowwise")
 
 
-def test_a_compiled_delayed_product_neither_breaks_nor_recompiles_each_step():
+@pytest.mark.parametrize("forward_in_fp8", [True, False], ids=["fp8", "fp8-backward"])
+def test_a_compiled_delayed_product_neither_breaks_nor_recompiles_each_step(forward_in_fp8):
     """Two graphs in all (the first step scales by the operands' own amax, the later ones by the
     history), none broken, and the compiled histories and products those of eager."""
     from torch._dynamo.utils import counters
@@ -314,7 +315,8 @@ def test_a_compiled_delayed_product_neither_breaks_nor_recompiles_each_step():
 
     torch._dynamo.reset()
     counters.clear()
-    eager, compiled_product = FP8MatMul(recipe="delayed", history=2), FP8MatMul(recipe="delayed", history=2)
+    eager, compiled_product = (FP8MatMul(recipe="delayed", history=2, forward_in_fp8=forward_in_fp8)
+                               for _ in range(2))
     steps = [1.0, 4.0, 0.5, 2.0, 1.0]
     expected = _delayed_steps(eager, steps, torch.Generator().manual_seed(5))
     compiled_product.forward = compiled(compiled_product.forward)
