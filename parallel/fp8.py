@@ -245,8 +245,8 @@ def advance_histories(products: list[FP8MatMul]) -> None:
     maximum over all ranks, becomes its newest history entry, the oldest drops out, slot 0 starts
     the next step at 0, and from now on every product casts from its history. The maximum spans
     the model group (whose blocks make the serial operand) and the data and sample replicas (whose
-    operands differ), so every rank keeps one history, the one a checkpoint saves. One stacked reduction and roll for all products: a few kernels however many
-    layers."""
+    operands differ), so every rank keeps one history, the one a checkpoint saves. One stacked
+    reduction and roll for all products: a few kernels however many layers."""
     histories = [product.amax_history for product in products]
     if not histories:
         return

@@ -106,24 +106,24 @@ def check_fp8_layers(rank, world_size, meshes):
 DELAYED_STEPS = (1.0, 8.0, 0.25)  # input magnitude per step: each step's scale differs from its operands'
 
 
-def _delayed(module, layers):
-    module.fp8 = FP8MatMul(layers.mesh.model_group, "delayed", history=2)
+def _delayed(module, layers, forward_in_fp8: bool = True):
+    module.fp8 = FP8MatMul(layers.mesh.model_group, "delayed", 2, forward_in_fp8)
 
 
-def delayed_steps(name: str, layers: LayerFactory, seed: int) -> list[tuple]:
-    """``DELAYED_STEPS`` training steps of case ``name`` in FP8 ``delayed`` on ``layers``' mesh and
-    serially: per step (output error, input-gradient error, worst parameter gradient error,
+def delayed_steps(name: str, layers: LayerFactory, seed: int, forward_in_fp8: bool = True) -> list[tuple]:
+    """``DELAYED_STEPS`` training steps of case ``name`` in FP8 ``delayed`` (``forward_in_fp8``
+    off: the gradient products alone) on ``layers``' mesh and serially: per step (output error, input-gradient error, worst parameter gradient error,
     history error, the serial history)."""
     generator = torch.Generator().manual_seed(seed)  # the same on every rank
     serial, _, _, in_shape, out_shape = build_case(name, LayerFactory(None, TOKEN_GRID, PATCH))
     serial = serial.double()
-    _delayed(serial, LayerFactory(None, TOKEN_GRID, PATCH))
+    _delayed(serial, LayerFactory(None, TOKEN_GRID, PATCH), forward_in_fp8)
     with torch.no_grad():
         for param in serial.parameters():
             param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
     module, take_input, take_output, _, _ = build_case(name, layers)
     module = module.double()
-    _delayed(module, layers)
+    _delayed(module, layers, forward_in_fp8)
     copy_into(module, serial)
     results = []
     for magnitude in DELAYED_STEPS:
@@ -149,7 +149,9 @@ def check_delayed_layers(rank, world_size, meshes):
     for domain, tensor in meshes:
         layers = LayerFactory(build_mesh(domain, tensor), TOKEN_GRID, PATCH)
         for name in FP8_CASES:
-            results.append((name, domain, tensor, delayed_steps(name, layers, FP8_CASES.index(name))))
+            for forward_in_fp8 in (True, False):
+                steps = delayed_steps(name, layers, FP8_CASES.index(name), forward_in_fp8)
+                results.append((name, forward_in_fp8, domain, tensor, steps))
     return results
 
 
@@ -187,17 +189,18 @@ def test_delayed_layers_match_the_serial_delayed_layers_over_steps(world_size):
     history equals the serial one, so every element is cast alike on every mesh."""
     checked = set()
     for rank, (_, results) in enumerate(run(world_size)):
-        for name, domain, tensor, steps in results:
+        for name, forward_in_fp8, domain, tensor, steps in results:
             for step, (output_error, input_error, gradient_error, history_error, history) in enumerate(steps):
-                where = f"{name}, domain {domain[0]}x{domain[1]}, tensor {tensor}, rank {rank}, step {step}"
+                where = (f"{name}, forward in FP8 {forward_in_fp8}, domain {domain[0]}x{domain[1]}, tensor {tensor}, "
+                         f"rank {rank}, step {step}")
                 assert output_error <= 1e-6, f"{where}: output relative error {output_error:.2e}"
                 assert input_error <= 1e-6, f"{where}: input gradient relative error {input_error:.2e}"
                 assert gradient_error <= 1e-6, f"{where}: parameter gradient relative error {gradient_error:.2e}"
                 assert history_error <= 1e-12, f"{where}: amax history relative error {history_error:.2e}"
                 assert not history[:, 0].any() and (history[:, 1:step + 2] > 0).all(), f"{where}: {history}"
                 assert not history[:, step + 2:].any(), f"{where}: entries beyond the steps taken: {history}"
-            checked.add((name, domain, tensor))
-    assert len(checked) == len(FP8_CASES) * len(MESHES[world_size])
+            checked.add((name, forward_in_fp8, domain, tensor))
+    assert len(checked) == 2 * len(FP8_CASES) * len(MESHES[world_size])
 
 
 def replica_histories(rank, world_size):
