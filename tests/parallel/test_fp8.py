@@ -112,8 +112,8 @@ def _delayed(module, layers, forward_in_fp8: bool = True):
 
 def delayed_steps(name: str, layers: LayerFactory, seed: int, forward_in_fp8: bool = True) -> list[tuple]:
     """``DELAYED_STEPS`` training steps of case ``name`` in FP8 ``delayed`` (``forward_in_fp8``
-    off: the gradient products alone) on ``layers``' mesh and serially: per step (output error, input-gradient error, worst parameter gradient error,
-    history error, the serial history)."""
+    off: the gradient products alone) on ``layers``' mesh and serially: per step (output error,
+    input-gradient error, worst parameter gradient error, history error, the serial history)."""
     generator = torch.Generator().manual_seed(seed)  # the same on every rank
     serial, _, _, in_shape, out_shape = build_case(name, LayerFactory(None, TOKEN_GRID, PATCH))
     serial = serial.double()
