@@ -22,6 +22,7 @@ from weathermixer.model import WeatherMixer
 
 PATCH = (1, 4)
 TOKEN_GRID = (9, 5)  # grid of 9 x 20 points
+DROPOUT_PROBABILITIES = (0.25, 0.02)  # a mask, drawn positions (parallel.layers.POSITIONS_UP_TO)
 HIDDEN, WIDER, STATE, STATIC, OUT = 5, 7, 3, 2, 3
 TOKEN_HIDDEN = 23
 BATCH = 2
@@ -169,23 +170,26 @@ def check_layers(rank, world_size, meshes, dtypes):
 
 def check_dropout(rank, world_size):
     """Masks differ between the shards of a replica and between sample ranks, repeat on rebuild,
-    keep ``1 - p`` of the entries scaled by ``1 / (1 - p)``, and vanish in eval mode."""
+    keep ``1 - p`` of the entries scaled by ``1 / (1 - p)``, and vanish in eval mode: for drawn
+    masks (p = 0.25) and drawn positions (p = 0.02, ``PositionDropout``)."""
     # 2 ranks: two sample ranks; 4 ranks: two data replicas of two tensor shards
     mesh = ProcessMesh.build(MeshConfig(sample=2) if world_size == 2 else MeshConfig(data=2, tensor=2))
     layers = LayerFactory(mesh, TOKEN_GRID, PATCH)
     x = torch.ones(4, 64, 32, dtype=torch.float64)
     ranks = (mesh.data_rank, mesh.sample_rank, mesh.model_rank)
-    dropout = layers.dropout(0.25)
-    seed_dropout(5, *ranks)
-    first, second = dropout(x), dropout(x)  # one layer twice: the stream moves on
-    seed_dropout(5, *ranks)
-    rebuilt = layers.dropout(0.25)(x)  # reseeded with the same seed: the same stream
-    seed_dropout(6, *ranks)
-    other_seed = dropout(x)
-    dropout.eval()
-    return dict(mask=first, rebuilt=rebuilt, second=second, other_seed=other_seed,
-                eval_identity=bool(torch.equal(dropout(x), x)),
-                key=ranks)
+    results = {}
+    for p in DROPOUT_PROBABILITIES:
+        dropout = layers.dropout(p)
+        seed_dropout(5, *ranks)
+        first, second = dropout(x), dropout(x)  # one layer twice: the stream moves on
+        seed_dropout(5, *ranks)
+        rebuilt = layers.dropout(p)(x)  # reseeded with the same seed: the same stream
+        seed_dropout(6, *ranks)
+        other_seed = dropout(x)
+        dropout.eval()
+        results[p] = dict(mask=first, rebuilt=rebuilt, second=second, other_seed=other_seed,
+                          eval_identity=bool(torch.equal(dropout(x), x)), key=ranks)
+    return results
 
 
 def check_all(rank, world_size, meshes, dtypes):
@@ -221,15 +225,17 @@ def test_layers_match_serial(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
-def test_dropout_streams(world_size):
-    results = [dropouts for _, dropouts in run(world_size)]
+@pytest.mark.parametrize("p", DROPOUT_PROBABILITIES)
+def test_dropout_streams(world_size, p):
+    results = [dropouts[p] for _, dropouts in run(world_size)]
     for result in results:
         mask = result["mask"]
         assert torch.equal(mask, result["rebuilt"]), "a rebuilt layer with the same seed drew another mask"
         assert not torch.equal(mask, result["second"]), "a layer's second call repeated the first mask"
         assert not torch.equal(mask, result["other_seed"]), "the seed does not change the mask"
-        assert set(mask.unique().tolist()) <= {0.0, 1 / 0.75}
-        assert abs(float((mask > 0).double().mean()) - 0.75) < 0.02
+        assert set(mask.unique().tolist()) <= {0.0, 1 / (1 - p)}
+        kept, n = float((mask > 0).double().mean()), mask.numel()
+        assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
         assert result["eval_identity"]
     keys = [r["key"] for r in results]
     assert len(set(keys)) == len(results)

@@ -167,10 +167,11 @@ def test_decoder_maps_every_grid_point_of_the_recovered_grid():
             [model.out_norm(grid.flip(2)), state], dim=-1))), expected)
 
 
-def test_checkpointing_keeps_outputs_and_gradients_with_dropout():
+@pytest.mark.parametrize("dropout", [0.3, 0.02], ids=["masks", "positions"])
+def test_checkpointing_keeps_outputs_and_gradients_with_dropout(dropout):
     results = []
     for checkpointing in (False, True):
-        config = preset("tiny", dropout=0.3, activation_checkpointing=checkpointing, latent_steps=2)
+        config = preset("tiny", dropout=dropout, activation_checkpointing=checkpointing, latent_steps=2)
         model = WeatherMixer(config, seed=5).train()
         state, static, forcings = inputs(config, batch=2, steps=2)
         torch.manual_seed(11)  # the same masks in both runs; the recomputation must replay them
@@ -185,11 +186,12 @@ def test_checkpointing_keeps_outputs_and_gradients_with_dropout():
         torch.testing.assert_close(checkpointed_grads[name], grad, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("dropout", [0.2, 0.02], ids=["masks", "positions"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_whole_model_compiles_into_one_graph(checkpointing):
+def test_whole_model_compiles_into_one_graph(checkpointing, dropout):
     """``fullgraph=True`` fails on any graph break (dropout, collectives' metadata, checks):
     the GPU step relies on one fused graph. Without dropout the compiled step equals eager."""
-    config = preset("tiny", dropout=0.2, activation_checkpointing=checkpointing)
+    config = preset("tiny", dropout=dropout, activation_checkpointing=checkpointing)
     model = WeatherMixer(config, seed=3).train()
     state, static, forcings = inputs(config, batch=2)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
