@@ -5,11 +5,12 @@ A stream is a ``torch.Generator`` seeded from a hash of ``(seed, *keys)``, e.g.
 sample ranks and shards, and the same on every rerun, with no state to carry between ranks
 (only ``step`` for per-step streams, which checkpoints hold).
 
-Dropout draws from torch's default generators, seeded per rank by :func:`seed_dropout`
-from ``(seed, "dropout", data rank, sample rank, model rank)``: a layer that takes no
-generator argument compiles into the surrounding graph (``launch.runtime.compile`` keeps aten's
-random kernels there, so compiled and eager runs draw the same masks), and
-``torch.utils.checkpoint`` replays it by restoring those generators. Nothing else in a training step draws from them; checkpoints save their state.
+Dropout (masks, or drawn positions: ``parallel.dropout``) draws from torch's default generators,
+seeded per rank by :func:`seed_dropout` from ``(seed, "dropout", data rank, sample rank, model
+rank)``: a layer that takes no generator argument compiles into the surrounding graph
+(``launch.runtime.compile`` keeps aten's random kernels there, so compiled and eager runs draw
+the same masks), and ``torch.utils.checkpoint`` replays it by restoring those generators.
+Nothing else in a training step draws from them; checkpoints save their state.
 
 Initial weights use :func:`uniform_at`: a value per global element, keyed by
 ``("init", parameter_name)``, a pure function of the key and the position, so every mesh
