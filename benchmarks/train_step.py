@@ -117,7 +117,7 @@ KERNEL_KINDS = (
     ("fused element-wise (triton)", ("triton",)),
     ("optimizer (Adam)", ("adam",)),
     ("collectives", ("nccl",)),
-    ("dropout masks (aten)", ("dropout", "distribution", "philox", "bernoulli")),
+    ("dropout masks or positions (aten)", ("dropout", "distribution", "philox", "bernoulli", "poisson")),
     ("copies", ("memcpy", "memset", "copy", "catarray", "fill")),
     ("norms, reductions (aten)", ("reduce_kernel", "norm")),
 )
