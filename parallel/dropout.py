@@ -12,8 +12,9 @@ that produced the input, and backward zeroes the same positions of the gradient.
 Shapes are static (no host synchronisation, one compiled graph): ``capacity`` candidate positions
 are drawn and the first ``M`` used. ``capacity = λ + 12 √λ + 24`` for the mean ``λ``, which ``M``
 exceeds with probability below 1e-32 for every ``n`` and ``p`` (the Poisson tail, summed for
-λ from 1e-6 to 1e6); beyond it the extra positions would be lost. Draws come from torch's default generators, like
-``nn.Dropout``'s (``parallel.rng.seed_dropout``), so activation checkpointing replays them.
+λ from 1e-6 to 1e6); beyond it the extra positions would be lost. Draws come from torch's
+default generators, like ``nn.Dropout``'s (``parallel.rng.seed_dropout``), so activation
+checkpointing replays them.
 """
 
 from __future__ import annotations
