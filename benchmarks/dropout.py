@@ -7,7 +7,7 @@ of a block's four dropout sites.
 The sites as the model has them: after the GELU (``dropout(gelu(x + bias))``, whose gradient
 arrives fresh from a matrix product) and after the second linear (``residual + dropout(x +
 bias)``, whose gradient is the residual stream's, also used by the skip). ``step ms`` adds the
-four sites over the blocks for one sample (``--batch`` samples: multiply).
+four sites over the blocks for one sample (at micro-batch B, about B times that).
 """
 
 from __future__ import annotations
