@@ -20,8 +20,9 @@ VARIANTS = {
     "checkpointed-2d-patch": dict(config=dict(patch=(2, 2), activation_checkpointing=True, lat=10),
                                   mode="autoregressive"),
     # the mesh model's rollout traced whole (fullgraph: a graph break at a collective fails);
-    # tracing is slow on CPU, so on the mesh with domain, tensor and all-to-all collectives only
-    "compiled": dict(mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
+    # tracing is slow on CPU, so one block (it holds every kind of collective) on the mesh with
+    # domain, tensor and all-to-all collectives only
+    "compiled": dict(config=dict(depth=1), mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
     # every linear layer Bayesian: one weight draw, and the KL divergence in the objective
     "bayesian": dict(config=dict(bayesian=("all",), init_sigma=0.05), mode="autoregressive", draw=(5, 2)),
     # FP8 mixing layers (tests/parallel/test_fp8.py says why the float32 tolerance holds)
