@@ -245,12 +245,13 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout probability")
     parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
     parser.add_argument("--fp8", default="none", choices=("none", "tensorwise", "delayed"),
-                        help="model.fp8: FP8 matrix products in the mixing layers")
+                        help="model.fp8: FP8 matrix products (the mixing layers, and the embedding's and "
+                             "decoder's gradient products)")
     parser.add_argument("--fp8-groups", default=None,
                         help="model.fp8_groups, comma-separated (e.g. all, or token_mixing,channel_mixing,embedding)")
     parser.add_argument("--fp8-backward-groups", default=None,
                         help="model.fp8_backward_groups, comma-separated: layer groups whose gradient products "
-                             "alone run in FP8 (e.g. embedding,decoder)")
+                             "alone run in FP8 (default the model's: embedding,decoder; none for none)")
     parser.add_argument("--samples", type=int, default=1, help="training.samples: Monte Carlo samples per step")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8 on cuda)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on cuda)")

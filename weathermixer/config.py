@@ -63,10 +63,11 @@ class ModelConfig:
     # decoder in FP8 failed the demo's quality guard, benchmarks/FP8.md); "delayed" scales each
     # operand by the largest amax of its last fp8_history steps. The layers of fp8_backward_groups
     # (and not of fp8_groups) keep their forward product in bf16 and run its two gradient products
-    # in FP8: the prediction keeps bf16's precision
+    # in FP8: the prediction keeps bf16's precision (default the embedding and the decoder, which
+    # pass the demo's quality guard that way)
     fp8: str = "none"
     fp8_groups: tuple[str, ...] = ("token_mixing", "channel_mixing")
-    fp8_backward_groups: tuple[str, ...] = ()
+    fp8_backward_groups: tuple[str, ...] = ("embedding", "decoder")
     fp8_history: int = 16
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form provenance
 
@@ -187,8 +188,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """A saved config (a checkpoint's): a key it predates takes the value that builds the
+        model it was saved with, which is the default unless the default changed since."""
         _check_keys(values, "model")
-        return cls(**values)
+        return cls(**{**SAVED_BEFORE_THE_KEY, **values})
+
+
+# the values of keys whose default changed, for configs saved before the key existed: FP8 runs
+# before model.fp8_backward_groups took the embedding's and decoder's gradients in bf16
+SAVED_BEFORE_THE_KEY: dict[str, Any] = {"fp8_backward_groups": ()}
 
 
 # the groups of linear layers that model.bayesian, model.fp8_groups and model.fp8_backward_groups

@@ -236,8 +236,9 @@ class Checkpointer:
 
     def _check_fits(self, folder: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
         if _normalised(meta["model_config"]) != expected["model_config"]:
-            raise CheckpointMismatch(f"{folder} holds a model with config {meta['model_config']}, this run "
-                                     f"builds {expected['model_config']}; use another checkpoint.dir or the same model")
+            raise CheckpointMismatch(f"{folder} holds another model: "
+                                     f"{model_difference(meta['model_config'], expected['model_config'])}; use "
+                                     f"another checkpoint.dir or set the run's model as the checkpoint's")
         if meta["store_fingerprint"] != expected["store_fingerprint"]:
             raise CheckpointMismatch(f"{folder} was trained on a store with other channels or statistics than "
                                      f"{expected['store']}; expected the same store contents")
@@ -293,8 +294,8 @@ class Checkpointer:
         full = load_consolidated(source)
         model = self.step.model
         if full.model_config.to_dict() != model.config.to_dict():
-            raise CheckpointError(f"{source} holds a model with config {full.model_config.to_dict()}, this run "
-                                  f"builds {model.config.to_dict()}")
+            raise CheckpointError(f"{source} holds another model: "
+                                  f"{model_difference(full.model_config.to_dict(), model.config.to_dict())}")
         device = next(model.parameters()).device
         load_full_state(model, {k: v.to(device) for k, v in full.state_dict.items()})
         self.optimizer_state.write_masters({name: param.shard.take(full.state_dict[name]).float()
@@ -313,9 +314,21 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def model_difference(saved: dict[str, Any], mine: dict[str, Any]) -> str:
+    """The keys where a checkpoint's model config and this run's differ, each with both values."""
+    saved = _normalised(saved)
+    keys = sorted(key for key in saved.keys() | mine.keys() if saved.get(key, _ABSENT) != mine.get(key, _ABSENT))
+    return ", ".join(f"model.{key} is {saved.get(key, _ABSENT)!r} there, {mine.get(key, _ABSENT)!r} in this run"
+                     for key in keys)
+
+
+_ABSENT = "(absent)"
+
+
 def _normalised(model_config: dict[str, Any]) -> dict[str, Any]:
-    """A saved model config with this version's defaults filled in: a checkpoint from before a key
-    with a default (``model.fp8_history``) still fits; one with keys this version lacks stays as it is."""
+    """A saved model config with the keys it predates filled in (``ModelConfig.from_dict``): a
+    checkpoint from before ``model.fp8_history`` still fits; one with keys this version lacks stays
+    as it is."""
     try:
         return ModelConfig.from_dict(model_config).to_dict()
     except (ConfigError, TypeError, ValueError):

@@ -25,7 +25,8 @@ VARIANTS = {
     "compiled": dict(config=dict(depth=1), mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
     # every linear layer Bayesian: one weight draw, and the KL divergence in the objective
     "bayesian": dict(config=dict(bayesian=("all",), init_sigma=0.05), mode="autoregressive", draw=(5, 2)),
-    # FP8 mixing layers (tests/parallel/test_fp8.py says why the float32 tolerance holds)
+    # FP8 mixing layers and FP8 gradient products of the embedding and decoder (the defaults;
+    # tests/parallel/test_fp8.py says why the float32 tolerance holds)
     "fp8": dict(config=dict(fp8="tensorwise"), mode="autoregressive"),
 }
 

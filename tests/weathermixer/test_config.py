@@ -76,6 +76,16 @@ def test_dict_round_trip_and_overrides():
     assert config.hidden == 32 and config.patch == (2, 4) and PRESETS["demo"].hidden == 128
 
 
+def test_a_config_saved_before_a_key_builds_the_model_it_was_saved_with():
+    """A checkpoint's config from before ``model.fp8_backward_groups`` (whose default is now the
+    embedding and decoder) built those layers without FP8 and keeps doing so; the other keys it
+    predates take their defaults."""
+    config = preset("tiny", fp8="delayed")
+    saved = {key: value for key, value in config.to_dict().items() if key not in ("fp8_backward_groups", "fp8_history")}
+    assert config.fp8_backward_groups == ("embedding", "decoder")
+    assert ModelConfig.from_dict(saved) == config.replace(fp8_backward_groups=())
+
+
 def test_required_presets_exist():
     assert {"tiny", "demo", "jigsaw-1b", "jigsaw-1.4b", "jigsaw-2.6b", "jigsaw-3.2b",
             "jigsaw-1b-0.125deg"} <= set(PRESETS)

@@ -1,11 +1,12 @@
-"""Which checkpoints a run keeps and which it resumes from: by step number and completion."""
+"""Which checkpoints a run keeps and which it resumes from: by step number, completion and model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from launch.training.checkpoint_format import COMPLETE_MARKER, checkpoint_candidates, checkpoint_name
-from launch.training.checkpointer import prune
+from launch.training.checkpointer import model_difference, prune
+from weathermixer.config import preset
 
 
 def make(root: Path, step: int, complete: bool = True) -> Path:
@@ -61,3 +62,16 @@ def test_a_latest_pointing_nowhere_is_reported_and_the_complete_ones_remain(tmp_
     candidates, passed_over = checkpoint_candidates(tmp_path)
     assert [p.name for p in candidates] == [checkpoint_name(3)]
     assert "does not exist" in passed_over[0][1]
+
+
+def test_a_checkpoint_of_another_model_is_told_by_the_keys_that_differ():
+    """A checkpoint of an FP8 run whose embedding and decoder took bf16 gradients (the default
+    until ``model.fp8_backward_groups`` took them into FP8) names that key and both values; a key
+    a checkpoint predates takes this version's default and is no difference."""
+    mine = preset("tiny").replace(fp8="delayed").to_dict()
+    saved = {**mine, "fp8_backward_groups": [], "hidden": 2 * mine["hidden"]}
+    assert model_difference(saved, mine) == (
+        f"model.fp8_backward_groups is [] there, ['embedding', 'decoder'] in this run, "
+        f"model.hidden is {2 * mine['hidden']} there, {mine['hidden']} in this run")
+    older = {key: value for key, value in mine.items() if key != "fp8_history"}
+    assert model_difference(older, mine) == ""
