@@ -67,7 +67,7 @@ def test_a_latest_pointing_nowhere_is_reported_and_the_complete_ones_remain(tmp_
 def test_a_checkpoint_of_another_model_is_told_by_the_keys_that_differ():
     """A checkpoint of an FP8 run whose embedding and decoder took bf16 gradients (the default
     until ``model.fp8_backward_groups`` took them into FP8) names that key and both values; a key
-    a checkpoint predates takes this version's default and is no difference."""
+    a checkpoint predates (``model.fp8_history``) takes its default and is no difference."""
     mine = preset("tiny").replace(fp8="delayed").to_dict()
     saved = {**mine, "fp8_backward_groups": [], "hidden": 2 * mine["hidden"]}
     assert model_difference(saved, mine) == (
