@@ -115,6 +115,7 @@ def compiled_graphs() -> dict:
 KERNEL_KINDS = (
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
     ("fused element-wise (triton)", ("triton",)),
+    ("the project's Triton kernels", ("_draw_kernel", "_cast_transpose_kernel")),
     ("optimizer (Adam)", ("adam",)),
     ("collectives", ("nccl",)),
     ("dropout masks or positions (aten)", ("dropout", "distribution", "philox", "bernoulli", "poisson")),

@@ -9,14 +9,16 @@ et al. 2015). ``mu`` and ``rho`` are sharded exactly like the deterministic weig
 
 A forward samples this rank's block ``w = mu + sigma * eps`` and runs the deterministic layer's
 collectives on it (:meth:`~parallel.linear.ShardedLinear.local_weights`). The noise ``eps`` of
-Monte Carlo sample ``s`` at step ``t`` is :func:`~parallel.rng.normal_at` keyed by ``(seed,
+Monte Carlo sample ``s`` at step ``t`` is :func:`~parallel.rng.normal_from_key` keyed by ``(seed,
 "weight-noise", t, s, parameter name)`` and addressed by global element: each rank draws
 exactly its block of the serial model's noise, so a Bayesian model on any mesh equals the
 serial one for the same draw. :class:`WeightNoise`, shared by the variational layers of one
 model, says which draw (or the means: ``sigma = 0``) the next forwards use.
 
-The KL divergence to the prior ``N(0, prior_std^2)`` is analytic; each layer sums it over its
-shard and :func:`global_kl_divergence` reduces a model's sum once over the model group.
+The KL divergence to the prior ``N(0, prior_std^2)`` is analytic. :func:`draw_sample` draws
+every layer's block once for a rollout and sums the KL in the same pass over ``mu`` and ``rho``
+(:func:`~parallel.weight_draw.draw_weight`), reduced once over the model group; the forwards
+then use the held blocks. :func:`global_kl_divergence` is the KL alone.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parallel.comm import reduce_from_group
 from parallel.linear import ChannelLinear, ShardedLinear, TokenLinear, init_uniform_shard
 from parallel.mesh import ProcessMesh
-from parallel.rng import flat_index, mix_keys, normal_from_key, stream_seed
+from parallel.rng import mix_keys, stream_seed
 from parallel.sharding import ShardSpec
 from parallel.tiling import Partition
+from parallel.weight_draw import draw_weight, gaussian_kl_divergence
 
 
 def _non_negative_int(value) -> bool:
@@ -48,7 +50,9 @@ class WeightNoise:
     its forward drew (run each backward before choosing the next draw).
 
     The draw is held as an int64 key tensor updated in place: a compiled forward reads it as an
-    input, so a new draw neither recompiles nor waits for the host.
+    input, so a new draw neither recompiles nor waits for the host. The layers' blocks of the
+    draw, once :func:`draw_sample` has drawn them, are held here until the next choice or
+    :meth:`release`; a layer with no held block draws its own at each forward.
     """
 
     def __init__(self, seed: int, device: str | torch.device | None = None):
@@ -56,6 +60,7 @@ class WeightNoise:
         self.key = torch.zeros((), dtype=torch.int64, device=device)
         self._drawn = False
         self._mean_weights = False
+        self._held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def draw(self, step: int, sample: int) -> None:
         """The next forwards sample Monte Carlo sample ``sample`` of training step ``step``."""
@@ -72,11 +77,22 @@ class WeightNoise:
 
     def _use(self, key: int) -> None:
         self.key.fill_(key)
-        self._drawn, self._mean_weights = True, False
+        self._drawn, self._mean_weights, self._held = True, False, {}
 
     def use_mean_weights(self) -> None:
         """The next forwards use the means (``sigma = 0``): the deterministic forecast."""
-        self._drawn, self._mean_weights = False, True
+        self._drawn, self._mean_weights, self._held = False, True, {}
+
+    def hold(self, name: str, weights: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Layer ``name``'s blocks of the chosen draw, for its next forwards."""
+        self._held[name] = weights
+
+    def held(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return self._held.get(name)
+
+    def release(self) -> None:
+        """Drop the held blocks (their memory); layers then draw their own again."""
+        self._held = {}
 
     @property
     def mean_weights(self) -> bool:
@@ -86,23 +102,10 @@ class WeightNoise:
     def drawn(self) -> bool:
         return self._drawn
 
-    def epsilon(self, parameter_key: int, spec: ShardSpec, flat: torch.Tensor) -> torch.Tensor:
-        """This rank's block (``spec``, at global positions ``flat``) of the standard normal noise
-        of the parameter whose stream is ``parameter_key`` (a hash of its name), in the chosen draw."""
-        return normal_from_key(mix_keys(self.key.to(flat.device), parameter_key), flat).reshape(spec.local_shape)
-
 
 def inverse_softplus(sigma: float) -> float:
     """``rho`` with ``softplus(rho) = sigma``: ``log(expm1(sigma))``, written not to overflow for large sigma."""
     return sigma + math.log(-math.expm1(-sigma))
-
-
-def gaussian_kl_divergence(mu: torch.Tensor, rho: torch.Tensor, prior_std: float) -> torch.Tensor:
-    """``KL(N(mu, softplus(rho)^2) || N(0, prior_std^2))`` summed over the elements, float32 or wider."""
-    compute = torch.promote_types(mu.dtype, torch.float32)
-    mu, sigma = mu.to(compute), F.softplus(rho.to(compute))
-    ratio = sigma / prior_std
-    return (0.5 * (ratio.square() + (mu / prior_std).square() - 1) - torch.log(ratio)).sum()
 
 
 class MeanFieldGaussian(ShardedLinear):
@@ -119,10 +122,14 @@ class MeanFieldGaussian(ShardedLinear):
         has_bias = bias is not None
         self.bias_mu = self._parameter(bias) if has_bias else None
         self.bias_rho = self._parameter(bias) if has_bias else None
-        # each block's global indices per dimension (small; they follow the module to its device)
+        # each block's global positions as a 2-D block (a bias is one row): element (i, j) of a
+        # weight stands at row_offsets[i] + columns[j] (small; they follow the module to its device)
         for which, spec in (("weight", weight), ("bias", bias)):
-            for dim, index in enumerate(spec.index if spec is not None else ()):
-                self.register_buffer(f"_{which}_index{dim}", index.clone(), persistent=False)
+            if spec is not None:
+                rows, columns = ((spec.index[0] * spec.global_shape[1], spec.index[1]) if len(spec.index) == 2
+                                 else (torch.zeros(1, dtype=torch.long), spec.index[0]))
+                self.register_buffer(f"_{which}_row_offsets", rows.long().clone(), persistent=False)
+                self.register_buffer(f"_{which}_columns", columns.long().clone(), persistent=False)
 
     def _set_variational(self, noise: WeightNoise, prior_std: float, init_sigma: float) -> None:
         for key, value in (("prior_std", prior_std), ("init_sigma", init_sigma)):
@@ -141,23 +148,29 @@ class MeanFieldGaussian(ShardedLinear):
         return pairs + ([("bias", self.bias_mu, self.bias_rho)] if self.bias_mu is not None else [])
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight, *bias = [self._sample(which, mu, rho) for which, mu, rho in self._pairs()]
-        return weight, (bias[0] if bias else None)
-
-    def _sample(self, which: str, mu: nn.Parameter, rho: nn.Parameter) -> torch.Tensor:
         if self.noise.mean_weights:
-            return mu
+            return self.weight_mu, self.bias_mu
+        held = self.noise.held(self.name)
+        return self.draw()[0] if held is None else held
+
+    def draw(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """This rank's weight and bias blocks of the chosen draw and their KL (this shard's part)."""
         if self.name is None:
             raise RuntimeError(f"{type(self).__name__} has no name to key its weight noise: call "
                                f"reset_parameters(seed, prefix) first (WeatherMixer does, with each module's path)")
         if not self.noise.drawn:
-            raise RuntimeError(f"no weight draw chosen for {self.name}.{which}: call WeightNoise.draw(step, sample) "
+            raise RuntimeError(f"no weight draw chosen for {self.name}: call WeightNoise.draw(step, sample) "
                                f"(training, ensemble members) or WeightNoise.use_mean_weights() (deterministic "
                                f"forecast) before the forward")
-        index = tuple(getattr(self, f"_{which}_index{dim}") for dim in range(len(mu.shard.global_shape)))
-        positions = flat_index(index, mu.shard.global_shape, mu.device)  # computed in the kernel once compiled
-        eps = self.noise.epsilon(self._noise_keys[which], mu.shard, positions)
-        return mu + F.softplus(rho) * eps.to(mu.dtype)
+        key, drawn = self.noise.key.to(self.weight_mu.device), []
+        for which, mu, rho in self._pairs():
+            rows, columns = getattr(self, f"_{which}_row_offsets"), getattr(self, f"_{which}_columns")
+            block = (len(rows), len(columns))
+            value, kl = draw_weight(mu.view(block), rho.view(block), mix_keys(key, self._noise_keys[which]), rows,
+                                    columns, self.prior_std)
+            drawn.append((value.view_as(mu), kl))
+        (weight, weight_kl), *bias = drawn
+        return (weight, bias[0][0] if bias else None), weight_kl + (bias[0][1] if bias else 0)
 
     def kl_divergence(self) -> torch.Tensor:
         """``KL(q || N(0, prior_std^2))`` summed over this rank's shard: its part of the layer's KL."""
@@ -194,16 +207,34 @@ class VariationalTokenLinear(MeanFieldGaussian, TokenLinear):
         self._set_variational(noise, prior_std, init_sigma)
 
 
-def global_kl_divergence(model: nn.Module, mesh: ProcessMesh | None) -> torch.Tensor:
-    """The KL divergence of all of ``model``'s variational layers, the same on every rank of the model group.
-
-    Each rank sums its shards' KL and the sums are reduced once, with
-    :func:`~parallel.comm.reduce_from_group`: every rank then backpropagates the same total
-    into its own shards, which gets each the serial gradient (not ``model_size`` times it).
-    """
-    local = [layer.kl_divergence() for layer in model.modules() if isinstance(layer, MeanFieldGaussian)]
+def _reduced(local: list[torch.Tensor], model: nn.Module, mesh: ProcessMesh | None) -> torch.Tensor:
+    """The sum of this rank's KL parts, reduced once over the model group with
+    :func:`~parallel.comm.reduce_from_group`: every rank then backpropagates the same total into
+    its own shards, which gets each the serial gradient (not ``model_size`` times it)."""
     if not local:  # a deterministic model, alike on every rank: nothing to reduce
         parameter = next(model.parameters(), None)
         return torch.zeros((), device=None if parameter is None else parameter.device)
     total = sum(local)
     return total if mesh is None else reduce_from_group(total, mesh.model_group)
+
+
+def global_kl_divergence(model: nn.Module, mesh: ProcessMesh | None) -> torch.Tensor:
+    """The KL divergence of all of ``model``'s variational layers, the same on every rank of the model group."""
+    local = [layer.kl_divergence() for layer in model.modules() if isinstance(layer, MeanFieldGaussian)]
+    return _reduced(local, model, mesh)
+
+
+def draw_sample(model: nn.Module, mesh: ProcessMesh | None) -> torch.Tensor:
+    """Draw every variational layer's blocks of the chosen draw once, for the forwards of one
+    rollout (held by the model's :class:`WeightNoise` until the next choice or its ``release``),
+    and return the model's KL divergence, summed in the same pass (the same on every rank of the
+    model group). With the means chosen, the KL alone."""
+    layers = [layer for layer in model.modules() if isinstance(layer, MeanFieldGaussian)]
+    if layers and layers[0].noise.mean_weights:
+        return global_kl_divergence(model, mesh)
+    local = []
+    for layer in layers:
+        weights, kl = layer.draw()
+        layer.noise.hold(layer.name, weights)
+        local.append(kl)
+    return _reduced(local, model, mesh)

@@ -32,7 +32,7 @@ from parallel.fp8 import FP8MatMul
 from parallel.layers import LayerFactory
 from parallel.mesh import ProcessMesh
 from parallel.tiling import Partition
-from parallel.variational import WeightNoise, global_kl_divergence
+from parallel.variational import WeightNoise, draw_sample, global_kl_divergence
 from weathermixer.config import ModelConfig
 
 
@@ -166,6 +166,16 @@ class WeatherMixer(nn.Module):
     def kl_divergence(self) -> torch.Tensor:
         """KL(q || prior) of all Bayesian layers, the same on every rank of the model group (0: none)."""
         return global_kl_divergence(self, self.mesh)
+
+    def draw_sample(self) -> torch.Tensor:
+        """Draw the chosen sample's weights once for the forwards of a rollout (instead of at each
+        forward) and return :meth:`kl_divergence`, computed in the same pass over the weights."""
+        return draw_sample(self, self.mesh)
+
+    def release_sample(self) -> None:
+        """Drop the weights :meth:`draw_sample` holds (their memory); forwards draw their own again."""
+        if self.noise is not None:
+            self.noise.release()
 
     # optimizer -------------------------------------------------------------------------
     def optimizer_groups(self, lr: float, embedding_lr: float, weight_decay: float) -> list[dict]:

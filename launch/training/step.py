@@ -140,16 +140,14 @@ class TrainingStep:
         self.engine.step()
         return losses
 
-    def _sample_forward(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor, lead: int,
-                        with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One sample's rollout, and with ``with_kl`` the model's KL divergence. The KL is computed
-        in the graph of the step's first sample: compiled together, the KL's gradient and the weight
-        draw's gradient reach each ``mu`` and ``rho`` in one fused pass, where separate graphs would
-        take two passes and an addition. It comes first: there ``softplus(rho)`` is read by the KL
-        and the draw before any matrix product, so the partitioner recomputes it in backward
-        rather than keeping a float32 copy of every ``sigma`` (which it does for a value used on
-        both sides of a product)."""
-        kl = self.model.kl_divergence() if with_kl else None
+    def _sample_forward(self, state: torch.Tensor, static: torch.Tensor, forcings: torch.Tensor,
+                        lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample's rollout and the model's KL divergence. The sample's weights are drawn
+        once for the rollout, the KL in the same pass (``WeatherMixer.draw_sample``); the backward
+        of the draw and the KL is then one closed-form expression per block, compiled into one
+        fused pass. The weights stay held until the step's backward is done: a checkpointed
+        block recomputes its forward there with them."""
+        kl = self.model.draw_sample()
         return self.model.rollout(state, static, forcings, lead, self.run.training.rollout_mode), kl
 
     def forward_backward(self, batch: Batch, lead: int, step: int) -> torch.Tensor:
@@ -167,8 +165,7 @@ class TrainingStep:
             self.model.draw_weights(step, sample)
             state = self.augment(batch.state, batch.time_indices, step, sample)
             with self._autocast():  # DeepSpeed's torch_autocast, as engine.forward would apply it
-                prediction, sample_kl = self._forward(state, batch.static, batch.forcings[:, :lead], lead,
-                                                      with_kl=k == 0 and self.model.config.is_bayesian)
+                prediction, sample_kl = self._forward(state, batch.static, batch.forcings[:, :lead], lead)
             predictions.append(prediction)
             kl = sample_kl if k == 0 else kl
         targets = batch.targets[:, :lead]
@@ -181,10 +178,10 @@ class TrainingStep:
         else:  # one score of all members; DeepSpeed's mean over the sample ranks would divide its gradient
             data_loss = self._loss(torch.stack(predictions), targets)
             scale = float(self.mesh.config.sample)
-        kl = torch.zeros_like(data_loss) if kl is None else kl  # None: a deterministic model
         loss = data_loss + self.kl_scale * kl
         # the KL is the same on every rank: its gradient needs no compensation for the mean
         self.engine.backward(loss if scale == 1 else data_loss * scale + self.kl_scale * kl)
+        self.model.release_sample()
         advance_histories(self.fp8_products)  # after backward: a checkpointed block's recomputation is in this step
         return torch.stack([loss, data_loss, kl]).detach()
 

@@ -23,7 +23,8 @@ VARIANTS = {
     # tracing is slow on CPU, so one block (it holds every kind of collective) on the mesh with
     # domain, tensor and all-to-all collectives only
     "compiled": dict(config=dict(depth=1), mode="autoregressive", compiled=True, meshes=[((1, 2), 2)]),
-    # every linear layer Bayesian: one weight draw, and the KL divergence in the objective
+    # every linear layer Bayesian: one weight draw, held for the rollout with its KL divergence
+    # (WeatherMixer.draw_sample, as training draws), and the KL in the objective
     "bayesian": dict(config=dict(bayesian=("all",), init_sigma=0.05), mode="autoregressive", draw=(5, 2)),
     # FP8 mixing layers and FP8 gradient products of the embedding and decoder (the defaults;
     # tests/parallel/test_fp8.py says why the float32 tolerance holds)
@@ -47,8 +48,9 @@ def run_model(rank, world_size, meshes, dtype, variants):
         serial.zero_grad()
         if "draw" in spec:
             serial.draw_weights(*spec["draw"])
+        kl = serial.draw_sample()
         expected = serial.rollout(state, static, forcings, 2, spec["mode"])
-        ((expected * weights).sum() + serial.kl_divergence()).backward()
+        ((expected * weights).sum() + kl).backward()
         for domain, tensor in meshes:
             if "meshes" in spec and (domain, tensor) not in spec["meshes"]:
                 continue
@@ -63,12 +65,13 @@ def run_model(rank, world_size, meshes, dtype, variants):
             forcing_part = model.layers.channels(config.forcing_channels)
             if "draw" in spec:
                 model.draw_weights(*spec["draw"])
+            kl = model.draw_sample()
             rollout = model.rollout
             if spec.get("compiled"):
                 rollout = torch.compile(rollout, fullgraph=True, backend="aot_eager", dynamic=False)
             out = rollout(pick(state, model.state_channels), pick(static, static_part),
                           pick(forcings, forcing_part), 2, spec["mode"])
-            ((out * pick(weights, model.out_channels)).sum() + model.kl_divergence()).backward()
+            ((out * pick(weights, model.out_channels)).sum() + kl).backward()
             output_error = relative_error(out, pick(expected, model.out_channels).detach())
             gradient_errors = compare_gradients(model, serial)
             worst = max(gradient_errors, key=gradient_errors.get)
