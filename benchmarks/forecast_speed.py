@@ -9,8 +9,10 @@ initial state perturbed by :class:`weathermixer.input_noise.InputNoise`, then
 ``WeatherMixer.rollout``) on random normalised inputs. ``--members M``: one member's rollout
 (batch 1), and the M members of one init time batched as the forecaster batches members that
 share the weights, ``--member-batch`` of them at a time; the speed-up is M x the one-member time
-over the batched time. Times are medians of ``--repeats`` runs after one warm-up run of each
-batch shape (which also compiles it).
+over the batched time. ``--bayesian GROUPS``: those layers Bayesian, each member its own weight
+sample (drawn once for its rollout), so members roll out one at a time (``--member-batch 1``).
+Times are medians of ``--repeats`` runs after one warm-up run of each batch shape (which also
+compiles it).
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="members rolled out together (default: all M); a smaller chunk bounds the memory")
     parser.add_argument("--input-noise", type=float, default=0.05,
                         help="the members' initial-state perturbation, a fraction of each channel's std")
+    parser.add_argument("--bayesian", default="none", help="model.bayesian: Bayesian layer groups (e.g. all)")
     args = parser.parse_args(argv)
-    args.member_batch = args.member_batch or args.members
+    args.member_batch = args.member_batch or (1 if args.bayesian != "none" else args.members)
     if min(args.steps, args.repeats, args.members) < 1 or not 1 <= args.member_batch <= args.members:
         parser.error(f"--steps {args.steps} / --repeats {args.repeats} / --members {args.members} / --member-batch "
                      f"{args.member_batch}: expected positive integers and member-batch <= members")
+    if args.bayesian != "none" and args.member_batch != 1:
+        parser.error(f"--member-batch {args.member_batch} with --bayesian: each member has its own weights; expected 1")
     if args.input_noise <= 0:
         parser.error(f"--input-noise {args.input_noise}: expected > 0 (the members differ by their perturbation)")
     return args
@@ -100,7 +105,7 @@ def time_rollouts(roll_out: MemberRollout, inputs: Inputs, chunks: list[list[int
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype, members = args.device, torch.bfloat16, args.members
-    config = preset(args.preset)
+    config = preset(args.preset).replace(bayesian=args.bayesian)
     flops = float(forward_flops(config, args.steps))
     ceiling = matmul_ceiling(device, 8192 if device == "cuda" else 512)
     with torch.device(device):  # the weights are drawn where they live

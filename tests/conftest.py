@@ -18,3 +18,14 @@ def release_deepspeed_shared_memory():
     yield
     for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo_caches():
+    """Each test compiles from dynamo's clean state: code objects that earlier tests compiled (the
+    model's forward, for other models) would count toward dynamo's recompile limit, and a
+    ``fullgraph`` test would pass or fail by the order the tests run in."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
