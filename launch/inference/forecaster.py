@@ -330,7 +330,7 @@ class MemberRollout:
         store time ``time_indices[k]``, ``(batch, 1 + steps, lat, lon, C)``, the initial state as
         perturbed first. The rows share the weights: of a Bayesian model, one member at a time, its
         weights drawn once for the rollout (not at each step)."""
-        chosen, bayesian_member = set(members), False
+        chosen = set(members)
         if None in chosen:
             if len(chosen) > 1:
                 raise ForecastError(f"a batch of members {sorted(chosen, key=str)}: the deterministic forecast "
@@ -342,12 +342,11 @@ class MemberRollout:
                                     f"own weight sample; expected one member per batch")
             self.model.draw_member(self.seed, members[0])
             state = self.perturb(state, time_indices, 0, members)
-            bayesian_member = self.model.config.is_bayesian
         forecast = state.new_empty((state.shape[0], 1 + steps, *state.shape[1:]))
         forecast[:, 0] = state
         with torch.no_grad():  # each step written in place: the states held once, not also stacked
-            if bayesian_member:
-                self.model.draw_sample()
+            if None not in chosen:
+                self.model.draw_sample()  # the member's weights (a deterministic model: none)
             self.model.rollout(state, static, forcings, steps, out=forecast[:, 1:])
         self.model.release_sample()
         return forecast
